@@ -1,0 +1,140 @@
+"""`servelm generate | chat | bench` — the command line front door."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                kv_cache_memory_gb=args.kv_cache_memory_gb,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len, num_threads=args.num_threads)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):
+    from servelm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from servelm.llm import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    out = llm.generate(args.prompt, sampling_params(args), use_tqdm=False)[0]
+    c = out.outputs[0]
+    if args.json:
+        m = out.metrics
+        print(json.dumps({
+            "prompt": args.prompt, "text": c.text, "prompt_token_ids": out.prompt_token_ids,
+            "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+            "ttft_s": m.first_token_time - m.arrival_time, "e2e_s": m.finished_time - m.arrival_time,
+        }))
+    else:
+        print(args.prompt + c.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from servelm.engine.engine import LLMEngine
+    from servelm.config import EngineConfig
+
+    engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
+    tok = engine.tokenizer
+    if not tok.chat_template:
+        print("error: this model has no chat template", file=sys.stderr)
+        return 2
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    params = sampling_params(args)
+    turn = 0
+    print("servelm chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        rid = f"chat-{turn}"
+        turn += 1
+        engine.add_request(rid, {"prompt_token_ids": ids}, params, stream=True)
+        reply = ""
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                delta = out.outputs[0].delta_text
+                reply += delta
+                print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="servelm", description="Serve and run language models.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    p.add_argument("prompt")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    from servelm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""LLMEngine: add requests, call `step()` until done. The synchronous core of servelm."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from servelm.config import EngineConfig
+from servelm.engine.detokenizer import IncrementalDetokenizer
+from servelm.engine.request import Request, RequestStatus
+from servelm.engine.scheduler import Scheduler
+from servelm.kv.manager import KVCacheManager, cdiv
+from servelm.model.loader import load_model
+from servelm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from servelm.sampling_params import SamplingParams
+from servelm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("servelm")
+
+PromptInput = str | list[int] | dict
+
+
+@dataclass
+class _Group:
+    """The n sequences of one user request, reported together."""
+
+    request_id: str
+    prompt: str | None
+    seqs: list[Request]
+    stream: bool
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(config.seed)
+        t0 = time.monotonic()
+        loaded = load_model(config.model, config.torch_dtype)
+        self.model_source = loaded.source
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(config, loaded.arch, loaded.weights)
+        self.max_model_len = self.runner.max_model_len
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+            config.enable_chunked_prefill,
+        )
+        self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+        self._groups: dict[str, _Group] = {}
+        self._seq_to_group: dict[str, _Group] = {}
+        self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
+                          "num_steps": 0, "requests_finished_total": 0}
+        logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
+                    time.monotonic() - t0, loaded.source, self.kv.num_blocks, config.block_size,
+                    self.max_model_len)
+
+    # ---- requests in -------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def validate_prompt(self, token_ids: Sequence[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.arch.vocab_size
+        for t in token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but the model's context window is "
+                f"{self.max_model_len} tokens (prompt plus at least 1 generated token)"
+            )
+        if cdiv(len(token_ids) + 1, self.kv.block_size) > self.kv.num_blocks:
+            raise ValueError(f"prompt of {len(token_ids)} tokens can never fit in the KV cache "
+                             f"({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)")
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, stream: bool = False) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(token_ids)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            child = params if i == 0 else params.clone(prompt_logprobs=None)
+            seed = None if params.seed is None else params.seed + i
+            req = Request(f"{request_id}#{i}", token_ids, child, self.eos_token_ids,
+                          self.max_model_len, arrival, seed)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
+            seqs.append(req)
+        group = _Group(request_id, text, seqs, stream)
+        self._groups[request_id] = group
+        for req in seqs:
+            self._seq_to_group[req.request_id] = group
+            self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for req in group.seqs:
+            self._release(req, RequestStatus.FINISHED_ABORTED)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, apply its tokens. Returns outputs for finished
+        requests, and for streaming requests that produced something this step."""
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            return []
+        tables = [self.kv.block_table(r.request_id) for r in sched.requests]
+        result = self.runner.execute(sched.requests, sched.num_new_tokens, tables)
+        self._counters["num_steps"] += 1
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for i, req in enumerate(sched.requests):
+            req.num_computed_tokens += sched.num_new_tokens[i]
+            if result.prompt_logprobs[i] is not None:
+                req.prompt_logprobs.extend(result.prompt_logprobs[i])
+            token = result.sampled[i]
+            if token is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self._counters["prompt_tokens_total"] += req.num_prompt_tokens
+            req.append_token(token)
+            self._counters["generation_tokens_total"] += 1
+            if result.logprobs[i] is not None:
+                req.logprobs.append(result.logprobs[i])
+                req.cumulative_logprob += result.logprobs[i][token].logprob
+            stop_str = req.detokenizer.update([token])
+            if stop_str is not None:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+            else:
+                req.check_stop()
+            if req.is_finished:
+                self.scheduler.finish(req, req.status)
+            group = self._seq_to_group[req.request_id]
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            if group.finished:
+                outputs.append(self._make_output(group))
+                self._forget(group)
+            elif group.stream:
+                outputs.append(self._make_output(group))
+        return outputs
+
+    def _release(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        self._seq_to_group.pop(req.request_id, None)
+
+    def _forget(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for req in group.seqs:
+            self._seq_to_group.pop(req.request_id, None)
+        self._counters["requests_finished_total"] += 1
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        first = group.seqs[0]
+        completions = []
+        for i, req in enumerate(group.seqs):
+            # flush() releases held-back text and any bytes of an unfinished character.
+            delta = req.detokenizer.flush() if req.is_finished else req.detokenizer.get_delta()
+            completions.append(CompletionOutput(
+                index=i,
+                text=req.detokenizer.output_text,
+                token_ids=list(req.output_token_ids),
+                finish_reason=req.status.value if req.is_finished else None,
+                stop_reason=req.stop_reason,
+                logprobs=req.logprobs,
+                cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+                delta_text=delta if group.stream else "",
+            ))
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=completions,
+            finished=group.finished,
+            prompt_logprobs=first.prompt_logprobs,
+            metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time,
+                                   first.first_token_time, first.finished_time),
+        )
+
+    # ---- introspection -----------------------------------------------------------------
+    def get_metrics(self) -> dict[str, float]:
+        return {
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_cache_usage": self.kv.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            **self._counters,
+        }

@@ -1,0 +1,129 @@
+"""One token-budget loop over running then waiting requests.
+
+There is no prefill or decode phase: each step every scheduled request gets some number of
+new tokens (a whole prompt, a prefill chunk, or one decode token) and the blocks that back
+them. When blocks run out, the most recently admitted running request is preempted by
+recompute: its blocks are freed and it goes back to the front of the waiting queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from servelm.engine.request import Request, RequestStatus
+from servelm.kv.manager import KVCacheManager
+
+
+@dataclass
+class SchedulerOutput:
+    """Requests to run this step, in batch order, with their new-token counts."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[str] = set()
+
+        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            total = req.num_computed_tokens + n
+            while not self.kv.can_allocate(req.request_id, total):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # req preempted itself: nothing after it can run either
+            self.kv.allocate(req.request_id, total)
+            self._add(out, req, n)
+            scheduled.add(req.request_id)
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, in queue order, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not out.preempted:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            req = self.waiting[0]
+            remaining = req.num_tokens - req.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.enable_chunked_prefill:
+                break
+            if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            self.kv.allocate(req.request_id, req.num_computed_tokens + n)
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            self._add(out, req, n)
+            budget -= n
+        return out
+
+    @staticmethod
+    def _add(out: SchedulerOutput, req: Request, n: int) -> None:
+        out.requests.append(req)
+        out.num_new_tokens.append(n)
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a request from whichever queue holds it and release its blocks."""
+        if not req.is_finished:
+            req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        req.finished_time = time.monotonic()

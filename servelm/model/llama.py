@@ -1,0 +1,117 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) in plain PyTorch.
+
+Takes one flat batch of tokens from many requests (no padding, no batch dimension);
+attention reads per-step metadata from `ops.attention`. Q/K/V and gate/up projections are
+fused into single matmuls at load time, because on CPU each extra op costs real time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from servelm.model.arch import ModelArch
+from servelm.model.layers.rope import RotaryEmbedding, apply_rope
+from servelm.ops.attention import AttentionBackend, current_attention_metadata
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Computed in float32 and cast back, exactly as transformers does it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.eps = arch.rms_norm_eps
+        self.qkv_weight: torch.Tensor
+        self.qkv_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor
+        self.q_norm: torch.Tensor | None = None
+        self.k_norm: torch.Tensor | None = None
+        self.backend = backend
+        self.kv_cache: torch.Tensor | None = None  # [2, num_slots, KV, D], bound by the runner
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, current_attention_metadata(), self.scale)
+        return F.linear(o.reshape(t, self.q_size), self.o_weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.attn = Attention(arch, backend)
+        self.eps = arch.rms_norm_eps
+        self.input_norm: torch.Tensor
+        self.post_attn_norm: torch.Tensor
+        self.gate_up_weight: torch.Tensor
+        self.down_weight: torch.Tensor
+        self.intermediate = arch.intermediate_size
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin)
+        h = F.linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
+        gate, up = h.split(self.intermediate, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_weight)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, dtype: torch.dtype,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype)
+        self.embed: torch.Tensor
+        self.final_norm: torch.Tensor
+        self.lm_head: torch.Tensor
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope.lookup(positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors, fusing q/k/v and gate/up. Consumes `weights`."""
+        w = weights
+        self.embed = w.pop("model.embed_tokens.weight")
+        self.final_norm = w.pop("model.norm.weight")
+        self.lm_head = self.embed if self.arch.tie_word_embeddings else w.pop("lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = layer.attn
+            a.qkv_weight = torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            if self.arch.qkv_bias:
+                a.qkv_bias = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            a.o_weight = w.pop(p + "self_attn.o_proj.weight")
+            if self.arch.qk_norm:
+                a.q_norm = w.pop(p + "self_attn.q_norm.weight")
+                a.k_norm = w.pop(p + "self_attn.k_norm.weight")
+            layer.input_norm = w.pop(p + "input_layernorm.weight")
+            layer.post_attn_norm = w.pop(p + "post_attention_layernorm.weight")
+            layer.gate_up_weight = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+            layer.down_weight = w.pop(p + "mlp.down_proj.weight")

@@ -1,0 +1,26 @@
+"""Architecture family -> model class. One class covers the whole Llama family today."""
+
+from __future__ import annotations
+
+import torch
+
+from servelm.model.arch import ModelArch
+from servelm.model.llama import LlamaForCausalLM
+from servelm.ops.attention import AttentionBackend
+
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+}
+
+
+def build_model(arch: ModelArch, weights: dict[str, torch.Tensor], backend: AttentionBackend,
+                dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+    cls = MODEL_CLASSES.get(arch.family)
+    if cls is None:
+        raise ValueError(f"unsupported architecture family {arch.family!r}; allowed: {sorted(MODEL_CLASSES)}")
+    model = cls(arch, backend, dtype, max_positions)
+    model.load_weights(weights)
+    return model.eval()

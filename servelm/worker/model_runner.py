@@ -1,0 +1,129 @@
+"""Owns the model and the KV tensors; runs one forward pass + sampling per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from servelm.config import EngineConfig
+from servelm.engine.request import Request
+from servelm.model.arch import ModelArch
+from servelm.model.registry import build_model
+from servelm.ops.attention import TorchPagedAttention, attention_context
+from servelm.outputs import Logprob, PositionLogprobs
+from servelm.worker.batch import build_step_batch
+from servelm.worker.sampler import Sampler, SamplingMetadata
+
+
+@dataclass
+class RunnerOutput:
+    """Aligned with the scheduled requests. `sampled[i]` is None when request i's chunk
+    did not reach the end of its tokens (a partial prefill)."""
+
+    sampled: list[int | None]
+    logprobs: list[PositionLogprobs | None]
+    prompt_logprobs: list[list[PositionLogprobs] | None]
+
+
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.arch = arch
+        self.block_size = config.block_size
+        self.dtype = config.torch_dtype
+        per_block = kv_bytes_per_block(arch, config.block_size, self.dtype)
+        self.num_kv_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // per_block)
+        cache_tokens = self.num_kv_blocks * config.block_size
+        if config.max_model_len is not None and config.max_model_len > cache_tokens:
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) is larger than the KV cache holds "
+                f"({self.num_kv_blocks} blocks x {config.block_size} = {cache_tokens} tokens); "
+                "raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len"
+            )
+        self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, cache_tokens)
+        self.model = build_model(arch, weights, TorchPagedAttention(), self.dtype,
+                                 max(self.max_model_len, arch.max_position_embeddings))
+        slots = self.num_kv_blocks * config.block_size
+        self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer.attn.kv_cache = self.kv_cache[i]
+        self.sampler = Sampler()
+        self.eos_token_ids = set(arch.eos_token_ids)
+
+    @torch.inference_mode()
+    def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:
+        batch = build_step_batch(requests, num_new, block_tables, self.block_size)
+        with attention_context(batch.attn):
+            hidden = self.model(batch.input_ids, batch.positions)
+
+        # Rows whose logits we need: the last token of every request that samples, then
+        # every prompt position of requests collecting prompt logprobs.
+        n = len(requests)
+        sample_rows: list[int] = []
+        samplers: list[int] = []
+        plp_spans: list[tuple[int, int, int]] = []  # (request index, first row, count)
+        for b, i in enumerate(batch.order):
+            req, start = requests[i], batch.row_start[b]
+            if req.num_computed_tokens + num_new[i] == req.num_tokens:
+                samplers.append(i)
+                sample_rows.append(start + num_new[i] - 1)
+            if req.wants_prompt_logprobs:
+                count = min(num_new[i], req.num_prompt_tokens - 1 - req.num_computed_tokens)
+                if count > 0:
+                    plp_spans.append((i, start, count))
+        plp_rows = [r for _, s, c in plp_spans for r in range(s, s + c)]
+        rows = sample_rows + plp_rows
+        logits = self.model.compute_logits(hidden[rows]) if rows else None
+
+        out = RunnerOutput([None] * n, [None] * n, [None] * n)
+        if samplers:
+            self._sample(logits[: len(samplers)], [requests[i] for i in samplers], samplers, out)
+        offset = len(samplers)
+        for i, _, count in plp_spans:
+            req = requests[i]
+            first = req.num_computed_tokens + 1
+            targets = req.all_token_ids[first : first + count]
+            out.prompt_logprobs[i] = _logprobs_for(
+                logits[offset : offset + count], targets, req.params.prompt_logprobs
+            )
+            offset += count
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], idx: list[int], out: RunnerOutput) -> None:
+        meta = SamplingMetadata.build(
+            [r.params for r in reqs],
+            [r.prompt_token_ids for r in reqs],
+            [r.output_token_ids for r in reqs],
+            [r.generator for r in reqs],
+            self.eos_token_ids,
+            logits.device,
+        )
+        result = self.sampler(logits, meta)
+        tokens = result.token_ids.tolist()
+        for row, (i, req) in enumerate(zip(idx, reqs)):
+            out.sampled[i] = tokens[row]
+            if req.params.logprobs is not None:
+                out.logprobs[i] = _logprobs_for(logits[row : row + 1], [tokens[row]], req.params.logprobs)[0]
+
+
+def _logprobs_for(logits: torch.Tensor, targets: list[int], k: int) -> list[PositionLogprobs]:
+    """Per row: the target token's logprob and rank, plus the top-k, from raw logits."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    tgt = torch.tensor(targets, dtype=torch.long)
+    tgt_lp = logprobs.gather(1, tgt.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > tgt_lp.unsqueeze(1)).sum(1) + 1
+    result: list[PositionLogprobs] = []
+    top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    for r, t in enumerate(targets):
+        entry: PositionLogprobs = {t: Logprob(float(tgt_lp[r]), int(ranks[r]))}
+        if k:
+            for rank, (tid, val) in enumerate(zip(top_ids[r].tolist(), top_vals[r].tolist()), 1):
+                entry.setdefault(tid, Logprob(val, rank))
+        result.append(entry)
+    return result
