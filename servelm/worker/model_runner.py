@@ -11,8 +11,9 @@ from servelm.engine.request import Request
 from servelm.model.arch import ModelArch
 from servelm.model.registry import build_model
 from servelm.ops.attention import TorchPagedAttention, attention_context
-from servelm.outputs import Logprob, PositionLogprobs
+from servelm.outputs import PositionLogprobs
 from servelm.worker.batch import build_step_batch
+from servelm.worker.logprobs import logprobs_for
 from servelm.worker.sampler import Sampler, SamplingMetadata
 
 
@@ -89,7 +90,7 @@ class ModelRunner:
             req = requests[i]
             first = req.num_computed_tokens + 1
             targets = req.all_token_ids[first : first + count]
-            out.prompt_logprobs[i] = _logprobs_for(
+            out.prompt_logprobs[i] = logprobs_for(
                 logits[offset : offset + count], targets, req.params.prompt_logprobs
             )
             offset += count
@@ -104,26 +105,9 @@ class ModelRunner:
             self.eos_token_ids,
             logits.device,
         )
-        result = self.sampler(logits, meta)
-        tokens = result.token_ids.tolist()
+        tokens = self.sampler(logits, meta).tolist()
         for row, (i, req) in enumerate(zip(idx, reqs)):
             out.sampled[i] = tokens[row]
             if req.params.logprobs is not None:
-                out.logprobs[i] = _logprobs_for(logits[row : row + 1], [tokens[row]], req.params.logprobs)[0]
+                out.logprobs[i] = logprobs_for(logits[row : row + 1], [tokens[row]], req.params.logprobs)[0]
 
-
-def _logprobs_for(logits: torch.Tensor, targets: list[int], k: int) -> list[PositionLogprobs]:
-    """Per row: the target token's logprob and rank, plus the top-k, from raw logits."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tgt = torch.tensor(targets, dtype=torch.long)
-    tgt_lp = logprobs.gather(1, tgt.unsqueeze(1)).squeeze(1)
-    ranks = (logprobs > tgt_lp.unsqueeze(1)).sum(1) + 1
-    result: list[PositionLogprobs] = []
-    top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-    for r, t in enumerate(targets):
-        entry: PositionLogprobs = {t: Logprob(float(tgt_lp[r]), int(ranks[r]))}
-        if k:
-            for rank, (tid, val) in enumerate(zip(top_ids[r].tolist(), top_vals[r].tolist()), 1):
-                entry.setdefault(tid, Logprob(val, rank))
-        result.append(entry)
-    return result
