@@ -1,0 +1,22 @@
+# `make run`: set up and generate with the default model. `make test`: set up and run the tests.
+VENV ?= .venv
+PROMPT ?= Once upon a time
+
+.PHONY: setup run test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/servelm generate --max-tokens 64 "$(PROMPT)"
+
+lint: setup
+	$(VENV)/bin/ruff check servelm tests
+
+test: lint
+	$(VENV)/bin/pytest
