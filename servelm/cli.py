@@ -64,8 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from servelm.engine.engine import LLMEngine
     from servelm.config import EngineConfig
+    from servelm.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
     tok = engine.tokenizer

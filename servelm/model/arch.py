@@ -37,6 +37,7 @@ class ModelArch:
     qkv_bias: bool  # Qwen2
     qk_norm: bool  # Qwen3
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", ...}
+    sliding_window: int | None = None  # attention window; servelm caps the context at it
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -71,6 +72,7 @@ class ModelArch:
                 qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
                 qk_norm=family == "qwen3",
                 rope_scaling=_rope_scaling(cfg),
+                sliding_window=_sliding_window(cfg),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
             )
@@ -88,6 +90,14 @@ def _as_tuple(v: Any) -> tuple[int, ...]:
     if v is None:
         return ()
     return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """Mistral sets `sliding_window`; Qwen2/3 only use theirs when `use_sliding_window`."""
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False:
+        return None
+    return int(window)
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

@@ -47,7 +47,13 @@ class ModelRunner:
                 f"({self.num_kv_blocks} blocks x {config.block_size} = {cache_tokens} tokens); "
                 "raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len"
             )
-        self.max_model_len = min(config.max_model_len or arch.max_position_embeddings, cache_tokens)
+        # Within its sliding window, windowed attention equals full attention; servelm has
+        # no windowed kernel, so the context is capped at the window instead.
+        model_limit = min(arch.max_position_embeddings, arch.sliding_window or arch.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > model_limit:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context "
+                             f"length ({model_limit})")
+        self.max_model_len = min(config.max_model_len or model_limit, cache_tokens)
         self.model = build_model(arch, weights, TorchPagedAttention(), self.dtype,
                                  max(self.max_model_len, arch.max_position_embeddings))
         slots = self.num_kv_blocks * config.block_size

@@ -149,3 +149,10 @@ def test_metrics_counters(llm):
         assert key in after
     assert after["generation_tokens_total"] - before["generation_tokens_total"] == 10
     assert after["kv_blocks_free"] == after["kv_blocks_total"]
+
+
+def test_sliding_window_caps_the_context(tiny_model_dir, make_llm):
+    llm = make_llm(tiny_model_dir("mistral", sliding_window=48))
+    assert llm.engine.max_model_len == 48
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        make_llm(tiny_model_dir("mistral", sliding_window=48), max_model_len=100)

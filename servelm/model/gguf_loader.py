@@ -1,0 +1,290 @@
+"""Load a GGUF file (llama.cpp's format) into Hugging Face parameter names and layout.
+
+Everything downstream speaks HF: the config dict built here goes through the same
+`ModelArch.from_hf_config` as an HF folder, and tensors are renamed, dequantized and (for the
+llama family) un-permuted so that the model code never needs to know where weights came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from servelm.model.arch import ModelArch
+from servelm.model.default_model import cache_root
+
+logger = logging.getLogger(__name__)
+
+# general.architecture -> HF class. A GGUF "llama" may be a Mistral; its math is the same.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_T = GGMLQuantizationType
+SUPPORTED_TENSOR_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FREQS = "rope_freqs.weight"  # llama3-style per-dimension rope divisors, not a weight
+
+
+class _FastReader(GGUFReader):
+    """GGUFReader that slices a plain ndarray view of its memory map instead of the np.memmap.
+
+    Every np.memmap slice runs Python-level bookkeeping, and the stock reader makes one or two
+    slices per vocabulary entry and merge: ~4 s for a 49k vocab. A plain view of the same
+    mapping shares the memory and parses it in about a third of the time.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt, count = np.dtype(dtype), int(count)
+        arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    try:
+        return _FastReader(str(path), "r")
+    except Exception:  # the speed-up relies on a private method; the stock reader decides
+        pass
+    try:
+        return GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises assorted errors on damaged or foreign files
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """Translate GGUF metadata into an HF-style config dict for ModelArch.from_hf_config."""
+    name = _field(reader, "general.architecture")
+    if name not in _ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {name!r} (general.architecture); "
+            f"servelm supports {sorted(_ARCHITECTURES)}"
+        )
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{name}.{key}")
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata field {name}.{key!r} is missing")
+        return value
+
+    heads = int(need("attention.head_count"))
+    kv_heads = _field(reader, f"{name}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # some converters store one count per layer
+        if len(set(kv_heads)) != 1:
+            raise ValueError(f"{path}: per-layer KV head counts {sorted(set(kv_heads))} are not supported")
+        kv_heads = kv_heads[0]
+    hidden = int(need("embedding_length"))
+    head_dim = (_field(reader, f"{name}.attention.key_length")
+                or _field(reader, f"{name}.rope.dimension_count") or hidden // heads)
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.get("token_embd.weight")
+    tokens = reader.get_field("tokenizer.ggml.tokens")  # its .data has one index per token
+    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    cfg: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[name]],
+        "model_type": name,
+        # The embedding's row count is what the logits really cover; the token list may be padded.
+        "vocab_size": int(embd.shape[-1]) if embd is not None else len(tokens.data if tokens else []),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{name}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(reader, f"{name}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": list(dict.fromkeys(int(e) for e in eos if e is not None)),
+    }
+    cfg["rope_scaling"] = _rope_scaling(reader, name, cfg, tensors.get(_ROPE_FREQS), path)
+    return cfg
+
+
+def _rope_scaling(reader: GGUFReader, name: str, cfg: dict[str, Any], freqs: Any,
+                  path: Path) -> dict[str, Any] | None:
+    """Rope scaling lives in metadata (linear, yarn) or, for Llama 3.x, in a factor tensor."""
+    if freqs is not None:
+        factors = np.asarray(dequantize(freqs.data, freqs.tensor_type), dtype=np.float64).ravel()
+        scaling = llama3_scaling_from_factors(factors, cfg["rope_theta"], cfg["head_dim"])
+        if scaling is None:
+            raise ValueError(f"{path}: {_ROPE_FREQS} does not match llama3 rope scaling; unsupported")
+        return scaling
+    kind = _field(reader, f"{name}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": float(_field(
+        reader, f"{name}.rope.scaling.factor", 1.0))}
+    orig = _field(reader, f"{name}.rope.scaling.original_context_length")
+    if orig is not None:
+        scaling["original_max_position_embeddings"] = int(orig)
+    return scaling
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, theta: float,
+                                head_dim: int) -> dict[str, Any] | None:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's per-dimension divisors.
+
+    llama.cpp stores Llama 3.x rope scaling as a tensor of divisors, one per rotary frequency,
+    not as parameters. Only the ratios of (original context, low, high) matter to the formula,
+    so fix the original context at 8192, fit low/high from the smoothly blended dimensions, and
+    accept the result only if it reproduces every divisor. Returns None when it does not.
+    """
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv_freq.shape or factors.max() <= 1.0:
+        return None
+    factor, old = round(float(factors.max()), 4), 8192.0  # undo float32 storage noise
+    wavelen = 2 * np.pi / inv_freq
+    mid = (factors > 1 + 1e-4) & (factors < factor - 1e-4)
+    low, high = 1.0, 4.0  # Meta's values, for when too few blended dimensions exist to fit
+    if mid.sum() >= 2:
+        smooth = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, icpt = np.polyfit(old / wavelen[mid], smooth, 1)  # smooth = (old/wl - low)/(high-low)
+        low, high = round(float(-icpt / slope), 4), round(float((1 - icpt) / slope), 4)
+    smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
+    expected = 1 / ((1 - smooth) / factor + smooth)
+    if not np.allclose(expected, factors, rtol=1e-3):
+        return None
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": int(old)}
+
+
+def _reverse_llama_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation for llama-family GGUFs.
+
+    llama.cpp rotates adjacent pairs (x0, y0, x1, y1, ...) within each head, so its converter
+    reorders each head's rows from HF's halves layout (x0, x1, ..., y0, y1, ...) into pairs.
+    Here each head's rows are viewed as (half, 2) and transposed back to (2, half).
+    """
+    half = w.shape[0] // n_heads // 2
+    rest = w.shape[1:]
+    return w.reshape(n_heads, half, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES and suffix in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
+                      path: Path) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor into HF names and layout, cast to `dtype`."""
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            continue
+        hf = _hf_name(t.name)
+        if hf is None:
+            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} (not a {arch.family} weight)")
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            allowed = [q.name for q in SUPPORTED_TENSOR_TYPES]
+            raise ValueError(
+                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; servelm dequantizes {allowed}"
+            )
+        try:
+            data = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot decode tensor {t.name!r}: {e}") from None
+        # GGUF lists dims fastest-first (ne[0] = columns); torch wants them slowest-first.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if not data.flags.writeable:  # F32 comes back as a read-only view of the file
+            data = data.copy()
+        tensor = torch.from_numpy(np.ascontiguousarray(data).reshape(shape)).to(dtype)
+        if arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
+            tensor = _reverse_llama_permute(tensor, heads)
+        weights[hf] = tensor
+    return weights
+
+
+def _tokenizer_cache_key(reader: GGUFReader, path: Path) -> str:
+    """Hash of the file's metadata+tensor-index bytes: content-based, and only a few MB to read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(reader.data_offset))
+    return h.hexdigest()[:24]
+
+
+def load_gguf_tokenizer(reader: GGUFReader, path: Path) -> Any:
+    """Rebuild the tokenizer from GGUF metadata via transformers, cached on disk.
+
+    transformers' GGUF tokenizer conversion is correct but slow (seconds for a 49k vocab), so its
+    result is saved once under the servelm cache, keyed by the metadata's hash.
+    """
+    from transformers import AutoTokenizer
+
+    cache = cache_root() / "tokenizers" / f"{path.stem}-{_tokenizer_cache_key(reader, path)}"
+    tok = None
+    if (cache / "tokenizer.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(cache))
+        except Exception as e:
+            logger.warning("ignoring unreadable tokenizer cache %s: %s", cache, e)
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot build a tokenizer from GGUF metadata: {e}") from None
+        _save_atomically(tok, cache)
+    template = _field(reader, "tokenizer.chat_template")
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    return tok
+
+
+def _save_atomically(tok: Any, target: Path) -> None:
+    """Write into a temp folder then rename, so a concurrent reader never sees half a cache."""
+    tmp = target.parent / f".tmp-{os.getpid()}-{target.name}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError as e:  # a read-only or contended cache only costs speed next time
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():  # else another process cached it first, which is fine
+            logger.warning("could not cache tokenizer at %s: %s", target, e)
+
+
+def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelArch, dict[str, torch.Tensor], Any]:
+    """Read a GGUF file into (arch, HF-named weights, tokenizer)."""
+    reader = open_gguf(path)
+    arch = ModelArch.from_hf_config(gguf_config(reader, path))
+    weights = load_gguf_weights(reader, arch, dtype, path)
+    tokenizer = load_gguf_tokenizer(reader, path)
+    return arch, weights, tokenizer

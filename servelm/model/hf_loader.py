@@ -1,0 +1,106 @@
+"""Load a Hugging Face model folder: config.json, safetensors weights, tokenizer.
+
+Only safetensors are read: they can be opened without running pickled code, and lazily, one
+tensor at a time, so a sharded checkpoint never needs two copies in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from servelm.model.arch import ModelArch
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters save that the engine recomputes itself.
+_DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file, turning syntax errors into a ValueError that names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_hf_arch(folder: Path) -> ModelArch:
+    """config.json -> ModelArch, with generation_config.json's stop tokens merged in.
+
+    Instruct models often list their end-of-turn token only in generation_config.json
+    (e.g. `<|im_end|>` next to `<|endoftext|>`); without it generation would run past the turn.
+    """
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{folder} is not a Hugging Face model folder: config.json is missing")
+    arch = ModelArch.from_hf_config(read_json(cfg_path))
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen = read_json(gen_path)
+        extra = gen.get("eos_token_id")
+        extra = [extra] if isinstance(extra, int) else list(extra or [])
+        merged = tuple(dict.fromkeys([*arch.eos_token_ids, *(int(x) for x in extra)]))
+        bos = arch.bos_token_id if arch.bos_token_id is not None else gen.get("bos_token_id")
+        arch = dataclasses.replace(arch, eos_token_ids=merged, bos_token_id=bos)
+    return arch
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the weights: one file, or the shards an index names."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' object")
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise ValueError(f"{index} names shard files that do not exist: {missing}")
+        return shards
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    hint = f"; found {others}, which servelm does not load (convert to safetensors)" if others else ""
+    raise ValueError(f"{folder} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def load_hf_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read every tensor from the folder's safetensors file(s), cast to `dtype`."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(_DROPPED_SUFFIXES):
+                        continue
+                    if name in weights:
+                        raise ValueError(f"tensor {name!r} appears in more than one shard ({path.name})")
+                    weights[name] = f.get_tensor(name).to(dtype)
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for damaged files
+            raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+    return weights
+
+
+def load_hf_tokenizer(folder: Path) -> Any:
+    """Load the folder's tokenizer with transformers (it also picks up the chat template)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer from {folder}: {e}") from None

@@ -1,0 +1,134 @@
+"""One entry point that turns "a model the user named" into arch + weights + tokenizer.
+
+Whatever the source (HF folder or GGUF file), the result uses Hugging Face parameter names and
+layouts, so model code and tests compare against transformers with no translation. All input
+problems are caught here, at the edge, with a message naming the file or field at fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from servelm.model.arch import ModelArch
+from servelm.model.default_model import default_model_path
+from servelm.model.gguf_loader import load_gguf
+from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to build: its shape, its HF-named weights (cast), and its tokenizer."""
+
+    arch: ModelArch
+    weights: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+def load_model(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `model`: None (the default GGUF), an HF folder, a folder with one .gguf, or a .gguf.
+
+    Raises FileNotFoundError for a path that does not exist and ValueError for anything else
+    that servelm cannot load (bad config, damaged or incomplete weights, unsupported types).
+    """
+    if dtype not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported; allowed: {[str(d) for d in ALLOWED_DTYPES]}")
+    path = Path(default_model_path() if model is None else model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    path = path.resolve()
+    start = time.perf_counter()
+    gguf = _gguf_in(path)
+    if gguf is not None:
+        arch, weights, tokenizer = load_gguf(gguf, dtype)
+        source = gguf
+    else:
+        arch = load_hf_arch(path)
+        weights = load_hf_weights(path, dtype)
+        tokenizer = load_hf_tokenizer(path)
+        source = path
+    if arch.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # tied: the embedding matrix is the head
+    check_weights(arch, weights, str(source))
+    if not arch.eos_token_ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        arch = replace(arch, eos_token_ids=(int(tokenizer.eos_token_id),))
+    logger.info("loaded %s (%s, %d layers) in %.1fs", source, arch.family, arch.num_layers,
+                time.perf_counter() - start)
+    return LoadedModel(arch=arch, weights=weights, tokenizer=tokenizer, source=str(source))
+
+
+def _gguf_in(path: Path) -> Path | None:
+    """The GGUF file `path` names: itself, or the single .gguf in a folder without config.json."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf or an HF model folder")
+        return path
+    if (path / "config.json").is_file():
+        return None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise ValueError(f"{path} holds several .gguf files {[g.name for g in ggufs]}; name one")
+    return ggufs[0] if ggufs else None
+
+
+def expected_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model needs for `arch`, with its HF shape (out, in)."""
+    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
+            p + "mlp.up_proj.weight": (arch.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, arch.intermediate_size),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+        if arch.qkv_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+        if arch.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (arch.head_dim,),
+                       p + "self_attn.k_norm.weight": (arch.head_dim,)}
+    return shapes
+
+
+def check_weights(arch: ModelArch, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse missing, unexpected or misshapen tensors: each would silently corrupt outputs."""
+    expected = expected_weight_shapes(arch)
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} weight(s) missing for {arch.family}: {_few(missing)}")
+    extra = [k for k in weights if k not in expected]
+    if extra:
+        raise ValueError(f"{source}: unexpected weight(s) for {arch.family}: {_few(extra)}")
+    bad = [f"{k} {tuple(weights[k].shape)} != {s}" for k, s in expected.items()
+           if tuple(weights[k].shape) != s]
+    if bad:
+        raise ValueError(f"{source}: weight shape mismatch: {_few(bad)}")
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
