@@ -48,8 +48,9 @@ def sampling_params(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from servelm.llm import LLM
 
+    params = sampling_params(args)  # validate before the slow model load
     llm = LLM(args.model, **engine_kwargs(args))
-    out = llm.generate(args.prompt, sampling_params(args), use_tqdm=False)[0]
+    out = llm.generate(args.prompt, params, use_tqdm=False)[0]
     c = out.outputs[0]
     if args.json:
         m = out.metrics
@@ -67,6 +68,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from servelm.config import EngineConfig
     from servelm.engine.engine import LLMEngine
 
+    params = sampling_params(args)
     engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
     tok = engine.tokenizer
     if not tok.chat_template:
@@ -75,7 +77,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    params = sampling_params(args)
     turn = 0
     print("servelm chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
