@@ -24,7 +24,7 @@ class PrefillSlice:
     start: int  # first row in the flat token batch
     num_new: int  # tokens in this chunk
     context_len: int  # cached tokens before the chunk + num_new
-    gather_index: torch.Tensor | None  # flat cache slots [context_len], None if no cached prefix
+    block_index: torch.Tensor | None  # cache blocks holding the context, None if nothing cached
 
 
 @dataclass
@@ -33,8 +33,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
     num_decodes: int
-    decode_gather_index: torch.Tensor | None  # [num_decodes * max_len] cache slots to read
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] True where attendable
+    block_size: int
+    decode_block_index: torch.Tensor | None  # [num_decodes * max_blocks] cache blocks to read
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], 0 or -inf
     prefills: list[PrefillSlice]
 
 
@@ -72,44 +73,59 @@ def current_attention_metadata() -> AttentionMetadata:
 class TorchPagedAttention:
     """Reference paged attention in plain torch.
 
-    Decodes are batched into one SDPA call over K/V gathered from the cache (padded to the
-    longest context, masked). Prefill chunks run one SDPA each: causal over the fresh
-    K/V when nothing is cached yet, otherwise over the gathered context with an offset
-    causal mask.
+    K/V are gathered from the cache a whole block at a time into workspace buffers that
+    are reused by every layer and step (fresh multi-MB tensors cost page faults on every
+    call). Decodes run as one SDPA call with the GQA group folded into the query length:
+    a [G, L] problem per KV head instead of G separate [1, L] ones, which CPU kernels run
+    several times faster. Prefill chunks run one SDPA each: causal over the fresh K/V when
+    nothing is cached yet, otherwise over the gathered context with an offset causal mask.
     """
 
+    def __init__(self) -> None:
+        self._k_ws = torch.empty(0)
+        self._v_ws = torch.empty(0)
+
+    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `blocks`, as [len(blocks) * block_size, KV, D] views into the workspace."""
+        _, slots, num_kv, head_dim = kv_cache.shape
+        row = block_size * num_kv * head_dim
+        n = blocks.numel()
+        if self._k_ws.numel() < n * row or self._k_ws.dtype != kv_cache.dtype:
+            self._k_ws = torch.empty(n * row, dtype=kv_cache.dtype)
+            self._v_ws = torch.empty(n * row, dtype=kv_cache.dtype)
+        k = torch.index_select(kv_cache[0].view(-1, row), 0, blocks, out=self._k_ws[: n * row].view(n, row))
+        v = torch.index_select(kv_cache[1].view(-1, row), 0, blocks, out=self._v_ws[: n * row].view(n, row))
+        shape = (n * block_size, num_kv, head_dim)
+        return k.view(shape), v.view(shape)
+
     def forward(self, q, k, v, kv_cache, meta, scale):
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        num_kv = k.shape[1]
-        gqa = q.shape[1] != num_kv
+        num_heads, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+        group = num_heads // num_kv
 
         d = meta.num_decodes
         if d:
-            head_dim = q.shape[2]
-            kd = k_cache.index_select(0, meta.decode_gather_index).view(d, -1, num_kv, head_dim)
-            vd = v_cache.index_select(0, meta.decode_gather_index).view(d, -1, num_kv, head_dim)
+            kd, vd = self._gather(kv_cache, meta.decode_block_index, meta.block_size)
             o = F.scaled_dot_product_attention(
-                q[:d].unsqueeze(2),  # [d, H, 1, D]
-                kd.transpose(1, 2),
-                vd.transpose(1, 2),
+                q[:d].view(d, num_kv, group, head_dim),
+                kd.view(d, -1, num_kv, head_dim).transpose(1, 2),
+                vd.view(d, -1, num_kv, head_dim).transpose(1, 2),
                 attn_mask=meta.decode_mask,
                 scale=scale,
-                enable_gqa=gqa,
             )
-            out[:d] = o.squeeze(2)
+            out[:d] = o.reshape(d, num_heads, head_dim)
 
         for p in meta.prefills:
             rows = slice(p.start, p.start + p.num_new)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            if p.gather_index is None:
+            if p.block_index is None:
                 kp, vp = k[rows], v[rows]
                 mask, causal = None, True
             else:
-                kp = k_cache.index_select(0, p.gather_index)
-                vp = v_cache.index_select(0, p.gather_index)
+                kp, vp = self._gather(kv_cache, p.block_index, meta.block_size)
+                kp, vp = kp[: p.context_len], vp[: p.context_len]
                 offset = p.context_len - p.num_new
                 mask = _offset_causal_mask(p.num_new, p.context_len, offset, q.device)
                 causal = False
@@ -120,7 +136,7 @@ class TorchPagedAttention:
                 attn_mask=mask,
                 is_causal=causal,
                 scale=scale,
-                enable_gqa=gqa,
+                enable_gqa=group > 1,
             )
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out

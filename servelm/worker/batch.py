@@ -33,6 +33,7 @@ def build_step_batch(
     num_new: list[int],
     block_tables: list[list[int]],
     block_size: int,
+    dtype: torch.dtype,
 ) -> StepBatch:
     decodes = [i for i, n in enumerate(num_new) if n == 1]
     prefills = [i for i, n in enumerate(num_new) if n != 1]
@@ -43,7 +44,7 @@ def build_step_batch(
     row_start: list[int] = []
 
     d = len(decodes)
-    decode_gather = decode_mask = None
+    decode_blocks = decode_mask = None
     if d:
         starts = [requests[i].num_computed_tokens for i in decodes]
         ids.extend(requests[i].all_token_ids[s] for i, s in zip(decodes, starts))
@@ -56,11 +57,11 @@ def build_step_batch(
         blk = pos // block_size
         slots.append(table[torch.arange(d), blk] * block_size + pos % block_size)
         positions.append(pos)
-        seq_lens = pos + 1
-        max_len = int(seq_lens.max())
-        offs = torch.arange(block_size)
-        decode_gather = (table.unsqueeze(-1) * block_size + offs).view(d, -1)[:, :max_len].reshape(-1)
-        decode_mask = (torch.arange(max_len).unsqueeze(0) < seq_lens.unsqueeze(1)).view(d, 1, 1, max_len)
+        max_len = max_blocks * block_size
+        decode_blocks = table.reshape(-1)
+        # An additive mask in the model dtype: CPU SDPA converts a bool mask on every call.
+        beyond = torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)
+        decode_mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond.view(d, 1, 1, max_len), float("-inf"))
         row_start.extend(range(d))
 
     prefill_slices: list[PrefillSlice] = []
@@ -73,8 +74,7 @@ def build_step_batch(
         pos = torch.arange(start, start + n)
         positions.append(pos)
         slots.append(_slots(table, pos, block_size))
-        gather = _slots(table, torch.arange(start + n), block_size) if start else None
-        prefill_slices.append(PrefillSlice(row, n, start + n, gather))
+        prefill_slices.append(PrefillSlice(row, n, start + n, table if start else None))
         row_start.append(row)
         row += n
 
@@ -84,7 +84,8 @@ def build_step_batch(
         attn=AttentionMetadata(
             slot_mapping=torch.cat(slots),
             num_decodes=d,
-            decode_gather_index=decode_gather,
+            block_size=block_size,
+            decode_block_index=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefill_slices,
         ),

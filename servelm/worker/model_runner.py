@@ -13,6 +13,7 @@ from servelm.model.registry import build_model
 from servelm.ops.attention import TorchPagedAttention, attention_context
 from servelm.outputs import PositionLogprobs
 from servelm.worker.batch import build_step_batch
+from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.sampler import Sampler, SamplingMetadata
 
@@ -36,6 +37,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor]) -> None:
         self.config = config
         self.arch = arch
+        keep_freed_memory_in_heap()
         self.block_size = config.block_size
         self.dtype = config.torch_dtype
         per_block = kv_bytes_per_block(arch, config.block_size, self.dtype)
@@ -65,7 +67,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:
-        batch = build_step_batch(requests, num_new, block_tables, self.block_size)
+        batch = build_step_batch(requests, num_new, block_tables, self.block_size, self.dtype)
         with attention_context(batch.attn):
             hidden = self.model(batch.input_ids, batch.positions)
 
