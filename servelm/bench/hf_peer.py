@@ -11,6 +11,7 @@ reported separately as raw throughput, since they are work done but not work wan
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def load_hf_model(model: str | None, dtype: str) -> Any:
     if path.is_file():
         kwargs["gguf_file"] = path.name
         path = path.parent
+        try:  # newer transformers may keep GGUF blocks packed; servelm unpacks once, so do we
+            from transformers.utils.quantization_config import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older versions always dequantize
+            pass
     hf = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     return hf.eval()
 
@@ -105,7 +112,7 @@ class HFRun:
 
 
 def run_batches(model: Any, requests: list[BenchRequest], batch_size: int,
-                run: HFRun | None = None) -> HFRun:
+                run: HFRun | None = None, say: Callable[[str], None] | None = None) -> HFRun:
     """Run `requests` in input order in batches of `batch_size`, appending to `run`."""
     run = run or HFRun(batch_size)
     for i in range(0, len(requests), batch_size):
@@ -113,11 +120,15 @@ def run_batches(model: Any, requests: list[BenchRequest], batch_size: int,
         run.token_ids.extend(res.token_ids)
         run.raw_generated += res.raw_generated
         run.elapsed_s += res.elapsed_s
+        if say:
+            say(f"  bs={batch_size}: {len(run.token_ids)} requests done, "
+                f"{run.useful_output / run.elapsed_s:.1f} useful output tok/s so far")
     return run
 
 
 def run_transformers(model: Any, requests: list[BenchRequest], batch_sizes: list[int],
-                     probe_batches: int = 2) -> tuple[HFRun, dict[int, float]]:
+                     probe_batches: int = 2, say: Callable[[str], None] | None = None,
+                     ) -> tuple[HFRun, dict[int, float]]:
     """Tune the batch size on a prefix, then run the whole workload with the best one.
 
     Each candidate runs `probe_batches` batches from the start of the workload; the winner's
@@ -133,8 +144,10 @@ def run_transformers(model: Any, requests: list[BenchRequest], batch_sizes: list
     for bs in sorted(set(batch_sizes)):
         if len(probes) and bs >= len(requests) and max(probes) >= len(requests):
             continue  # larger sizes would form the very same single batch
-        probes[bs] = run_batches(model, requests[: bs * probe_batches], bs)
+        probes[bs] = run_batches(model, requests[: bs * probe_batches], bs, say=say)
     rates = {bs: p.useful_output / p.elapsed_s for bs, p in probes.items()}
     best = max(rates, key=lambda bs: rates[bs])
     run = probes[best]
-    return run_batches(model, requests[len(run.token_ids):], best, run), rates
+    if say:
+        say(f"  best batch size {best}; running the remaining requests")
+    return run_batches(model, requests[len(run.token_ids):], best, run, say), rates

@@ -50,7 +50,8 @@ def _rates(n_req: int, prompt: int, output: int, elapsed: float) -> dict[str, fl
             "output_tok_s": output / elapsed, "total_tok_s": (prompt + output) / elapsed}
 
 
-def run_servelm(llm: Any, requests: list[BenchRequest]) -> tuple[dict[str, Any], list[list[int]]]:
+def run_servelm(llm: Any, requests: list[BenchRequest],
+                progress: bool = False) -> tuple[dict[str, Any], list[list[int]]]:
     """Time one `generate` over all requests (after a tiny warmup); returns figures and ids."""
     from servelm.sampling_params import SamplingParams
 
@@ -61,7 +62,7 @@ def run_servelm(llm: Any, requests: list[BenchRequest]) -> tuple[dict[str, Any],
     params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
               for r in requests]
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
     ids = [list(o.outputs[0].token_ids) for o in outs]
     fig = _rates(len(requests), sum(len(r.prompt_token_ids) for r in requests),
@@ -96,7 +97,7 @@ def machine_info(dtype: str) -> dict[str, Any]:
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of requests whose greedy outputs are identical (bf16 drifts; fp32 rarely)."""
-    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+    return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
 def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     say(f"workload: {name}, {summary['num_requests']} requests, {summary['prompt_tokens']} "
         f"prompt + {summary['output_tokens']} output tokens")
     say("running servelm ...")
-    sv, sv_ids = run_servelm(llm, requests)
+    sv, sv_ids = run_servelm(llm, requests, progress=not cfg.quiet)
     say(f"servelm: {sv['output_tok_s']:.1f} output tok/s in {sv['elapsed_s']:.1f}s")
     del llm
     result: dict[str, Any] = {
@@ -134,9 +135,11 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         say("loading transformers model ...")
         hf = load_hf_model(model, dtype)
         say(f"running transformers (batch sizes {cfg.hf_batch_sizes}) ...")
-        run, probes = run_transformers(hf, requests, cfg.hf_batch_sizes, cfg.hf_probe_batches)
+        run, probes = run_transformers(hf, requests, cfg.hf_batch_sizes, cfg.hf_probe_batches,
+                                       None if cfg.quiet else say)
         tf = _rates(len(requests), summary["prompt_tokens"], run.useful_output, run.elapsed_s)
         tf.update(batch_size=run.batch_size, probe_output_tok_s=probes,
+                  attn_implementation=hf.config._attn_implementation,
                   raw_generated_tokens=run.raw_generated,
                   raw_output_tok_s=run.raw_generated / run.elapsed_s,
                   per_request_output_tokens_match=[len(t) for t in run.token_ids]
@@ -164,7 +167,7 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("servelm", "transformers"):
         if key in result:
             r = result[key]
-            label = key if key == "servelm" else f"transformers (bs={r['batch_size']})"
+            label = "servelm" if key == "servelm" else f"transformers bs={r['batch_size']}"
             rows.append([label, str(r["requests"]), str(r["prompt_tokens"]),
                          str(r["output_tokens"]), f"{r['elapsed_s']:.1f}",
                          f"{r['output_tok_s']:.1f}", f"{r['total_tok_s']:.1f}"])
@@ -182,7 +185,7 @@ def print_table(result: dict[str, Any]) -> None:
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         for line in [cols, *rows]:
             print("  ".join(v.rjust(w) if i else v.ljust(w)
-                            for i, (v, w) in enumerate(zip(line, widths))))
+                            for i, (v, w) in enumerate(zip(line, widths, strict=True))))
         print("\n".join(notes))
         return
     table = Table(title="offline throughput")
@@ -191,6 +194,8 @@ def print_table(result: dict[str, Any]) -> None:
     for r in rows:
         table.add_row(*r)
     console = Console()
+    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
+        console = Console(width=120)
     console.print(table)
     for n in notes:
         console.print(n)

@@ -28,14 +28,22 @@ class PrefillSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """Consecutive decode rows (one new token each) of similar context length."""
+
+    start: int  # first row in the flat token batch
+    num: int  # rows in the group
+    block_index: torch.Tensor  # [num * max_blocks] cache blocks to read, row-major
+    mask: torch.Tensor  # [num, 1, 1, max_blocks * block_size] additive: 0 or -inf
+
+
+@dataclass
 class AttentionMetadata:
-    """Built once per step. Rows are ordered decodes first, then prefill chunks."""
+    """Built once per step. Rows are ordered decode groups first, then prefill chunks."""
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
-    num_decodes: int
     block_size: int
-    decode_block_index: torch.Tensor | None  # [num_decodes * max_blocks] cache blocks to read
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], 0 or -inf
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSlice]
 
 
@@ -75,7 +83,7 @@ class TorchPagedAttention:
 
     K/V are gathered from the cache a whole block at a time into workspace buffers that
     are reused by every layer and step (fresh multi-MB tensors cost page faults on every
-    call). Decodes run as one SDPA call with the GQA group folded into the query length:
+    call). Each group of decodes runs as one SDPA call with the GQA group folded into the query length:
     a [G, L] problem per KV head instead of G separate [1, L] ones, which CPU kernels run
     several times faster. Prefill chunks run one SDPA each: causal over the fresh K/V when
     nothing is cached yet, otherwise over the gathered context with an offset causal mask.
@@ -105,17 +113,17 @@ class TorchPagedAttention:
         num_heads, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
         group = num_heads // num_kv
 
-        d = meta.num_decodes
-        if d:
-            kd, vd = self._gather(kv_cache, meta.decode_block_index, meta.block_size)
+        for g in meta.decodes:
+            rows = slice(g.start, g.start + g.num)
+            kd, vd = self._gather(kv_cache, g.block_index, meta.block_size)
             o = F.scaled_dot_product_attention(
-                q[:d].view(d, num_kv, group, head_dim),
-                kd.view(d, -1, num_kv, head_dim).transpose(1, 2),
-                vd.view(d, -1, num_kv, head_dim).transpose(1, 2),
-                attn_mask=meta.decode_mask,
+                q[rows].view(g.num, num_kv, group, head_dim),
+                kd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
+                vd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
+                attn_mask=g.mask,
                 scale=scale,
             )
-            out[:d] = o.reshape(d, num_heads, head_dim)
+            out[rows] = o.reshape(g.num, num_heads, head_dim)
 
         for p in meta.prefills:
             rows = slice(p.start, p.start + p.num_new)

@@ -1,7 +1,7 @@
 """Turn a SchedulerOutput into the flat tensors of one forward pass.
 
-Rows are ordered decodes (one new token) first, then prefill chunks, so attention can run
-all decodes in one batched call. Everything here is built once per step and shared by
+Rows are ordered decodes (one new token) first, sorted by context length, then prefill
+chunks, so attention can run the decodes in a few batched calls of similar lengths. Everything here is built once per step and shared by
 every layer.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from servelm.engine.request import Request
-from servelm.ops.attention import AttentionMetadata, PrefillSlice
+from servelm.ops.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 
 
 @dataclass
@@ -28,6 +28,33 @@ def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> tor
     return table[positions // block_size] * block_size + positions % block_size
 
 
+def _split_by_length(lengths: list[int]) -> list[int]:
+    """Group sizes for decodes sorted by context length: a new group starts when the length
+    passes 1.5x the group's shortest, so padding to the group's longest wastes little."""
+    sizes: list[int] = []
+    first = None
+    for n in lengths:
+        if first is None or n > 1.5 * first + 16:
+            sizes.append(0)
+            first = n
+        sizes[-1] += 1
+    return sizes
+
+
+def _decode_group(start: int, pos: torch.Tensor, tables: list[list[int]], block_size: int,
+                  dtype: torch.dtype) -> DecodeGroup:
+    d = len(tables)
+    max_blocks = max(len(bt) for bt in tables)
+    table = torch.zeros(d, max_blocks, dtype=torch.long)
+    for row, bt in enumerate(tables):
+        table[row, : len(bt)] = torch.tensor(bt, dtype=torch.long)
+    max_len = max_blocks * block_size
+    # An additive mask in the model dtype: CPU SDPA converts a bool mask on every call.
+    beyond = (torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)).view(d, 1, 1, max_len)
+    mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond, float("-inf"))
+    return DecodeGroup(start, d, table.reshape(-1), mask)
+
+
 def build_step_batch(
     requests: list[Request],
     num_new: list[int],
@@ -35,37 +62,31 @@ def build_step_batch(
     block_size: int,
     dtype: torch.dtype,
 ) -> StepBatch:
-    decodes = [i for i, n in enumerate(num_new) if n == 1]
+    decodes = sorted((i for i, n in enumerate(num_new) if n == 1), key=lambda i: requests[i].num_computed_tokens)
     prefills = [i for i, n in enumerate(num_new) if n != 1]
     order = decodes + prefills
     ids: list[int] = []
     positions: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
-    row_start: list[int] = []
+    row_start: list[int] = list(range(len(decodes)))
 
-    d = len(decodes)
-    decode_blocks = decode_mask = None
-    if d:
+    decode_groups: list[DecodeGroup] = []
+    if decodes:
         starts = [requests[i].num_computed_tokens for i in decodes]
         ids.extend(requests[i].all_token_ids[s] for i, s in zip(decodes, starts))
         pos = torch.tensor(starts, dtype=torch.long)
-        max_blocks = max(len(block_tables[i]) for i in decodes)
-        table = torch.zeros(d, max_blocks, dtype=torch.long)
-        for row, i in enumerate(decodes):
-            bt = block_tables[i]
-            table[row, : len(bt)] = torch.tensor(bt, dtype=torch.long)
-        blk = pos // block_size
-        slots.append(table[torch.arange(d), blk] * block_size + pos % block_size)
         positions.append(pos)
-        max_len = max_blocks * block_size
-        decode_blocks = table.reshape(-1)
-        # An additive mask in the model dtype: CPU SDPA converts a bool mask on every call.
-        beyond = torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)
-        decode_mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond.view(d, 1, 1, max_len), float("-inf"))
-        row_start.extend(range(d))
+        first = 0
+        for size in _split_by_length(starts):
+            rows = slice(first, first + size)
+            group = _decode_group(first, pos[rows], [block_tables[i] for i in decodes[rows]], block_size, dtype)
+            table = group.block_index.view(size, -1)
+            slots.append(table[torch.arange(size), pos[rows] // block_size] * block_size + pos[rows] % block_size)
+            decode_groups.append(group)
+            first += size
 
     prefill_slices: list[PrefillSlice] = []
-    row = d
+    row = len(decodes)
     for i in prefills:
         req, n = requests[i], num_new[i]
         start = req.num_computed_tokens
@@ -83,10 +104,8 @@ def build_step_batch(
         positions=torch.cat(positions),
         attn=AttentionMetadata(
             slot_mapping=torch.cat(slots),
-            num_decodes=d,
             block_size=block_size,
-            decode_block_index=decode_blocks,
-            decode_mask=decode_mask,
+            decodes=decode_groups,
             prefills=prefill_slices,
         ),
         order=order,
