@@ -1,0 +1,70 @@
+"""Paged attention against dense causal attention on the same K/V, for a batch mixing
+decodes of different lengths, a fresh prefill and a prefill chunk over cached context."""
+
+from __future__ import annotations
+
+import torch
+
+from servelm.engine.request import Request
+from servelm.ops.attention import TorchPagedAttention, attention_context
+from servelm.sampling_params import SamplingParams
+from servelm.worker.batch import _split_by_length, build_step_batch
+
+H, KV, D, BS = 6, 2, 8, 4
+
+
+def dense_reference(q, k, v):
+    """q: [n, H, D] for the last n positions; k, v: [L, KV, D] for all positions."""
+    n, L = q.shape[0], k.shape[0]
+    kk = k.repeat_interleave(H // KV, dim=1).transpose(0, 1)
+    vv = v.repeat_interleave(H // KV, dim=1).transpose(0, 1)
+    scores = q.transpose(0, 1) @ kk.transpose(1, 2) * D**-0.5
+    qpos = torch.arange(L - n, L).unsqueeze(1)
+    scores = scores.masked_fill(torch.arange(L).unsqueeze(0) > qpos, float("-inf"))
+    return (scores.softmax(-1) @ vv).transpose(0, 1)
+
+
+def test_paged_attention_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    # (context already cached, new tokens this step)
+    shapes = [(5, 1), (30, 1), (3, 1), (0, 7), (9, 6), (64, 1)]
+    num_blocks = 64
+    cache = torch.zeros(2, num_blocks * BS, KV, D)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    requests, tables, full_k, full_v = [], [], [], []
+    for cached, new in shapes:
+        total = cached + new
+        table = [free.pop() for _ in range(-(-total // BS))]
+        k = torch.randn(total, KV, D, generator=g)
+        v = torch.randn(total, KV, D, generator=g)
+        for p in range(cached):  # what earlier steps wrote
+            slot = table[p // BS] * BS + p % BS
+            cache[0, slot], cache[1, slot] = k[p], v[p]
+        req = Request(f"r{len(requests)}", [1] * total, SamplingParams(), (), 1000)
+        req.num_computed_tokens = cached
+        requests.append(req)
+        tables.append(table)
+        full_k.append(k)
+        full_v.append(v)
+    num_new = [new for _, new in shapes]
+    batch = build_step_batch(requests, num_new, tables, BS, torch.float32)
+    q_rows, k_rows, v_rows, expected = [], [], [], []
+    for b, i in enumerate(batch.order):
+        cached, new = shapes[i]
+        q = torch.randn(new, H, D, generator=g)
+        q_rows.append(q)
+        k_rows.append(full_k[i][cached:])
+        v_rows.append(full_v[i][cached:])
+        expected.append(dense_reference(q, full_k[i], full_v[i]))
+        assert batch.row_start[b] == sum(len(r) for r in q_rows[:-1])
+    with attention_context(batch.attn):
+        out = TorchPagedAttention().forward(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows),
+                                            cache, batch.attn, D**-0.5)
+    torch.testing.assert_close(out, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    assert len(batch.attn.decodes) >= 2  # lengths 4..65 do not share one padded group
+
+
+def test_split_by_length_bounds_padding():
+    assert _split_by_length([]) == []
+    assert _split_by_length([10, 12, 20, 100, 120]) == [3, 2]
+    assert sum(_split_by_length(list(range(1, 500)))) == 499
