@@ -26,7 +26,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None
 

@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,19 @@ def machine_info(dtype: str) -> dict[str, Any]:
             "platform": platform.platform(), "dtype": dtype}
 
 
+def _git_revision() -> str | None:
+    """The servelm commit measured, with '+dirty' when the tree has local changes."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of requests whose greedy outputs are identical (bf16 drifts; fp32 rarely)."""
     return sum(x == y for x, y in zip(a, b, strict=True)) / max(1, len(a))
@@ -123,6 +137,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "benchmark": "throughput",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
+        "servelm_revision": _git_revision(),
         "machine": machine_info(dtype),
         "config": {**{k: v for k, v in vars(cfg).items() if k != "engine"},
                    "engine": {"model": model, **engine}, "dataset": name, "dataset_path": path},

@@ -49,16 +49,13 @@ class LLMEngine:
         self.model_source = loaded.source
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(config, loaded.arch, loaded.weights)
-        self.max_model_len = self.runner.max_model_len
-        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            self.kv, config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
-            config.enable_chunked_prefill,
-        )
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         )
+        self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids)
+        self.max_model_len = self.runner.max_model_len
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,

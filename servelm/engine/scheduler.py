@@ -24,13 +24,6 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
 
 class Scheduler:
     def __init__(
@@ -38,14 +31,10 @@ class Scheduler:
         kv: KVCacheManager,
         max_num_batched_tokens: int,
         max_num_seqs: int,
-        max_model_len: int,
-        enable_chunked_prefill: bool = True,
     ) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -53,14 +42,9 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled: set[str] = set()
 
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -77,7 +61,6 @@ class Scheduler:
                 break  # req preempted itself: nothing after it can run either
             self.kv.allocate(req.request_id, total)
             self._add(out, req, n)
-            scheduled.add(req.request_id)
             budget -= n
             i += 1
 
@@ -86,10 +69,7 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
-            n = min(remaining, budget)
-            if n < remaining and not self.enable_chunked_prefill:
-                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()

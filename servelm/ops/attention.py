@@ -2,8 +2,9 @@
 
 The model never sees requests: the model runner builds one `AttentionMetadata` per step
 and installs it with `attention_context(...)`; each attention layer reads it from there.
-A backend is anything with `forward(q, k, v, kv_cache, meta, scale)`; `TorchPagedAttention`
-is the plain-torch reference used on CPU, and GPU kernels plug in behind the same call.
+A backend is anything with `forward(q, k, v, kv_cache, meta, scale)`. On CPU,
+`CPUKernelPagedAttention` (C decode kernel) is used when a C compiler is available and
+`TorchPagedAttention` (plain torch) otherwise; GPU kernels plug in behind the same call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from servelm.ops import cpu_kernels
 
 
 @dataclass
@@ -34,6 +37,7 @@ class DecodeGroup:
     start: int  # first row in the flat token batch
     num: int  # rows in the group
     block_index: torch.Tensor  # [num * max_blocks] cache blocks to read, row-major
+    context_lens: torch.Tensor  # [num] tokens each row attends to
     mask: torch.Tensor  # [num, 1, 1, max_blocks * block_size] additive: 0 or -inf
 
 
@@ -83,9 +87,9 @@ class TorchPagedAttention:
 
     K/V are gathered from the cache a whole block at a time into workspace buffers that
     are reused by every layer and step (fresh multi-MB tensors cost page faults on every
-    call). Each group of decodes runs as one SDPA call with the GQA group folded into the query length:
-    a [G, L] problem per KV head instead of G separate [1, L] ones, which CPU kernels run
-    several times faster. Prefill chunks run one SDPA each: causal over the fresh K/V when
+    call). Each group of decodes runs as one SDPA call with the GQA group folded into the
+    query length: a [G, L] problem per KV head instead of G separate [1, L] ones, which CPU
+    kernels run several times faster. Prefill chunks run one SDPA each: causal over the fresh K/V when
     nothing is cached yet, otherwise over the gathered context with an offset causal mask.
     """
 
@@ -110,44 +114,63 @@ class TorchPagedAttention:
         kv_cache[0].index_copy_(0, meta.slot_mapping, k)
         kv_cache[1].index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
-        num_heads, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[2]
-        group = num_heads // num_kv
-
         for g in meta.decodes:
             rows = slice(g.start, g.start + g.num)
-            kd, vd = self._gather(kv_cache, g.block_index, meta.block_size)
-            o = F.scaled_dot_product_attention(
-                q[rows].view(g.num, num_kv, group, head_dim),
-                kd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
-                vd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
-                attn_mask=g.mask,
-                scale=scale,
-            )
-            out[rows] = o.reshape(g.num, num_heads, head_dim)
-
+            out[rows] = self._decode(q[rows], kv_cache, g, meta.block_size, scale)
         for p in meta.prefills:
             rows = slice(p.start, p.start + p.num_new)
-            qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            if p.block_index is None:
-                kp, vp = k[rows], v[rows]
-                mask, causal = None, True
-            else:
-                kp, vp = self._gather(kv_cache, p.block_index, meta.block_size)
-                kp, vp = kp[: p.context_len], vp[: p.context_len]
-                offset = p.context_len - p.num_new
-                mask = _offset_causal_mask(p.num_new, p.context_len, offset, q.device)
-                causal = False
-            o = F.scaled_dot_product_attention(
-                qp,
-                kp.transpose(0, 1).unsqueeze(0),
-                vp.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask,
-                is_causal=causal,
-                scale=scale,
-                enable_gqa=group > 1,
-            )
-            out[rows] = o.squeeze(0).transpose(0, 1)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, p, meta.block_size, scale)
         return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, block_size: int,
+                scale: float) -> torch.Tensor:
+        num_kv, head_dim = kv_cache.shape[2], kv_cache.shape[3]
+        kd, vd = self._gather(kv_cache, g.block_index, block_size)
+        o = F.scaled_dot_product_attention(
+            q.view(g.num, num_kv, -1, head_dim),
+            kd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
+            vd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
+            attn_mask=g.mask,
+            scale=scale,
+        )
+        return o.reshape(q.shape)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 p: PrefillSlice, block_size: int, scale: float) -> torch.Tensor:
+        if p.block_index is None:
+            mask, causal = None, True
+        else:
+            k, v = self._gather(kv_cache, p.block_index, block_size)
+            k, v = k[: p.context_len], v[: p.context_len]
+            mask = _offset_causal_mask(p.num_new, p.context_len, p.context_len - p.num_new, q.device)
+            causal = False
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return o.squeeze(0).transpose(0, 1)
+
+
+class CPUKernelPagedAttention(TorchPagedAttention):
+    """Decodes through the C kernel (ops/csrc), which reads K/V in place via the block
+    table: no gather, no padding. Prefill chunks stay on SDPA, whose GEMM-based kernel is
+    faster when many query rows share one context."""
+
+    def _decode(self, q, kv_cache, g, block_size, scale):
+        tables = g.block_index.view(g.num, -1)
+        return cpu_kernels.paged_attention(q, kv_cache, tables, torch.arange(g.num), g.context_lens,
+                                           block_size, scale)
+
+
+def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:
+    if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim):
+        return CPUKernelPagedAttention()
+    return TorchPagedAttention()
 
 
 def _offset_causal_mask(num_q: int, num_k: int, offset: int, device: torch.device) -> torch.Tensor:

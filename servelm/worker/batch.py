@@ -52,7 +52,7 @@ def _decode_group(start: int, pos: torch.Tensor, tables: list[list[int]], block_
     # An additive mask in the model dtype: CPU SDPA converts a bool mask on every call.
     beyond = (torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)).view(d, 1, 1, max_len)
     mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond, float("-inf"))
-    return DecodeGroup(start, d, table.reshape(-1), mask)
+    return DecodeGroup(start, d, table.reshape(-1), pos + 1, mask)
 
 
 def build_step_batch(

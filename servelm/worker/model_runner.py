@@ -10,7 +10,7 @@ from servelm.config import EngineConfig
 from servelm.engine.request import Request
 from servelm.model.arch import ModelArch
 from servelm.model.registry import build_model
-from servelm.ops.attention import TorchPagedAttention, attention_context
+from servelm.ops.attention import attention_context, select_backend
 from servelm.outputs import PositionLogprobs
 from servelm.worker.batch import build_step_batch
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
@@ -34,7 +34,8 @@ def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor],
+                 eos_token_ids: tuple[int, ...]) -> None:
         self.config = config
         self.arch = arch
         keep_freed_memory_in_heap()
@@ -56,14 +57,14 @@ class ModelRunner:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context "
                              f"length ({model_limit})")
         self.max_model_len = min(config.max_model_len or model_limit, cache_tokens)
-        self.model = build_model(arch, weights, TorchPagedAttention(), self.dtype,
-                                 max(self.max_model_len, arch.max_position_embeddings))
+        self.attention = select_backend(self.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.model = build_model(arch, weights, self.attention, self.dtype, self.max_model_len)
         slots = self.num_kv_blocks * config.block_size
         self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
         for i, layer in enumerate(self.model.layers):
             layer.attn.kv_cache = self.kv_cache[i]
         self.sampler = Sampler()
-        self.eos_token_ids = set(arch.eos_token_ids)
+        self.eos_token_ids = set(eos_token_ids)  # for min_tokens masking
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:

@@ -3,10 +3,12 @@ decodes of different lengths, a fresh prefill and a prefill chunk over cached co
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from servelm.engine.request import Request
-from servelm.ops.attention import TorchPagedAttention, attention_context
+from servelm.ops import cpu_kernels
+from servelm.ops.attention import CPUKernelPagedAttention, TorchPagedAttention, attention_context
 from servelm.sampling_params import SamplingParams
 from servelm.worker.batch import _split_by_length, build_step_batch
 
@@ -24,7 +26,14 @@ def dense_reference(q, k, v):
     return (scores.softmax(-1) @ vv).transpose(0, 1)
 
 
-def test_paged_attention_matches_dense():
+BACKENDS = [TorchPagedAttention, CPUKernelPagedAttention]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_attention_matches_dense(backend, dtype):
+    if backend is CPUKernelPagedAttention and cpu_kernels.load() is None:
+        pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(0)
     # (context already cached, new tokens this step)
     shapes = [(5, 1), (30, 1), (3, 1), (0, 7), (9, 6), (64, 1)]
@@ -47,7 +56,7 @@ def test_paged_attention_matches_dense():
         full_k.append(k)
         full_v.append(v)
     num_new = [new for _, new in shapes]
-    batch = build_step_batch(requests, num_new, tables, BS, torch.float32)
+    batch = build_step_batch(requests, num_new, tables, BS, dtype)
     q_rows, k_rows, v_rows, expected = [], [], [], []
     for b, i in enumerate(batch.order):
         cached, new = shapes[i]
@@ -58,9 +67,10 @@ def test_paged_attention_matches_dense():
         expected.append(dense_reference(q, full_k[i], full_v[i]))
         assert batch.row_start[b] == sum(len(r) for r in q_rows[:-1])
     with attention_context(batch.attn):
-        out = TorchPagedAttention().forward(torch.cat(q_rows), torch.cat(k_rows), torch.cat(v_rows),
-                                            cache, batch.attn, D**-0.5)
-    torch.testing.assert_close(out, torch.cat(expected), atol=1e-5, rtol=1e-5)
+        out = backend().forward(torch.cat(q_rows).to(dtype), torch.cat(k_rows).to(dtype),
+                                torch.cat(v_rows).to(dtype), cache.to(dtype), batch.attn, D**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), torch.cat(expected), atol=tol, rtol=tol)
     assert len(batch.attn.decodes) >= 2  # lengths 4..65 do not share one padded group
 
 

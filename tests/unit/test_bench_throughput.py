@@ -1,0 +1,90 @@
+"""`servelm bench throughput` on a tiny random model, and the workload builders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from servelm.bench.datasets import (
+    MIN_OUTPUT_LEN,
+    build_requests,
+    encode_prompt,
+    load_self_instruct,
+    synthetic_requests,
+)
+from servelm.cli import main
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_self_instruct_lengths_caps_and_cycling(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    long_resp = " ".join(["the cat reads a red book today."] * 20)
+    rows = [{"prompt": "Why does the cat read?", "response": "the lazy dog jumps over the box"},
+            {"prompt": "Count three apples.", "response": "3"},  # shorter than the minimum
+            {"prompt": "Write a long letter.", "response": long_resp}]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    reqs = load_self_instruct(path, tok, num_prompts=7, max_output_len=16, seed=1)
+    assert len(reqs) == 7
+    expected = {}
+    for r in rows:
+        n = len(tok.encode(r["response"], add_special_tokens=False))
+        expected[tuple(encode_prompt(tok, r["prompt"]))] = max(MIN_OUTPUT_LEN, min(n, 16))
+    assert sorted(expected.values())[0] == MIN_OUTPUT_LEN and max(expected.values()) == 16
+    for r in reqs:  # every request is one of the rows, with that row's clamped length
+        assert expected[tuple(r.prompt_token_ids)] == r.output_len
+    seen = [tuple(r.prompt_token_ids) for r in reqs]
+    assert all(seen.count(k) in (2, 3) for k in expected)  # cycles evenly through the rows
+    assert encode_prompt(tok, "hi")[0] == tok.convert_tokens_to_ids("<|im_start|>")  # chat template
+    # Overlong prompts are dropped; the same seed gives the same workload.
+    short = load_self_instruct(path, tok, 4, 16, seed=1, max_prompt_len=len(encode_prompt(tok, "Count three apples.")))
+    assert {tuple(r.prompt_token_ids) for r in short} == {tuple(encode_prompt(tok, "Count three apples."))}
+    assert load_self_instruct(path, tok, 7, 16, seed=1) == reqs
+
+
+def test_dataset_errors_and_synthetic(tmp_path, tiny_tokenizer):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
+    with pytest.raises(ValueError, match="response"):
+        load_self_instruct(bad, tiny_tokenizer, 2)
+    with pytest.raises(FileNotFoundError):
+        build_requests("self-instruct", str(tmp_path / "missing.jsonl"), tiny_tokenizer, 2)
+    a = synthetic_requests(tiny_tokenizer, 50, max_output_len=32, seed=3, max_prompt_len=100)
+    assert a == synthetic_requests(tiny_tokenizer, 50, max_output_len=32, seed=3, max_prompt_len=100)
+    assert all(20 <= len(r.prompt_token_ids) <= 100 and 10 <= r.output_len <= 32 for r in a)
+    assert len({r.output_len for r in a}) > 5  # a mix, not one length
+    special = set(tiny_tokenizer.all_special_ids)
+    assert not any(t in special for r in a for t in r.prompt_token_ids)
+
+
+def test_throughput_cli_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "res" / "r.json"
+    rc = main(["bench", "throughput", "--model", str(tiny_model_dir("llama")), "--num-prompts", "6",
+               "--dataset", "synthetic", "--max-output-len", "10", "--max-prompt-len", "40",
+               "--hf-batch-sizes", "2,4", "--hf-probe-batches", "1", "--num-kv-blocks", "64",
+               "--result-file", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for key in ("date", "command", "machine", "config", "workload", "servelm", "transformers",
+                "ratio_output_tok_s", "greedy_exact_match_fraction"):
+        assert key in res
+    for key in ("cpu_model", "cpu_count", "torch", "transformers", "dtype", "torch_threads"):
+        assert key in res["machine"]
+    want = res["workload"]["output_tokens"]
+    assert res["workload"]["num_requests"] == 6
+    for system in ("servelm", "transformers"):
+        r = res[system]
+        assert r["requests"] == 6 and r["output_tokens"] == want
+        assert r["per_request_output_tokens_match"] is True
+        assert r["output_tok_s"] > 0 and r["total_tok_s"] > r["output_tok_s"]
+    tf = res["transformers"]
+    assert tf["batch_size"] in (2, 4) and set(tf["probe_output_tok_s"]) == {"2", "4"}
+    assert tf["raw_generated_tokens"] >= want
+    assert res["ratio_output_tok_s"] == pytest.approx(
+        res["servelm"]["output_tok_s"] / tf["output_tok_s"])
+    # float32 on the same weights: greedy outputs should agree for nearly every request
+    assert res["greedy_exact_match_fraction"] >= 0.5
