@@ -3,7 +3,7 @@
 Why C: on CPU, attention over a paged cache in plain torch must first gather every
 request's K/V into a padded tensor, and the SDPA kernels are slow for decode-shaped
 problems (a few query rows per KV head). The kernel in csrc/ reads K/V in place through
-the block table, once per KV head. It needs only a C compiler with OpenMP (gcc); without
+the block table, each token's K and V row once. It needs only a C compiler with OpenMP (gcc); without
 one, `load()` returns None and the engine keeps the torch path. The shared object is
 cached per source hash and CPU, and shares torch's OpenMP runtime (and thread count).
 """
@@ -95,11 +95,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         num_rows, num_heads, kv_cache.shape[2], head_dim, block_size, scale,
     )
     if rc != 0:
-        raise ValueError(f"C attention kernel supports up to 16 query heads per KV head and "
-                         f"head_dim <= 256, got {num_heads // kv_cache.shape[2]} and {head_dim}")
+        raise ValueError(f"C attention kernel supports up to 64 heads and 4096 K/V values per "
+                         f"token, got {num_heads} heads and {kv_cache.shape[2] * head_dim}")
     return out
 
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    return (dtype in _FUNCTIONS and num_heads // num_kv_heads <= 16 and head_dim <= 256
-            and load() is not None)
+    return (dtype in _FUNCTIONS and num_heads <= 64 and num_kv_heads * head_dim <= 4096
+            and num_heads * head_dim <= 8192 and load() is not None)
