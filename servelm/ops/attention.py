@@ -38,7 +38,7 @@ class DecodeGroup:
     num: int  # rows in the group
     block_index: torch.Tensor  # [num * max_blocks] cache blocks to read, row-major
     context_lens: torch.Tensor  # [num] tokens each row attends to
-    mask: torch.Tensor  # [num, 1, 1, max_blocks * block_size] additive: 0 or -inf
+    mask: torch.Tensor | None  # [num, 1, 1, max_blocks * block_size] additive: 0 or -inf
 
 
 @dataclass
@@ -92,6 +92,8 @@ class TorchPagedAttention:
     kernels run several times faster. Prefill chunks run one SDPA each: causal over the fresh K/V when
     nothing is cached yet, otherwise over the gathered context with an offset causal mask.
     """
+
+    pads_decodes = True  # decode groups are padded to their longest context
 
     def __init__(self) -> None:
         self._k_ws = torch.empty(0)
@@ -160,6 +162,8 @@ class CPUKernelPagedAttention(TorchPagedAttention):
     """Decodes through the C kernel (ops/csrc), which reads K/V in place via the block
     table: no gather, no padding. Prefill chunks stay on SDPA, whose GEMM-based kernel is
     faster when many query rows share one context."""
+
+    pads_decodes = False
 
     def _decode(self, q, kv_cache, g, block_size, scale):
         tables = g.block_index.view(g.num, -1)

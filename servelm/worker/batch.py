@@ -42,16 +42,17 @@ def _split_by_length(lengths: list[int]) -> list[int]:
 
 
 def _decode_group(start: int, pos: torch.Tensor, tables: list[list[int]], block_size: int,
-                  dtype: torch.dtype) -> DecodeGroup:
+                  dtype: torch.dtype, with_mask: bool) -> DecodeGroup:
     d = len(tables)
     max_blocks = max(len(bt) for bt in tables)
     table = torch.zeros(d, max_blocks, dtype=torch.long)
     for row, bt in enumerate(tables):
         table[row, : len(bt)] = torch.tensor(bt, dtype=torch.long)
-    max_len = max_blocks * block_size
-    # An additive mask in the model dtype: CPU SDPA converts a bool mask on every call.
-    beyond = (torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)).view(d, 1, 1, max_len)
-    mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond, float("-inf"))
+    mask = None
+    if with_mask:  # additive, in the model dtype: CPU SDPA converts a bool mask on every call
+        max_len = max_blocks * block_size
+        beyond = (torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)).view(d, 1, 1, max_len)
+        mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond, float("-inf"))
     return DecodeGroup(start, d, table.reshape(-1), pos + 1, mask)
 
 
@@ -61,7 +62,10 @@ def build_step_batch(
     block_tables: list[list[int]],
     block_size: int,
     dtype: torch.dtype,
+    split_decodes: bool = True,
 ) -> StepBatch:
+    """`split_decodes`: group decodes by context length and build padding masks (for
+    backends that pad each group to its longest context); False: one group, no mask."""
     decodes = sorted((i for i, n in enumerate(num_new) if n == 1), key=lambda i: requests[i].num_computed_tokens)
     prefills = [i for i, n in enumerate(num_new) if n != 1]
     order = decodes + prefills
@@ -77,9 +81,10 @@ def build_step_batch(
         pos = torch.tensor(starts, dtype=torch.long)
         positions.append(pos)
         first = 0
-        for size in _split_by_length(starts):
+        for size in _split_by_length(starts) if split_decodes else [len(decodes)]:
             rows = slice(first, first + size)
-            group = _decode_group(first, pos[rows], [block_tables[i] for i in decodes[rows]], block_size, dtype)
+            group = _decode_group(first, pos[rows], [block_tables[i] for i in decodes[rows]], block_size,
+                                  dtype, split_decodes)
             table = group.block_index.view(size, -1)
             slots.append(table[torch.arange(size), pos[rows] // block_size] * block_size + pos[rows] % block_size)
             decode_groups.append(group)

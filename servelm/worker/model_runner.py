@@ -68,7 +68,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:
-        batch = build_step_batch(requests, num_new, block_tables, self.block_size, self.dtype)
+        batch = build_step_batch(requests, num_new, block_tables, self.block_size, self.dtype,
+                                 split_decodes=self.attention.pads_decodes)
         with attention_context(batch.attn):
             hidden = self.model(batch.input_ids, batch.positions)
 
