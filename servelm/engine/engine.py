@@ -145,23 +145,24 @@ class LLMEngine:
             token = result.sampled[i]
             if token is None:
                 continue
+            group = self._seq_to_group[req.request_id]
+            touched[group.request_id] = group
             if req.first_token_time is None:
                 req.first_token_time = now
-                self._counters["prompt_tokens_total"] += req.num_prompt_tokens
+                if req is group.seqs[0]:  # n samples share one prompt
+                    self._counters["prompt_tokens_total"] += req.num_prompt_tokens
             req.append_token(token)
             self._counters["generation_tokens_total"] += 1
             if result.logprobs[i] is not None:
                 req.logprobs.append(result.logprobs[i])
                 req.cumulative_logprob += result.logprobs[i][token].logprob
-            stop_str = req.detokenizer.update([token])
-            if stop_str is not None:
-                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-            else:
-                req.check_stop()
+            req.check_stop()
+            if req.status is not RequestStatus.FINISHED_STOPPED:  # a stop token adds no text
+                stop_str = req.detokenizer.update([token])
+                if stop_str is not None:
+                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
             if req.is_finished:
                 self.scheduler.finish(req, req.status)
-            group = self._seq_to_group[req.request_id]
-            touched[group.request_id] = group
         outputs = []
         for group in touched.values():
             if group.finished:

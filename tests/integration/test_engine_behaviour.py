@@ -68,6 +68,11 @@ def test_eos_ends_generation_unless_ignored(tiny_model_dir, make_llm):
                            use_tqdm=False)[0].outputs[0]
     assert stopped.token_ids == base.token_ids[: base.token_ids.index(eos) + 1]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == eos
+    # The stop token's own text never reaches the output, even with special tokens kept.
+    raw = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=12, skip_special_tokens=False),
+                       use_tqdm=False)[0].outputs[0]
+    tok = llm.get_tokenizer()
+    assert raw.text == tok.decode(raw.token_ids[:-1], skip_special_tokens=False)
     ignored = llm.generate("Hello there", greedy(max_tokens=12), use_tqdm=False)[0].outputs[0]
     assert ignored.token_ids == base.token_ids
 
