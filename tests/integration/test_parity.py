@@ -105,3 +105,18 @@ def test_bfloat16_runs_close_to_transformers(tiny_model_dir, make_llm):
         assert out.outputs[0].token_ids[:2] == ref_tokens[:2]
         lp = out.outputs[0].logprobs[0][ref_tokens[0]].logprob
         assert abs(lp - ref_lps[0]) < 0.1
+
+
+def test_torch_attention_fallback_matches_transformers(tiny_model_dir, make_llm, monkeypatch):
+    """The plain-torch backend (used when no C compiler is available) is exact too."""
+    from servelm.ops import attention
+
+    monkeypatch.setattr(attention.cpu_kernels, "supports", lambda *a, **k: False)
+    path = tiny_model_dir("qwen2")
+    llm = make_llm(path, block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8)
+    assert type(llm.engine.runner.attention) is attention.TorchPagedAttention
+    prompts = random_prompts(llm.engine.arch.vocab_size, PROMPT_LENS)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    check_against(outputs, hf_reference(path, prompts, MAX_TOKENS), lp_tol=1e-4)
+    assert llm.get_metrics()["num_preemptions"] > 0
