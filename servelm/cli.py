@@ -103,6 +103,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from servelm.config import EngineConfig
+    from servelm.engine.async_engine import AsyncLLM
+    from servelm.model.default_model import DEFAULT_MODEL_NAME
+    from servelm.server.app import build_app
+
+    model = args.model_path or args.model
+    llm = AsyncLLM(EngineConfig(model=model, **engine_kwargs(args)))
+    name = args.served_model_name or (model or DEFAULT_MODEL_NAME)
+    print(f"servelm serving {name!r} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servelm", description="Serve and run language models.")
     parser.add_argument("--log-level", default="WARNING")
@@ -120,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model_path", nargs="?", default=None, help="same as --model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from servelm.bench.cli import add_bench_parser
 

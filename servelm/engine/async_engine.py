@@ -1,0 +1,112 @@
+"""AsyncLLM: one background thread drives `LLMEngine.step()`; callers get async streams.
+
+The engine is single-threaded by design, so a lock serializes `add_request`/`abort_request`
+from the event loop against `step()` in the worker thread. Outputs are handed back to each
+request's asyncio queue with `call_soon_threadsafe`. A step that raises fails the requests
+in flight (with the error) and the loop keeps serving new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from servelm.config import EngineConfig
+from servelm.engine.engine import LLMEngine, PromptInput
+from servelm.outputs import RequestOutput
+from servelm.sampling_params import SamplingParams
+
+logger = logging.getLogger("servelm")
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while this request was in flight."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="servelm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(self, request_id: str, prompt: PromptInput,
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields a RequestOutput whenever the request makes progress; the last is finished.
+        Leaving the iteration early (client gone, task cancelled) aborts the request."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self.engine.add_request(request_id, prompt, params, stream=True)  # may raise ValueError
+            self._streams[request_id] = stream
+        self._wakeup.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            with self._lock:
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # fail what was in flight, keep the loop alive
+                    logger.exception("engine step failed")
+                    self._fail_all(exc)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"))
+            self._streams.pop(request_id, None)

@@ -1,0 +1,212 @@
+"""The OpenAI-compatible HTTP API over AsyncLLM (FastAPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from servelm import __version__
+from servelm.engine.async_engine import AsyncLLM
+from servelm.outputs import CompletionOutput, RequestOutput
+from servelm.server.protocol import ChatCompletionRequest, CompletionRequest
+from servelm.server.responses import chat_logprobs, completion_logprobs, usage
+
+
+def error(status: int, message: str, err_type: str = "invalid_request_error",
+          param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={
+        "error": {"message": message, "type": err_type, "param": param, "code": None}})
+
+
+def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
+    app = FastAPI(title="servelm", version=__version__)
+    tok = llm.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None)
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        return error(400, str(exc))
+
+    def check_model(name: str | None) -> JSONResponse | None:
+        if name is not None and name != served_model_name:
+            return error(404, f"model {name!r} does not exist; this server serves {served_model_name!r}",
+                         err_type="not_found_error", param="model")
+        return None
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": served_model_name, "object": "model", "created": 0, "owned_by": "servelm",
+            "max_model_len": llm.engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        rid = llm.new_request_id("cmpl")
+        prompts = body.prompts()
+        streams = [llm.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()),
+                "model": served_model_name}
+        if body.stream:
+            return _sse(_stream_completions(streams, base, body, params.n))
+        finals = await _collect(streams)
+        choices = []
+        for pi, out in enumerate(finals):
+            prefix = _prompt_text(out, tok) if body.echo else ""
+            for c in out.outputs:
+                choices.append({"index": pi * params.n + c.index, "text": prefix + c.text,
+                                "logprobs": (completion_logprobs(c, tok, body.logprobs)
+                                             if body.logprobs is not None else None),
+                                "finish_reason": c.finish_reason})
+        return {**base, "choices": choices, "usage": usage(finals)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        if (bad := check_model(body.model)) is not None:
+            return bad
+        if not tok.chat_template:
+            return error(400, "this model has no chat template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
+        rid = llm.new_request_id("chatcmpl")
+        streams = [llm.generate(rid, {"prompt_token_ids": ids}, params)]
+        base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                "model": served_model_name}
+        if body.stream:
+            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body))
+        out = (await _collect(streams))[0]
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c, tok, k) if body.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in out.outputs]
+        return {**base, "choices": choices, "usage": usage([out])}
+
+    return app
+
+
+def _prompt_text(out: RequestOutput, tok) -> str:
+    return out.prompt if out.prompt is not None else tok.decode(out.prompt_token_ids)
+
+
+async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        final = None
+        async for out in stream:
+            final = out
+        return final
+
+    tasks = [asyncio.ensure_future(last(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as their outputs arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as exc:  # surface in the consumer
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _choice_deltas(out: RequestOutput, reported: set[int]) -> list[tuple[CompletionOutput, bool]]:
+    """Completions with new text or a new finish; marks finishes as reported."""
+    result = []
+    for c in out.outputs:
+        newly_finished = c.finished and c.index not in reported
+        if newly_finished:
+            reported.add(c.index)
+        if c.delta_text or newly_finished:
+            result.append((c, newly_finished))
+    return result
+
+
+async def _stream_completions(streams, base: dict, body: CompletionRequest, n: int):
+    reported: dict[int, set[int]] = {}
+    finals: dict[int, RequestOutput] = {}
+    echoed: set[int] = set()
+    async for pi, out in _merge(streams):
+        for c, finished in _choice_deltas(out, reported.setdefault(pi, set())):
+            text = c.delta_text
+            if body.echo and (pi, c.index) not in echoed:
+                echoed.add((pi, c.index))
+                text = out.prompt + text if out.prompt is not None else text
+            yield {**base, "choices": [{"index": pi * n + c.index, "text": text, "logprobs": None,
+                                        "finish_reason": c.finish_reason if finished else None}]}
+        if out.finished:
+            finals[pi] = out
+    if body.include_usage:
+        yield {**base, "choices": [], "usage": usage(list(finals.values()))}
+
+
+async def _stream_chat(stream, base: dict, body: ChatCompletionRequest):
+    reported: set[int] = set()
+    started: set[int] = set()
+    final = None
+    async for out in stream:
+        for c, finished in _choice_deltas(out, reported):
+            delta: dict[str, Any] = {"content": c.delta_text} if c.delta_text else {}
+            if c.index not in started:
+                started.add(c.index)
+                delta = {"role": "assistant", **delta}
+            yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                        "finish_reason": c.finish_reason if finished else None}]}
+        final = out
+    if body.include_usage and final is not None:
+        yield {**base, "choices": [], "usage": usage([final])}

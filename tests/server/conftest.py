@@ -1,0 +1,52 @@
+"""A live servelm HTTP server on a tiny model, on a free 127.0.0.1 port, per test module."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from servelm.config import EngineConfig
+from servelm.engine.async_engine import AsyncLLM
+from servelm.server.app import build_app
+
+MODEL_NAME = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir) -> Iterator[tuple[str, AsyncLLM]]:
+    llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4, num_kv_blocks=256,
+                                max_num_batched_tokens=64))
+    port = free_port()
+    config = uvicorn.Config(build_app(llm, MODEL_NAME), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    yield url, llm
+    srv.should_exit = True
+    thread.join(timeout=10)
+    llm.shutdown()
+    kv = llm.engine.kv
+    kv.check_invariants()
+    assert kv.num_free_blocks == kv.num_blocks
