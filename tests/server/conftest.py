@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import uvicorn
@@ -16,7 +17,12 @@ from servelm.config import EngineConfig
 from servelm.engine.async_engine import AsyncLLM
 from servelm.server.app import build_app
 
-MODEL_NAME = "tiny"
+
+@dataclass
+class LiveServer:
+    url: str
+    llm: AsyncLLM
+    model: str = "tiny"
 
 
 def free_port() -> int:
@@ -26,11 +32,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir) -> Iterator[tuple[str, AsyncLLM]]:
+def server(tiny_model_dir) -> Iterator[LiveServer]:
     llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4, num_kv_blocks=256,
                                 max_num_batched_tokens=64))
     port = free_port()
-    config = uvicorn.Config(build_app(llm, MODEL_NAME), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(build_app(llm, LiveServer.model), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -43,7 +49,7 @@ def server(tiny_model_dir) -> Iterator[tuple[str, AsyncLLM]]:
                     break
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.1)
-    yield url, llm
+    yield LiveServer(url, llm)
     srv.should_exit = True
     thread.join(timeout=10)
     llm.shutdown()

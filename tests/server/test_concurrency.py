@@ -8,13 +8,11 @@ import time
 
 import openai
 
-from conftest import MODEL_NAME  # noqa: I001
-
 
 async def _client_run(client: openai.AsyncOpenAI, i: int, disconnect: bool) -> tuple[str, str | None]:
     # Clients that hang up ask for far more tokens than they wait for, so only an abort
     # can free their blocks before the end of the test.
-    stream = await client.completions.create(model=MODEL_NAME, prompt=f"Story {i}:",
+    stream = await client.completions.create(model="tiny", prompt=f"Story {i}:",
                                              max_tokens=400 if disconnect else 24,
                                              temperature=0.8, seed=i, stream=True,
                                              extra_body={"ignore_eos": True})
@@ -30,14 +28,14 @@ async def _client_run(client: openai.AsyncOpenAI, i: int, disconnect: bool) -> t
 
 
 def test_concurrent_streams_with_disconnects(server):
-    url, llm = server
+    url, llm = server.url, server.llm
 
     async def main():
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         jobs = [_client_run(client, i, disconnect=(i % 3 == 0)) for i in range(64)]
         results = await asyncio.gather(*jobs)
         expected = await asyncio.gather(*[
-            client.completions.create(model=MODEL_NAME, prompt=f"Story {i}:", max_tokens=24,
+            client.completions.create(model="tiny", prompt=f"Story {i}:", max_tokens=24,
                                       temperature=0.8, seed=i, extra_body={"ignore_eos": True})
             for i in range(64) if i % 3])
         await client.close()

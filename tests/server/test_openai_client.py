@@ -8,28 +8,27 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import MODEL_NAME  # noqa: I001  (tests/server/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    url, _ = server
+    url = server.url
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 def test_models_and_health(client):
-    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
 def test_completion_non_streaming(client):
-    r = client.completions.create(model=MODEL_NAME, prompt="Once upon", max_tokens=8, temperature=0,
+    r = client.completions.create(model="tiny", prompt="Once upon", max_tokens=8, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
 
 
 def test_streamed_text_equals_non_streamed(client):
-    kw = dict(model=MODEL_NAME, prompt="The cat sat", max_tokens=12, temperature=0.9, seed=3)
+    kw = dict(model="tiny", prompt="The cat sat", max_tokens=12, temperature=0.9, seed=3)
     full = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full
@@ -38,10 +37,10 @@ def test_streamed_text_equals_non_streamed(client):
 
 def test_chat_streaming_and_not(client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
-    r = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=10, seed=1)
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=1)
     text = r.choices[0].message.content
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens > 0
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=10, seed=1,
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, seed=1,
                                             stream=True)
     parts = list(stream)
     assert parts[0].choices[0].delta.role == "assistant"
@@ -50,7 +49,7 @@ def test_chat_streaming_and_not(client):
 
 
 def test_n_and_seed_reproducible(client):
-    kw = dict(model=MODEL_NAME, prompt="Dogs", max_tokens=8, n=3, temperature=1.0, seed=42)
+    kw = dict(model="tiny", prompt="Dogs", max_tokens=8, n=3, temperature=1.0, seed=42)
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
@@ -58,22 +57,22 @@ def test_n_and_seed_reproducible(client):
 
 
 def test_stop_string(client):
-    base = client.completions.create(model=MODEL_NAME, prompt="Birds", max_tokens=16, temperature=0,
+    base = client.completions.create(model="tiny", prompt="Birds", max_tokens=16, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
     stop = base[4:7]
-    r = client.completions.create(model=MODEL_NAME, prompt="Birds", max_tokens=16, temperature=0,
+    r = client.completions.create(model="tiny", prompt="Birds", max_tokens=16, temperature=0,
                                   stop=[stop], extra_body={"ignore_eos": True})
     assert r.choices[0].text == base[: base.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def test_logprobs(client):
-    r = client.completions.create(model=MODEL_NAME, prompt="Fish", max_tokens=4, temperature=0, logprobs=2,
+    r = client.completions.create(model="tiny", prompt="Fish", max_tokens=4, temperature=0, logprobs=2,
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(lp.tokens) == 4
     assert all(len(t) == 2 for t in lp.top_logprobs)
     assert all(v <= 0 for v in lp.token_logprobs)
-    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                           max_tokens=3, logprobs=True, top_logprobs=2,
                                           extra_body={"ignore_eos": True})
     assert all(len(c.top_logprobs) == 2 for c in chat.choices[0].logprobs.content)
@@ -91,16 +90,16 @@ def _post(url: str, body: bytes | dict) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("body, status, words", [
     (b"{not json", 400, ""),
-    ({"model": MODEL_NAME, "prompt": 5}, 400, "prompt"),
-    ({"model": MODEL_NAME, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ({"model": MODEL_NAME, "prompt": "x", "temperature": 7}, 400, "temperature"),
-    ({"model": MODEL_NAME, "prompt": "x", "n": 100000}, 400, "n"),
-    ({"model": MODEL_NAME, "prompt": [1, 10**7]}, 400, "token ids"),
-    ({"model": MODEL_NAME, "prompt": "x " * 5000}, 400, "context window"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": 7}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "n": 100000}, 400, "n"),
+    ({"model": "tiny", "prompt": [1, 10**7]}, 400, "token ids"),
+    ({"model": "tiny", "prompt": "x " * 5000}, 400, "context window"),
     ({"model": "nope", "prompt": "x"}, 404, "nope"),
 ])
 def test_bad_completion_requests(server, body, status, words):
-    url, _ = server
+    url = server.url
     code, payload = _post(url + "/v1/completions", body)
     assert code == status
     assert set(payload["error"]) == {"message", "type", "param", "code"}
@@ -109,6 +108,6 @@ def test_bad_completion_requests(server, body, status, words):
 
 
 def test_empty_messages_rejected(server):
-    url, _ = server
-    code, payload = _post(url + "/v1/chat/completions", {"model": MODEL_NAME, "messages": []})
+    url = server.url
+    code, payload = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": []})
     assert code == 400 and "messages" in payload["error"]["message"]
