@@ -110,13 +110,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from servelm.engine.async_engine import AsyncLLM
     from servelm.model.default_model import DEFAULT_MODEL_NAME
     from servelm.server.app import build_app
+    from servelm.server.guards import ServerOptions
 
     model = args.model_path or args.model
     llm = AsyncLLM(EngineConfig(model=model, **engine_kwargs(args)))
     name = args.served_model_name or (model or DEFAULT_MODEL_NAME)
     print(f"servelm serving {name!r} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(build_app(llm, name), host=args.host, port=args.port, log_level="warning")
+        options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                                max_num_waiting=args.max_num_waiting)
+        uvicorn.run(build_app(llm, name, options), host=args.host, port=args.port, log_level="warning")
     finally:
         llm.shutdown()
     return 0
@@ -145,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--max-num-waiting", type=int, default=1024, help="queue bound; beyond it 503")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies get 413")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

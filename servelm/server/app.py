@@ -15,18 +15,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from servelm import __version__
 from servelm.engine.async_engine import AsyncLLM
 from servelm.outputs import CompletionOutput, RequestOutput
-from servelm.server.protocol import ChatCompletionRequest, CompletionRequest
+from servelm.server.guards import ServerOptions, error, install_guards, overloaded
+from servelm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from servelm.server.responses import chat_logprobs, completion_logprobs, usage
 
 
-def error(status: int, message: str, err_type: str = "invalid_request_error",
-          param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": err_type, "param": param, "code": None}})
-
-
-def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
+def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
     app = FastAPI(title="servelm", version=__version__)
+    install_guards(app, options)
     tok = llm.tokenizer
 
     @app.exception_handler(RequestValidationError)
@@ -43,7 +45,27 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
         if name is not None and name != served_model_name:
             return error(404, f"model {name!r} does not exist; this server serves {served_model_name!r}",
                          err_type="not_found_error", param="model")
-        return None
+        return overloaded(len(llm.engine.scheduler.waiting), options)
+
+    def chat_prompt_ids(messages) -> list[int]:
+        if not tok.chat_template:
+            raise ValueError("messages: this model has no chat template")
+        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        ids = chat_prompt_ids(body.messages) if body.messages else tok.encode(body.prompt or "")
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        vocab = llm.engine.arch.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"tokens must be integers in [0, {vocab}), got {bad[0]}")
+        return {"prompt": tok.decode(body.tokens)}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -86,11 +108,7 @@ def build_app(llm: AsyncLLM, served_model_name: str) -> FastAPI:
     async def chat(body: ChatCompletionRequest):
         if (bad := check_model(body.model)) is not None:
             return bad
-        if not tok.chat_template:
-            return error(400, "this model has no chat template", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = chat_prompt_ids(body.messages)
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
         rid = llm.new_request_id("chatcmpl")

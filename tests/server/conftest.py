@@ -7,7 +7,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +15,7 @@ import uvicorn
 from servelm.config import EngineConfig
 from servelm.engine.async_engine import AsyncLLM
 from servelm.server.app import build_app
+from servelm.server.guards import ServerOptions
 
 
 @dataclass
@@ -31,12 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir) -> Iterator[LiveServer]:
-    llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4, num_kv_blocks=256,
-                                max_num_batched_tokens=64))
+def start_server(llm: AsyncLLM, options: ServerOptions | None = None) -> tuple[LiveServer, uvicorn.Server, threading.Thread]:
     port = free_port()
-    config = uvicorn.Config(build_app(llm, LiveServer.model), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(build_app(llm, LiveServer.model, options), host="127.0.0.1", port=port,
+                            log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -49,10 +47,31 @@ def server(tiny_model_dir) -> Iterator[LiveServer]:
                     break
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.1)
-    yield LiveServer(url, llm)
-    srv.should_exit = True
-    thread.join(timeout=10)
-    llm.shutdown()
-    kv = llm.engine.kv
-    kv.check_invariants()
-    assert kv.num_free_blocks == kv.num_blocks
+    return LiveServer(url, llm), srv, thread
+
+
+@pytest.fixture(scope="module")
+def make_server(tiny_model_dir):
+    """Factory: `make_server(ServerOptions(...))` -> LiveServer; all stopped and checked after."""
+    running = []
+
+    def make(options: ServerOptions | None = None) -> LiveServer:
+        llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
+                                    num_kv_blocks=256, max_num_batched_tokens=64))
+        live, srv, thread = start_server(llm, options)
+        running.append((live, srv, thread))
+        return live
+
+    yield make
+    for live, srv, thread in running:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        live.llm.shutdown()
+        kv = live.llm.engine.kv
+        kv.check_invariants()
+        assert kv.num_free_blocks == kv.num_blocks
+
+
+@pytest.fixture(scope="module")
+def server(make_server) -> LiveServer:
+    return make_server()

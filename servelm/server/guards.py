@@ -1,0 +1,47 @@
+"""Edges of the HTTP server: API-key auth, body size limit, and admission control."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class ServerOptions:
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 2**20
+    max_num_waiting: int = 1024  # queued requests beyond this get 503 + Retry-After
+
+
+def error(status: int, message: str, err_type: str = "invalid_request_error",
+          param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error body."""
+    return JSONResponse(status_code=status, headers=headers, content={
+        "error": {"message": message, "type": err_type, "param": param, "code": None}})
+
+
+def install_guards(app: FastAPI, options: ServerOptions) -> None:
+    expected = f"Bearer {options.api_key}".encode() if options.api_key else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if expected is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time
+                return error(401, "invalid or missing API key (Authorization: Bearer ...)",
+                             err_type="authentication_error")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
+            return error(413, f"request body of {length} bytes exceeds the limit of "
+                              f"{options.max_body_bytes} bytes")
+        return await call_next(request)
+
+
+def overloaded(num_waiting: int, options: ServerOptions) -> JSONResponse | None:
+    if num_waiting >= options.max_num_waiting:
+        return error(503, f"server overloaded: {num_waiting} requests waiting; retry later",
+                     err_type="server_overloaded", headers={"Retry-After": "1"})
+    return None

@@ -1,0 +1,52 @@
+"""Auth, body limits, admission control, tokenize/detokenize."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from servelm.server.guards import ServerOptions
+
+
+def post(url: str, body: dict | bytes, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+
+def test_api_key(make_server):
+    live = make_server(ServerOptions(api_key="s3cret"))
+    good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+    assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+    bad = openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    code, payload, _ = post(live.url + "/v1/completions", {"prompt": "hi"})
+    assert code == 401 and payload["error"]["type"] == "authentication_error"
+
+
+def test_oversize_body_and_overload(make_server):
+    live = make_server(ServerOptions(max_body_bytes=2000, max_num_waiting=0))
+    code, payload, _ = post(live.url + "/v1/completions", {"prompt": "x" * 5000})
+    assert code == 413 and "2000" in payload["error"]["message"]
+    code, payload, headers = post(live.url + "/v1/completions", {"prompt": "hi"})
+    assert code == 503 and headers.get("retry-after") == "1"
+
+
+def test_tokenize_roundtrip(server):
+    code, payload, _ = post(server.url + "/tokenize", {"prompt": "hello world"})
+    assert code == 200 and payload["count"] == len(payload["tokens"]) > 0
+    code, back, _ = post(server.url + "/detokenize", {"tokens": payload["tokens"]})
+    assert code == 200 and back["prompt"] == "hello world"
+    code, chat, _ = post(server.url + "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert code == 200 and chat["count"] > payload["count"] - 2
+    code, err, _ = post(server.url + "/detokenize", {"tokens": [10**9]})
+    assert code == 400 and "tokens" in err["error"]["message"]
