@@ -104,7 +104,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
+
+    class _GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process
+        would die by the signal; a server that shut down cleanly should exit 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
 
     from servelm.config import EngineConfig
     from servelm.engine.async_engine import AsyncLLM
@@ -119,7 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                                 max_num_waiting=args.max_num_waiting)
-        uvicorn.run(build_app(llm, name, options), host=args.host, port=args.port, log_level="warning")
+        # uvicorn stops accepting on SIGTERM/SIGINT and gives in-flight requests
+        # --shutdown-timeout seconds before closing them; their streams then abort.
+        logging.getLogger("servelm").setLevel(logging.INFO)
+        config = uvicorn.Config(build_app(llm, name, options), host=args.host, port=args.port,
+                                log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout)
+        _GracefulServer(config).run()
     finally:
         llm.shutdown()
     return 0
@@ -151,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--max-num-waiting", type=int, default=1024, help="queue bound; beyond it 503")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

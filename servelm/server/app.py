@@ -10,12 +10,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from servelm import __version__
 from servelm.engine.async_engine import AsyncLLM
 from servelm.outputs import CompletionOutput, RequestOutput
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
+from servelm.server.metrics import ServerMetrics
 from servelm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,6 +31,14 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
     app = FastAPI(title="servelm", version=__version__)
     install_guards(app, options)
     tok = llm.tokenizer
+    metrics = ServerMetrics(llm.engine)
+
+    def generate(request_id: str, prompt, params):
+        return metrics.observe(llm.generate(request_id, prompt, params))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,7 +97,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         params = body.sampling_params(body.max_tokens, body.logprobs)
         rid = llm.new_request_id("cmpl")
         prompts = body.prompts()
-        streams = [llm.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+        streams = [generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
         base = {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": served_model_name}
         if body.stream:
@@ -112,7 +121,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
         rid = llm.new_request_id("chatcmpl")
-        streams = [llm.generate(rid, {"prompt_token_ids": ids}, params)]
+        streams = [generate(rid, {"prompt_token_ids": ids}, params)]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": served_model_name}
         if body.stream:

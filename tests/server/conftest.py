@@ -72,6 +72,11 @@ def make_server(tiny_model_dir):
         assert kv.num_free_blocks == kv.num_blocks
 
 
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
 @pytest.fixture(scope="module")
 def server(make_server) -> LiveServer:
     return make_server()

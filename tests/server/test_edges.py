@@ -50,3 +50,21 @@ def test_tokenize_roundtrip(server):
     assert code == 200 and chat["count"] > payload["count"] - 2
     code, err, _ = post(server.url + "/detokenize", {"tokens": [10**9]})
     assert code == 400 and "tokens" in err["error"]["message"]
+
+
+def test_prometheus_metrics(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client.completions.create(model="tiny", prompt="count me", max_tokens=3, extra_body={"ignore_eos": True})
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    for name in ("servelm:num_requests_running", "servelm:num_requests_waiting",
+                 "servelm:kv_cache_usage_perc", "servelm:prompt_tokens_total",
+                 "servelm:generation_tokens_total", "servelm:num_preemptions_total",
+                 "servelm:time_to_first_token_seconds_count", "servelm:inter_token_latency_seconds_count",
+                 "servelm:e2e_request_latency_seconds_count", "servelm:request_queue_time_seconds_count"):
+        assert name in values, name
+    assert values["servelm:generation_tokens_total"] >= 3
+    assert 0 <= values["servelm:kv_cache_usage_perc"] <= 1
+    assert values["servelm:e2e_request_latency_seconds_count"] >= 1

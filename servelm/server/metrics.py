@@ -1,0 +1,85 @@
+"""Prometheus metrics, named like vLLM's with a `servelm:` prefix.
+
+Engine state (queue sizes, KV usage, token counters) is read at scrape time by a custom
+collector, so the engine loop does no metrics work; latency histograms are observed by the
+server as each request's stream progresses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from servelm.engine.engine import LLMEngine
+from servelm.outputs import RequestOutput
+
+logger = logging.getLogger("servelm.server")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                    20.48, 40.96, 81.92)
+
+
+class _EngineCollector:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        m = self.engine.get_metrics()
+        for name, key, doc in (
+            ("servelm:num_requests_running", "num_requests_running", "Sequences in the running batch."),
+            ("servelm:num_requests_waiting", "num_requests_waiting", "Sequences waiting to be scheduled."),
+            ("servelm:kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=m[key])
+        for name, key, doc in (
+            ("servelm:prompt_tokens", "prompt_tokens_total", "Prompt tokens processed."),
+            ("servelm:generation_tokens", "generation_tokens_total", "Tokens generated."),
+            ("servelm:num_preemptions", "num_preemptions", "Sequences preempted."),
+        ):
+            yield CounterMetricFamily(name, doc, value=m[key])
+
+
+class ServerMetrics:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self.ttft = hist("servelm:time_to_first_token_seconds", "Time to first token.")
+        self.itl = hist("servelm:inter_token_latency_seconds", "Time between streamed outputs.")
+        self.e2e = hist("servelm:e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue = hist("servelm:request_queue_time_seconds", "Arrival to first scheduled.")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def observe(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass a request's outputs through, recording its latencies and logging one line
+        when it finishes."""
+        start = time.monotonic()
+        last = None
+        try:
+            async for out in stream:
+                now = time.monotonic()
+                if last is None:
+                    self.ttft.observe(now - start)
+                else:
+                    self.itl.observe(now - last)
+                last = now
+                if out.finished:
+                    self.e2e.observe(now - start)
+                    m = out.metrics
+                    if m is not None and m.first_scheduled_time is not None:
+                        self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+                    logger.info("%s prompt=%d generated=%d latency=%.3fs", out.request_id,
+                                len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
+                                now - start)
+                yield out
+        finally:
+            await stream.aclose()  # a client that left aborts its request now, not at GC
