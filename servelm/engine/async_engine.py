@@ -67,6 +67,8 @@ class AsyncLLM:
                 if isinstance(item, Exception):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise EngineStepError(f"request failed: {item.error}")
                 yield item
         finally:
             if not finished:

@@ -33,6 +33,7 @@ class _Group:
     prompt: str | None
     seqs: list[Request]
     stream: bool
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -147,20 +148,15 @@ class LLMEngine:
                 continue
             group = self._seq_to_group[req.request_id]
             touched[group.request_id] = group
-            if req.first_token_time is None:
-                req.first_token_time = now
-                if req is group.seqs[0]:  # n samples share one prompt
-                    self._counters["prompt_tokens_total"] += req.num_prompt_tokens
-            req.append_token(token)
-            self._counters["generation_tokens_total"] += 1
-            if result.logprobs[i] is not None:
-                req.logprobs.append(result.logprobs[i])
-                req.cumulative_logprob += result.logprobs[i][token].logprob
-            req.check_stop()
-            if req.status is not RequestStatus.FINISHED_STOPPED:  # a stop token adds no text
-                stop_str = req.detokenizer.update([token])
-                if stop_str is not None:
-                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+            try:
+                self._apply_token(req, group, token, result.logprobs[i], now)
+            except Exception as exc:  # fail this request only; the batch goes on
+                logger.exception("request %s failed", req.request_id)
+                group.error = f"{type(exc).__name__}: {exc}"
+                for seq in group.seqs:
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, RequestStatus.FINISHED_ERROR)
+                continue
             if req.is_finished:
                 self.scheduler.finish(req, req.status)
         outputs = []
@@ -171,6 +167,23 @@ class LLMEngine:
             elif group.stream:
                 outputs.append(self._make_output(group))
         return outputs
+
+    def _apply_token(self, req: Request, group: _Group, token: int, logprobs, now: float) -> None:
+        """Append a sampled token, detokenize it and decide whether the request is done."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+            if req is group.seqs[0]:  # n samples share one prompt
+                self._counters["prompt_tokens_total"] += req.num_prompt_tokens
+        req.append_token(token)
+        self._counters["generation_tokens_total"] += 1
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+            req.cumulative_logprob += logprobs[token].logprob
+        req.check_stop()
+        if req.status is not RequestStatus.FINISHED_STOPPED:  # a stop token adds no text
+            stop_str = req.detokenizer.update([token])
+            if stop_str is not None:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
 
     def _release(self, req: Request, status: RequestStatus) -> None:
         self.scheduler.finish(req, status)
@@ -187,7 +200,10 @@ class LLMEngine:
         completions = []
         for i, req in enumerate(group.seqs):
             # flush() releases held-back text and any bytes of an unfinished character.
-            delta = req.detokenizer.flush() if req.is_finished else req.detokenizer.get_delta()
+            if group.error is not None:
+                delta = ""  # the failure may be in the detokenizer itself
+            else:
+                delta = req.detokenizer.flush() if req.is_finished else req.detokenizer.get_delta()
             completions.append(CompletionOutput(
                 index=i,
                 text=req.detokenizer.output_text,
@@ -207,6 +223,7 @@ class LLMEngine:
             prompt_logprobs=first.prompt_logprobs,
             metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time,
                                    first.first_token_time, first.finished_time),
+            error=group.error,
         )
 
     # ---- introspection -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from servelm import __version__
-from servelm.engine.async_engine import AsyncLLM
+from servelm.engine.async_engine import AsyncLLM, EngineStepError
 from servelm.outputs import CompletionOutput, RequestOutput
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
@@ -45,6 +45,10 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None)
+
+    @app.exception_handler(EngineStepError)
+    async def _failed(_: Request, exc: EngineStepError) -> JSONResponse:
+        return error(500, str(exc), err_type="server_error")
 
     @app.exception_handler(ValueError)
     async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:

@@ -161,3 +161,23 @@ def test_sliding_window_caps_the_context(tiny_model_dir, make_llm):
     assert llm.engine.max_model_len == 48
     with pytest.raises(ValueError, match="exceeds the model's context length"):
         make_llm(tiny_model_dir("mistral", sliding_window=48), max_model_len=100)
+
+
+def test_a_failing_request_does_not_take_others_down(llm):
+    eng = llm.engine
+    eng.add_request("good", "hello world", greedy(max_tokens=6))
+    eng.add_request("bad", "goodbye world", greedy(max_tokens=6))
+    bad = eng._groups["bad"].seqs[0]
+
+    def explode(_tokens):
+        raise RuntimeError("detokenizer broke")
+
+    bad.detokenizer.update = explode
+    outputs = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            outputs[out.request_id] = out
+    assert outputs["bad"].error == "RuntimeError: detokenizer broke"
+    assert outputs["bad"].outputs[0].finish_reason == "error"
+    assert outputs["good"].error is None and len(outputs["good"].outputs[0].token_ids) == 6
+    assert llm.generate("after", greedy(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

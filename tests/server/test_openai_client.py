@@ -111,3 +111,12 @@ def test_empty_messages_rejected(server):
     url = server.url
     code, payload = _post(url + "/v1/chat/completions", {"model": "tiny", "messages": []})
     assert code == 400 and "messages" in payload["error"]["message"]
+
+
+def test_echo_and_unknown_fields(server):
+    code, payload = _post(server.url + "/v1/completions",
+                          {"model": "tiny", "prompt": "Echo me", "max_tokens": 3, "echo": True,
+                           "temperature": 0, "some_future_field": {"x": 1}, "user": "u1"})
+    assert code == 200
+    assert payload["choices"][0]["text"].startswith("Echo me")
+    assert payload["usage"]["completion_tokens"] <= 3
