@@ -281,8 +281,9 @@ def _save_atomically(tok: Any, target: Path) -> None:
             logger.warning("could not cache tokenizer at %s: %s", target, e)
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelArch, dict[str, torch.Tensor], Any]:
+def load_gguf(path: str | Path, dtype: torch.dtype) -> tuple[ModelArch, dict[str, torch.Tensor], Any]:
     """Read a GGUF file into (arch, HF-named weights, tokenizer)."""
+    path = Path(path)
     reader = open_gguf(path)
     arch = ModelArch.from_hf_config(gguf_config(reader, path))
     weights = load_gguf_weights(reader, arch, dtype, path)
