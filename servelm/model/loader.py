@@ -17,7 +17,7 @@ import torch
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import default_model_path
-from servelm.model.gguf_loader import load_gguf
+from servelm.model.gguf_loader import load_gguf, load_gguf_tokenizer, open_gguf
 from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
 
 if TYPE_CHECKING:
@@ -68,6 +68,18 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedM
     logger.info("loaded %s (%s, %d layers) in %.1fs", source, arch.family, arch.num_layers,
                 time.perf_counter() - start)
     return LoadedModel(arch=arch, weights=weights, tokenizer=tokenizer, source=str(source))
+
+
+def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of what `load_model(model)` would load (clients, benchmarks)."""
+    path = Path(default_model_path() if model is None else model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    path = path.resolve()
+    gguf = _gguf_in(path)
+    if gguf is not None:
+        return load_gguf_tokenizer(open_gguf(gguf), gguf)
+    return load_hf_tokenizer(path)
 
 
 def _gguf_in(path: Path) -> Path | None:

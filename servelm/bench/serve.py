@@ -1,0 +1,245 @@
+"""`servelm bench serve`: an online load generator for any OpenAI-compatible server.
+
+Conversations arrive by a gamma process at a fixed rate (burstiness 1 = Poisson; < 1 burstier,
+> 1 smoother), all at once (rate inf) or under a concurrency cap, each turn streamed and timed
+by serve_client. A comma-separated `--request-rate` sweeps rates in one run, which is how
+throughput-versus-latency curves and goodput under SLOs are made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import shlex
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servelm.bench.serve_client import Target, stream_request
+from servelm.bench.serve_datasets import (
+    Conversation,
+    DatasetOptions,
+    build_conversations,
+    render_messages,
+    render_prompt,
+)
+from servelm.bench.serve_metrics import RequestRecord, compute_metrics, metric_samples
+
+
+@dataclass
+class ServeConfig:
+    """Everything a run depends on (recorded in the result file)."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    endpoint: str = "/v1/completions"
+    model: str | None = None  # None: the first id the server lists
+    tokenizer: str | None = None  # None: --model if it is a local path, else servelm's default
+    api_key: str | None = None
+    dataset: DatasetOptions = field(default_factory=DatasetOptions)
+    request_rates: list[float] = field(default_factory=lambda: [math.inf])
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    max_duration_s: float | None = None
+    request_timeout_s: float = 600.0
+    goodput: dict[str, float] = field(default_factory=dict)
+    percentile_metrics: list[str] = field(default_factory=lambda: ["ttft", "tpot", "itl", "e2el"])
+    metric_percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
+    ignore_eos: bool = False
+    seed: int = 0
+    result_file: str | None = None
+    save_detailed: bool = False
+    plots: bool = True
+    quiet: bool = False
+
+
+def send_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Offsets (s) at which each of n conversations starts; the first starts at 0.
+
+    Gaps are gamma distributed with shape `burstiness` and mean 1/rate, as in vLLM.
+    """
+    if math.isinf(rate):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), size=n)
+    return [0.0, *np.cumsum(gaps[:-1]).tolist()] if n else []
+
+
+def validate(cfg: ServeConfig) -> None:
+    """Fail before any traffic, naming the flag at fault."""
+    if cfg.endpoint not in ("/v1/completions", "/v1/chat/completions"):
+        raise ValueError(f"--endpoint must be /v1/completions or /v1/chat/completions, "
+                         f"got {cfg.endpoint!r}")
+    if not cfg.base_url.startswith(("http://", "https://")):
+        raise ValueError(f"--base-url must start with http:// or https://, got {cfg.base_url!r}")
+    if not cfg.request_rates or any(not r > 0 for r in cfg.request_rates):
+        raise ValueError(f"--request-rate values must be > 0 (or inf), got {cfg.request_rates}")
+    if not cfg.burstiness > 0:
+        raise ValueError(f"--burstiness must be > 0, got {cfg.burstiness}")
+    if cfg.max_concurrency is not None and cfg.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {cfg.max_concurrency}")
+    if cfg.max_duration_s is not None and not cfg.max_duration_s > 0:
+        raise ValueError(f"--max-duration must be > 0 seconds, got {cfg.max_duration_s}")
+    if not cfg.request_timeout_s > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {cfg.request_timeout_s}")
+    if any(not 0 < p < 100 for p in cfg.metric_percentiles):
+        raise ValueError(f"--metric-percentiles must be in (0, 100), got {cfg.metric_percentiles}")
+    bad = [m for m in cfg.percentile_metrics if m not in ("ttft", "tpot", "itl", "e2el")]
+    if bad:
+        raise ValueError(f"--percentile-metrics: unknown {bad}; allowed ttft,tpot,itl,e2el")
+
+
+def first_model_id(base_url: str, api_key: str | None) -> str:
+    """The first model the server lists at /v1/models (what `--model` defaults to)."""
+    req = urllib.request.Request(base_url.rstrip("/") + "/v1/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = json.loads(resp.read())["data"]
+        return str(data[0]["id"])
+    except Exception as e:
+        raise RuntimeError(f"cannot list models at {base_url}/v1/models ({e}); is the server "
+                           "up? pass --model to skip this") from None
+
+
+class _Turns:
+    """Renders a conversation's turn for the target endpoint and counts its tokens."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tok, self.chat = tokenizer, chat
+
+    def prompt(self, conv: Conversation, turn: int, answers: list[str]) -> str | list[dict[str, str]]:
+        if conv.raw and not self.chat:
+            return conv.user_turns[turn]
+        messages = render_messages(conv, turn, answers)
+        return messages if self.chat else render_prompt(self.tok, messages)
+
+    def count_prompt(self, prompt: str | list[dict[str, str]]) -> int:
+        if isinstance(prompt, str):
+            return len(self.tok.encode(prompt, add_special_tokens=False))
+        return len(self.tok.encode(render_prompt(self.tok, prompt), add_special_tokens=False))
+
+    def count_output(self, text: str) -> int:
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+
+async def run_rate(target: Target, convs: list[Conversation], turns: _Turns, rate: float,
+                   cfg: ServeConfig) -> tuple[list[RequestRecord], float]:
+    """All conversations at one request rate; returns the records and the run's wall time."""
+    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+
+    async def converse(idx: int, conv: Conversation, session: Any) -> None:
+        answers: list[str] = []
+        for turn, max_tokens in enumerate(conv.output_lens):
+            prompt = turns.prompt(conv, turn, answers)
+            async with sem or contextlib.nullcontext():
+                rec, text = await stream_request(
+                    session, target, prompt, max_tokens, t0,
+                    lambda p=prompt: turns.count_prompt(p), turns.count_output)
+            rec.session, rec.turn = idx, turn
+            records.append(rec)
+            if not rec.success:
+                return  # the rest of this conversation depends on an answer it did not get
+            answers.append(text)
+
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)  # no hidden client-side cap on concurrency
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = []
+        for idx, (conv, at) in enumerate(zip(convs, send_times(len(convs), rate, cfg.burstiness,
+                                                               cfg.seed))):
+            if cfg.max_duration_s is not None and at >= cfg.max_duration_s:
+                break
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(converse(idx, conv, session)))
+        await asyncio.gather(*tasks)
+    return records, time.perf_counter() - t0
+
+
+async def _check_endpoint(target: Target, turns: _Turns, conv: Conversation) -> None:
+    """One short request first: a wrong URL, model or key fails fast with the server's reason."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        rec, _ = await stream_request(session, target, turns.prompt(conv, 0, []), 4,
+                                      time.perf_counter(), lambda: 0, turns.count_output)
+    if not rec.success:
+        raise RuntimeError(f"test request to {target.url} failed: {rec.error}")
+
+
+def _detail(records: list[RequestRecord]) -> list[dict[str, Any]]:
+    return [{"session": r.session, "turn": r.turn, "success": r.success, "error": r.error,
+             "start_s": r.start, "prompt_len": r.prompt_len, "output_len": r.output_len,
+             "ttft_s": r.ttft, "latency_s": r.latency, "itl_s": r.itl} for r in records]
+
+
+def run_serve(cfg: ServeConfig) -> dict[str, Any]:
+    """Run every rate, print the table, write JSON (+ PNG plots); returns the result dict."""
+    from servelm.bench.energy import EnergyMeter
+    from servelm.bench.throughput import _git_revision
+    from servelm.model.loader import load_tokenizer
+
+    validate(cfg)
+    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    model = cfg.model or first_model_id(cfg.base_url, cfg.api_key)
+    tok_source = cfg.tokenizer or (cfg.model if cfg.model and Path(cfg.model).exists() else None)
+    tokenizer = load_tokenizer(tok_source)
+    convs = build_conversations(tokenizer, cfg.dataset)
+    target = Target(cfg.base_url, cfg.endpoint, model, cfg.api_key, cfg.ignore_eos,
+                    cfg.request_timeout_s)
+    turns = _Turns(tokenizer, target.chat)
+    asyncio.run(_check_endpoint(target, turns, convs[0]))
+    common = {
+        "benchmark": "serve",
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
+        "servelm_revision": _git_revision(),
+        "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model_id": model,
+        "tokenizer": tok_source or "servelm default model",
+        "dataset": vars(cfg.dataset), "num_conversations": len(convs),
+        "num_turns": sum(len(c.user_turns) for c in convs),
+        "burstiness": cfg.burstiness, "max_concurrency": cfg.max_concurrency,
+        "max_duration_s": cfg.max_duration_s, "ignore_eos": cfg.ignore_eos,
+    }
+    runs, samples = [], {}
+    for rate in cfg.request_rates:
+        say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
+        meter = EnergyMeter()
+        meter.start()
+        records, duration = asyncio.run(run_rate(target, convs, turns, rate, cfg))
+        run = {"request_rate": "inf" if math.isinf(rate) else rate,
+               **compute_metrics(records, duration, cfg.metric_percentiles,
+                                 cfg.percentile_metrics, cfg.goodput)}
+        run.update(meter.stop().as_dict(run["total_output_tokens"]))
+        if cfg.save_detailed:
+            run["requests"] = _detail(records)
+        runs.append(run)
+        samples[run["request_rate"]] = metric_samples(records)
+    result = {**common, **runs[0]} if len(runs) == 1 else {**common, "runs": runs}
+    out = Path(cfg.result_file or f"bench-results/serve-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.plots:
+        from servelm.bench.serve_plots import plot_cdfs, plot_sweep
+
+        result["plots"] = [str(plot_cdfs(samples, out.with_name(out.stem + "-cdf.png")))]
+        if len(runs) > 1:
+            result["plots"].append(str(plot_sweep(runs, cfg.metric_percentiles,
+                                                  out.with_name(out.stem + "-sweep.png"))))
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result["result_file"] = str(out)
+    if not cfg.quiet:
+        from servelm.bench.serve_report import print_serve_table
+
+        print_serve_table(runs, cfg, result)
+    return result

@@ -1,0 +1,109 @@
+"""Flags of `servelm bench serve`, named like `vllm bench serve` where the two overlap."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [math.inf if v.strip().lower() == "inf" else float(v)
+                 for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a rate or comma-separated rates (numbers or 'inf'), got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
+    return rates
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_serve_parser(bsub) -> None:
+    from servelm.bench.serve_datasets import SERVE_DATASETS
+
+    p = bsub.add_parser("serve", help="online load test of an OpenAI-compatible server")
+    g = p.add_argument_group("target")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000")
+    g.add_argument("--endpoint", default="/v1/completions",
+                   choices=["/v1/completions", "/v1/chat/completions"])
+    g.add_argument("--model", default=None, help="model id sent (default: first of /v1/models)")
+    g.add_argument("--tokenizer", default=None,
+                   help="local model whose tokenizer builds prompts and counts tokens "
+                        "(default: --model if it is a path, else servelm's default model)")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
+    g.add_argument("--dataset-path", default=None,
+                   help="self-instruct/shared-prefix/multi-turn: JSONL of prompt+response; "
+                        "mt-bench: question.jsonl")
+    g.add_argument("--num-prompts", type=int, default=100, help="conversations to send")
+    g.add_argument("--random-input-len", type=int, default=1024)
+    g.add_argument("--random-output-len", type=int, default=128)
+    g.add_argument("--random-range-ratio", type=float, default=0.0)
+    g.add_argument("--output-len", type=int, default=None,
+                   help="fixed output length for text datasets (default: reference length; "
+                        "256 for mt-bench)")
+    g.add_argument("--shared-prefix-len", type=int, default=512, help="tokens of shared system prompt")
+    g.add_argument("--multi-turn-turns", type=int, default=3, help="user turns per conversation")
+    g = p.add_argument_group("load")
+    g.add_argument("--request-rate", type=_rates, default=[math.inf],
+                   help="conversations/s, 'inf', or a sweep like 1,2,4,inf")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of arrivals: 1 Poisson, <1 burstier, >1 more regular")
+    g.add_argument("--max-concurrency", type=int, default=None)
+    g.add_argument("--max-duration", type=float, default=None,
+                   help="seconds after which no new conversation starts")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("metrics and output")
+    g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
+    g.add_argument("--percentile-metrics", type=_names, default=["ttft", "tpot", "itl", "e2el"])
+    g.add_argument("--metric-percentiles", type=_floats, default=[50.0, 90.0, 99.0])
+    g.add_argument("--result-file", default=None, help="default: bench-results/serve-<date>.json")
+    g.add_argument("--save-detailed", action="store_true", help="per-request records in the JSON")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from servelm.bench.serve import ServeConfig, run_serve
+    from servelm.bench.serve_datasets import DatasetOptions
+    from servelm.bench.serve_metrics import parse_goodput
+
+    dataset = DatasetOptions(
+        name=args.dataset_name, path=args.dataset_path, num_prompts=args.num_prompts,
+        random_input_len=args.random_input_len, random_output_len=args.random_output_len,
+        random_range_ratio=args.random_range_ratio, output_len=args.output_len,
+        shared_prefix_len=args.shared_prefix_len, multi_turn_turns=args.multi_turn_turns,
+        seed=args.seed)
+    cfg = ServeConfig(
+        base_url=args.base_url, endpoint=args.endpoint, model=args.model, tokenizer=args.tokenizer,
+        api_key=args.api_key, dataset=dataset, request_rates=args.request_rate,
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+        max_duration_s=args.max_duration, request_timeout_s=args.request_timeout,
+        goodput=parse_goodput(args.goodput), percentile_metrics=args.percentile_metrics,
+        metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
+        result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
+        quiet=args.quiet)
+    try:
+        run_serve(cfg)
+    except RuntimeError as e:  # the target server is unreachable or refuses the test request
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,99 @@
+"""`servelm bench serve` end to end against a live tiny servelm server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from servelm.bench.serve_client import Target, request_body
+from servelm.bench.serve_datasets import DatasetOptions, build_conversations
+from servelm.cli import main
+from servelm.model.loader import load_tokenizer
+from servelm.server.guards import ServerOptions
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(server, tiny_model_dir, out, *extra):
+    return main(["bench", "serve", "--base-url", server.url, "--tokenizer",
+                 str(tiny_model_dir("llama")), "--result-file", str(out), "--quiet", *extra])
+
+
+def test_random_completions_run_writes_vllm_keys_and_plot(server, tiny_model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "6",
+               "--random-input-len", "12", "--random-output-len", "5", "--request-rate", "40",
+               "--ignore-eos", "--goodput", "ttft:60000", "e2el:60000",
+               "--metric-percentiles", "90,99")
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["model_id"] == "tiny"  # taken from /v1/models
+    assert res["completed"] == 6 and res["failed"] == 0
+    assert res["total_output_tokens"] == 30  # ignore_eos: exactly max_tokens each
+    assert res["total_input_tokens"] >= 6 * 8
+    assert res["duration_s"] > 0 and res["request_throughput"] == pytest.approx(6 / res["duration_s"])
+    assert res["request_goodput"] == pytest.approx(res["request_throughput"])  # generous SLOs
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        for stat in ("mean", "median", "p90", "p99"):
+            assert res[f"{stat}_{name}_ms"] >= 0
+    assert res["mean_ttft_ms"] > 0 and res["mean_e2el_ms"] >= res["mean_ttft_ms"]
+    assert res["energy_j"] is None or res["energy_j"] >= 0  # unavailable here, never invented
+    (cdf,) = res["plots"]
+    assert open(cdf, "rb").read(8) == PNG_MAGIC
+
+
+def test_multi_turn_chat_sweep(server, tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep.json"
+    rc = bench(server, tiny_model_dir, out, "--endpoint", "/v1/chat/completions",
+               "--dataset-name", "multi-turn", "--num-prompts", "3", "--multi-turn-turns", "2",
+               "--random-input-len", "6", "--output-len", "4", "--request-rate", "20,inf",
+               "--max-concurrency", "2", "--ignore-eos", "--save-detailed")
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["request_rate"] for r in res["runs"]] == [20, "inf"]
+    for run in res["runs"]:
+        assert run["completed"] == 6 and run["total_output_tokens"] == 24
+        assert run["max_concurrent_requests"] <= 2
+        reqs = run["requests"]
+        for session in range(3):  # turn 2 is sent only after turn 1 finished
+            t1, t2 = sorted((r for r in reqs if r["session"] == session), key=lambda r: r["turn"])
+            assert t2["start_s"] >= t1["start_s"] + t1["latency_s"] - 1e-6
+            assert t2["prompt_len"] > t1["prompt_len"]  # history re-sent with the answer
+    assert [open(p, "rb").read(8) for p in res["plots"]] == [PNG_MAGIC, PNG_MAGIC]
+
+
+def test_rejected_requests_are_counted_with_reasons(make_server, tiny_model_dir, tmp_path):
+    """Prompts over the server's body limit get 413s: counted as failed, with the reason."""
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    opt = DatasetOptions(num_prompts=12, random_input_len=40, random_range_ratio=0.9,
+                         random_output_len=3)  # the run's options: same seeded texts
+    target = Target("http://x", "/v1/completions", "tiny", ignore_eos=True)
+    sizes = [len(json.dumps(request_body(target, c.user_turns[0], c.output_lens[0])))
+             for c in build_conversations(tok, opt)]
+    limit = sizes[0]  # the first prompt is also the test request, so it must pass
+    assert limit < max(sizes)
+    live = make_server(ServerOptions(max_body_bytes=limit))
+    out = tmp_path / "busy.json"
+    rc = bench(live, tiny_model_dir, out, "--num-prompts", "12", "--random-input-len", "40",
+               "--random-range-ratio", "0.9", "--random-output-len", "3", "--ignore-eos",
+               "--no-plots")
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["failed"] == sum(n > limit for n in sizes)
+    assert res["completed"] == 12 - res["failed"]
+    assert all(r.startswith("HTTP 413: request body of") for r in res["failed_reasons"])
+    assert sum(res["failed_reasons"].values()) == res["failed"]
+    assert "plots" not in res
+
+
+def test_unreachable_server_or_wrong_model_fail_clearly(server, tiny_model_dir, tmp_path, port,
+                                                       capsys):
+    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--quiet",
+               "--tokenizer", str(tiny_model_dir("llama")), "--num-prompts", "1"])
+    assert rc == 1 and "/v1/models" in capsys.readouterr().err
+    rc = bench(server, tiny_model_dir, tmp_path / "x.json", "--model", "nope", "--num-prompts", "1",
+               "--random-input-len", "4")
+    assert rc == 1 and "HTTP 404" in capsys.readouterr().err
+    rc = bench(server, tiny_model_dir, tmp_path / "x.json", "--goodput", "ttft=5")
+    assert rc == 2 and "--goodput" in capsys.readouterr().err
