@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from servelm.bench.launch import SYSTEMS, LaunchSpec
 from servelm.bench.serve_client import Target, stream_request
 from servelm.bench.serve_datasets import (
     Conversation,
@@ -54,6 +55,8 @@ class ServeConfig:
     metric_percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     ignore_eos: bool = False
     seed: int = 0
+    launch: list[str] = field(default_factory=list)  # start these servers instead of base_url
+    launch_spec: LaunchSpec = field(default_factory=LaunchSpec)
     result_file: str | None = None
     save_detailed: bool = False
     plots: bool = True
@@ -90,6 +93,9 @@ def validate(cfg: ServeConfig) -> None:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {cfg.request_timeout_s}")
     if any(not 0 < p < 100 for p in cfg.metric_percentiles):
         raise ValueError(f"--metric-percentiles must be in (0, 100), got {cfg.metric_percentiles}")
+    unknown = [s for s in cfg.launch if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"--launch: unknown {unknown}; allowed {','.join(SYSTEMS)}")
     bad = [m for m in cfg.percentile_metrics if m not in ("ttft", "tpot", "itl", "e2el")]
     if bad:
         raise ValueError(f"--percentile-metrics: unknown {bad}; allowed ttft,tpot,itl,e2el")
@@ -184,34 +190,18 @@ def _detail(records: list[RequestRecord]) -> list[dict[str, Any]]:
              "ttft_s": r.ttft, "latency_s": r.latency, "itl_s": r.itl} for r in records]
 
 
-def run_serve(cfg: ServeConfig) -> dict[str, Any]:
-    """Run every rate, print the table, write JSON (+ PNG plots); returns the result dict."""
+def measure(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Conversation],
+            ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, list[float]]]]:
+    """Every rate against one server: (target info, one result per rate, samples per rate)."""
     from servelm.bench.energy import EnergyMeter
-    from servelm.bench.throughput import _git_revision
-    from servelm.model.loader import load_tokenizer
 
-    validate(cfg)
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    model = cfg.model or first_model_id(cfg.base_url, cfg.api_key)
-    tok_source = cfg.tokenizer or (cfg.model if cfg.model and Path(cfg.model).exists() else None)
-    tokenizer = load_tokenizer(tok_source)
-    convs = build_conversations(tokenizer, cfg.dataset)
-    target = Target(cfg.base_url, cfg.endpoint, model, cfg.api_key, cfg.ignore_eos,
-                    cfg.request_timeout_s)
+    model = cfg.model or first_model_id(base_url, cfg.api_key)
+    banned = tuple(getattr(tokenizer, "all_special_ids", None) or ()) if cfg.ignore_eos else ()
+    target = Target(base_url, cfg.endpoint, model, cfg.api_key, cfg.ignore_eos,
+                    cfg.request_timeout_s, banned)
     turns = _Turns(tokenizer, target.chat)
     asyncio.run(_check_endpoint(target, turns, convs[0]))
-    common = {
-        "benchmark": "serve",
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
-        "servelm_revision": _git_revision(),
-        "base_url": cfg.base_url, "endpoint": cfg.endpoint, "model_id": model,
-        "tokenizer": tok_source or "servelm default model",
-        "dataset": vars(cfg.dataset), "num_conversations": len(convs),
-        "num_turns": sum(len(c.user_turns) for c in convs),
-        "burstiness": cfg.burstiness, "max_concurrency": cfg.max_concurrency,
-        "max_duration_s": cfg.max_duration_s, "ignore_eos": cfg.ignore_eos,
-    }
     runs, samples = [], {}
     for rate in cfg.request_rates:
         say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
@@ -226,20 +216,71 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
             run["requests"] = _detail(records)
         runs.append(run)
         samples[run["request_rate"]] = metric_samples(records)
-    result = {**common, **runs[0]} if len(runs) == 1 else {**common, "runs": runs}
+    return {"base_url": base_url, "model_id": model}, runs, samples
+
+
+def run_serve(cfg: ServeConfig) -> dict[str, Any]:
+    """Run every rate (on every launched system), print tables, write JSON + PNG plots."""
+    from servelm.bench.launch import launched
+    from servelm.bench.throughput import _git_revision as git_revision
+    from servelm.model.loader import load_tokenizer
+
+    validate(cfg)
+    if cfg.launch:
+        tok_source = cfg.tokenizer or cfg.launch_spec.model
+    else:
+        tok_source = cfg.tokenizer or (cfg.model if cfg.model and Path(cfg.model).exists() else None)
+    tokenizer = load_tokenizer(tok_source)
+    convs = build_conversations(tokenizer, cfg.dataset)
     out = Path(cfg.result_file or f"bench-results/serve-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.plots:
-        from servelm.bench.serve_plots import plot_cdfs, plot_sweep
+    result: dict[str, Any] = {
+        "benchmark": "serve",
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
+        "servelm_revision": git_revision(),
+        "endpoint": cfg.endpoint, "tokenizer": tok_source or "servelm default model",
+        "dataset": vars(cfg.dataset), "num_conversations": len(convs),
+        "num_turns": sum(len(c.user_turns) for c in convs),
+        "burstiness": cfg.burstiness, "max_concurrency": cfg.max_concurrency,
+        "max_duration_s": cfg.max_duration_s, "ignore_eos": cfg.ignore_eos,
+    }
+    systems: dict[str, list[dict[str, Any]]] = {}
+    plots = []
+    if cfg.launch:
+        result["launch"] = vars(cfg.launch_spec)
+        result["systems"] = {}
+        for system in cfg.launch:
+            with launched(system, cfg.launch_spec, out.parent / "logs") as url:
+                info, runs, samples = measure(cfg, url, tokenizer, convs)
+            result["systems"][system] = {**info, "runs": runs}
+            systems[system] = runs
+            if cfg.plots:
+                plots.append(_cdf_plot(samples, out, f"-{system}"))
+    else:
+        info, runs, samples = measure(cfg, cfg.base_url, tokenizer, convs)
+        result.update(info)
+        result.update(runs[0] if len(runs) == 1 else {"runs": runs})
+        systems[""] = runs
+        if cfg.plots:
+            plots.append(_cdf_plot(samples, out, ""))
+    if cfg.plots and (len(cfg.request_rates) > 1 or len(systems) > 1):
+        from servelm.bench.serve_plots import plot_sweep
 
-        result["plots"] = [str(plot_cdfs(samples, out.with_name(out.stem + "-cdf.png")))]
-        if len(runs) > 1:
-            result["plots"].append(str(plot_sweep(runs, cfg.metric_percentiles,
-                                                  out.with_name(out.stem + "-sweep.png"))))
+        plots.append(str(plot_sweep(systems, cfg.metric_percentiles,
+                                    out.with_name(out.stem + "-sweep.png"))))
+    if plots:
+        result["plots"] = plots
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     result["result_file"] = str(out)
     if not cfg.quiet:
-        from servelm.bench.serve_report import print_serve_table
+        from servelm.bench.serve_report import print_serve_report
 
-        print_serve_table(runs, cfg, result)
+        print_serve_report(systems, cfg, result)
     return result
+
+
+def _cdf_plot(samples: dict[Any, dict[str, list[float]]], out: Path, suffix: str) -> str:
+    from servelm.bench.serve_plots import plot_cdfs
+
+    return str(plot_cdfs(samples, out.with_name(f"{out.stem}{suffix}-cdf.png")))

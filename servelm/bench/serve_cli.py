@@ -45,6 +45,14 @@ def add_serve_parser(bsub) -> None:
                         "(default: --model if it is a path, else servelm's default model)")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    g.add_argument("--launch", type=_names, default=[],
+                   help="start these servers one after another on the same GGUF instead of "
+                        "using --base-url: servelm, llama.cpp (e.g. servelm,llama.cpp)")
+    g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
+    g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
+    g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="servelm's compute dtype when launched")
+    g.add_argument("--launch-max-model-len", type=int, default=4096)
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
     g.add_argument("--dataset-path", default=None,
@@ -82,6 +90,7 @@ def add_serve_parser(bsub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from servelm.bench.launch import LaunchSpec
     from servelm.bench.serve import ServeConfig, run_serve
     from servelm.bench.serve_datasets import DatasetOptions
     from servelm.bench.serve_metrics import parse_goodput
@@ -99,6 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_duration_s=args.max_duration, request_timeout_s=args.request_timeout,
         goodput=parse_goodput(args.goodput), percentile_metrics=args.percentile_metrics,
         metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
+        launch=args.launch,
+        launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
+                               dtype=args.launch_dtype, max_model_len=args.launch_max_model_len),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)
     try:

@@ -29,6 +29,7 @@ class Target:
     api_key: str | None = None
     ignore_eos: bool = False
     timeout_s: float = 600.0
+    banned_token_ids: tuple[int, ...] = ()  # sent as logit_bias -100 along with ignore_eos
 
     @property
     def chat(self) -> bool:
@@ -49,7 +50,11 @@ def request_body(target: Target, prompt: str | list[dict[str, str]], max_tokens:
     }
     body["messages" if target.chat else "prompt"] = prompt
     if target.ignore_eos:
-        body["ignore_eos"] = True  # vLLM/servelm extension; other servers may ignore it
+        # `ignore_eos` is a vLLM/servelm extension; servers without it (llama.cpp) honour the
+        # standard logit_bias instead, so both are sent and every server runs to max_tokens.
+        body["ignore_eos"] = True
+        if target.banned_token_ids:
+            body["logit_bias"] = {str(i): -100 for i in target.banned_token_ids}
     return body
 
 
@@ -81,6 +86,7 @@ async def stream_request(session: aiohttp.ClientSession, target: Target,
     rec = RequestRecord(success=False)
     text_parts: list[str] = []
     usage: dict[str, Any] | None = None
+    finish: str | None = None
     sent = time.perf_counter()
     rec.start = sent - t0
     last = sent
@@ -109,6 +115,8 @@ async def stream_request(session: aiohttp.ClientSession, target: Target,
                     break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
                 piece = _chunk_text(chunk, target.chat)
                 if piece:
                     now = time.perf_counter()
@@ -130,8 +138,21 @@ async def stream_request(session: aiohttp.ClientSession, target: Target,
         rec.error = "stream ended without generated text"
         return rec, text
     rec.success = True
-    rec.output_len = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") \
-        else count_output(text)
+    rec.output_len = _output_tokens(usage, finish, max_tokens, len(text_parts), text, count_output)
     rec.prompt_len = int(usage["prompt_tokens"]) if usage and usage.get("prompt_tokens") \
         else count_prompt()
     return rec, text
+
+
+def _output_tokens(usage: dict[str, Any] | None, finish: str | None, max_tokens: int,
+                   chunks: int, text: str, count_output: Callable[[str], int]) -> int:
+    """The server's count; else max_tokens for a length stop; else a re-tokenized estimate.
+
+    Re-tokenizing generated text can merge tokens, so the estimate is never taken below the
+    number of text chunks (each carries at least one token).
+    """
+    if usage and usage.get("completion_tokens"):
+        return int(usage["completion_tokens"])
+    if finish == "length":
+        return max_tokens
+    return max(chunks, count_output(text))

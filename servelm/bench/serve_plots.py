@@ -42,41 +42,41 @@ def plot_cdfs(samples: dict[Any, dict[str, list[float]]], path: Path) -> Path:
     return path
 
 
-def plot_sweep(runs: list[dict[str, Any]], percentiles: list[float], path: Path) -> Path:
-    """Throughput (and goodput) and tail latency against the offered request rate.
+def plot_sweep(systems: dict[str, list[dict[str, Any]]], percentiles: list[float],
+               path: Path) -> Path:
+    """Throughput, goodput and tail latency against the offered rate, one line per system.
 
-    An infinite rate is drawn one step past the largest finite rate and labelled 'inf'.
+    An infinite rate is drawn one doubling past the largest finite rate and labelled 'inf'.
     """
-    finite = [r["request_rate"] for r in runs if r["request_rate"] != "inf"]
+    runs0 = next(iter(systems.values()))
+    finite = [r["request_rate"] for r in runs0 if r["request_rate"] != "inf"]
     inf_x = max(finite) * 2 if finite else 1.0
-    x = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in runs]
-    p = max(percentiles) if percentiles else 99.0
-    key = percentile_key(p)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.plot(x, [r["request_throughput"] for r in runs], "o-", label="completed req/s")
-    if all(r.get("request_goodput") is not None for r in runs):
-        left.plot(x, [r["request_goodput"] for r in runs], "s--", label="goodput req/s")
-    left.set_ylabel("requests/s")
-    twin = left.twinx()
-    twin.plot(x, [r["output_throughput"] for r in runs], "^:", color="tab:green",
-              label="output tok/s")
-    twin.set_ylabel("output tokens/s")
-    left.legend(loc="upper left", fontsize=8)
-    twin.legend(loc="lower right", fontsize=8)
-    left.set_title("throughput vs offered rate")
-    for name in ("ttft", "tpot", "e2el"):
-        ys = [r.get(f"{key}_{name}_ms", r[f"mean_{name}_ms"]) for r in runs]
-        right.plot(x, ys, "o-", label=f"{key} {name}")
-    right.set_yscale("log")
-    right.set_ylabel("ms")
-    right.set_title(f"{key} latency vs offered rate")
-    right.legend(fontsize=8)
-    labels = ["inf" if r["request_rate"] == "inf" else f"{r['request_rate']:g}" for r in runs]
-    for ax in (left, right):
-        ax.set_xlabel("request rate (req/s)")
+    x = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in runs0]
+    labels = ["inf" if r["request_rate"] == "inf" else f"{r['request_rate']:g}" for r in runs0]
+    key = percentile_key(max(percentiles) if percentiles else 99.0)
+    fig, (tput, reqs, lat) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for i, (system, runs) in enumerate(systems.items()):
+        color = f"C{i}"
+        prefix = f"{system} " if system else ""
+        tput.plot(x, [r["output_throughput"] for r in runs], "o-", color=color,
+                  label=f"{prefix}output tok/s")
+        reqs.plot(x, [r["request_throughput"] for r in runs], "o-", color=color,
+                  label=f"{prefix}completed req/s")
+        if all(r.get("request_goodput") is not None for r in runs):
+            reqs.plot(x, [r["request_goodput"] for r in runs], "s--", color=color,
+                      label=f"{prefix}goodput req/s")
+        for name, style in (("ttft", "o-"), ("tpot", "^:"), ("e2el", "s--")):
+            lat.plot(x, [r.get(f"{key}_{name}_ms", r[f"mean_{name}_ms"]) for r in runs], style,
+                     color=color, label=f"{prefix}{key} {name}")
+    tput.set(title="output throughput", ylabel="tokens/s")
+    reqs.set(title="requests completed (and within SLOs)", ylabel="requests/s")
+    lat.set(title=f"{key} latency", ylabel="ms", yscale="log")
+    for ax in (tput, reqs, lat):
+        ax.set_xlabel("offered request rate (req/s)")
         ax.set_xscale("log", base=2)  # sweeps usually double the rate each step
         ax.set_xticks(x, labels)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

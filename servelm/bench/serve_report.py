@@ -1,4 +1,4 @@
-"""The terminal table of a serving run: one row per request rate."""
+"""Terminal tables of a serving run: one row per request rate, and systems side by side."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from servelm.bench.serve_metrics import percentile_key
+from servelm.bench.serve_metrics import METRICS, percentile_key
 
 
 def _ms(run: dict[str, Any], stat: str, name: str) -> str:
@@ -15,41 +15,77 @@ def _ms(run: dict[str, Any], stat: str, name: str) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def print_serve_table(runs: list[dict[str, Any]], cfg: Any, result: dict[str, Any]) -> None:
-    tail = percentile_key(max(cfg.metric_percentiles)) if cfg.metric_percentiles else "median"
-    table = Table(title=f"serving: {result['model_id']} at {result['base_url']}{result['endpoint']}"
-                        f", {result['dataset']['name']}")
-    cols = ["rate", "done", "failed", "duration s", "req/s", "out tok/s"]
-    if cfg.goodput:
-        cols.append("goodput req/s")
-    for name in ("ttft", "tpot", "itl", "e2el"):
-        cols += [f"mean {name} ms", f"{tail} {name} ms"]
+def _table(title: str, cols: list[str]) -> Table:
+    table = Table(title=title)
     for i, c in enumerate(cols):
         table.add_column(c, justify="left" if i == 0 else "right")
+    return table
+
+
+def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool) -> Table:
+    cols = ["rate", "done", "failed", "duration s", "req/s", "out tok/s"]
+    cols += ["goodput req/s"] if goodput else []
+    for name in METRICS:
+        cols += [f"mean {name} ms", f"{tail} {name} ms"]
+    table = _table(title, cols)
     for run in runs:
         row = [str(run["request_rate"]), str(run["completed"]), str(run["failed"]),
                f"{run['duration_s']:.1f}", f"{run['request_throughput']:.2f}",
                f"{run['output_throughput']:.1f}"]
-        if cfg.goodput:
-            row.append(f"{run['request_goodput']:.2f}")
-        for name in ("ttft", "tpot", "itl", "e2el"):
+        row += [f"{run['request_goodput']:.2f}"] if goodput else []
+        for name in METRICS:
             row += [_ms(run, "mean", name), _ms(run, tail, name)]
         table.add_row(*row)
+    return table
+
+
+def comparison_table(systems: dict[str, list[dict[str, Any]]], tail: str) -> Table:
+    """Output throughput and tail latencies per rate, with servelm's throughput ratio."""
+    names = list(systems)
+    others = [n for n in names if n != "servelm"]
+    cols = ["rate"] + [f"{n} out tok/s" for n in names]
+    cols += [f"servelm/{n} tok/s" for n in others] if "servelm" in systems else []
+    cols += [f"{n} {tail} {m} ms" for m in ("ttft", "tpot") for n in names]
+    table = _table("side by side", cols)
+    for i, run in enumerate(systems[names[0]]):
+        per = {n: systems[n][i] for n in names}
+        row = [str(run["request_rate"])] + [f"{per[n]['output_throughput']:.1f}" for n in names]
+        if "servelm" in systems:
+            row += [f"{per['servelm']['output_throughput'] / per[n]['output_throughput']:.2f}x"
+                    if per[n]["output_throughput"] else "-" for n in others]
+        row += [_ms(per[n], tail, m) for m in ("ttft", "tpot") for n in names]
+        table.add_row(*row)
+    return table
+
+
+def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
+                       result: dict[str, Any]) -> None:
+    tail = percentile_key(max(cfg.metric_percentiles)) if cfg.metric_percentiles else "median"
     console = Console()
-    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
-        console = Console(width=200)
-    console.print(table)
-    for run in runs:
-        for reason, n in run["failed_reasons"].items():
-            console.print(f"rate {run['request_rate']}: {n} failed: {reason}")
-    if runs[0].get("energy_j") is None:
-        console.print(f"energy: unavailable ({runs[0]['energy_unavailable_reason']})")
-    else:
+    if not console.is_terminal:  # logs and pipes: do not wrap the tables at 80 columns
+        console = Console(width=220)
+    for system, runs in systems.items():
+        where = system or f"{result['model_id']} at {result['base_url']}"
+        console.print(rate_table(f"serving: {where}{result['endpoint']}, "
+                                 f"{result['dataset']['name']}", runs, tail, bool(cfg.goodput)))
         for run in runs:
-            console.print(f"rate {run['request_rate']}: {run['energy_per_token_j']:.3f} J per "
-                          f"output token ({'+'.join(run['energy_sources'])}, whole machine)")
+            for reason, n in run["failed_reasons"].items():
+                console.print(f"{system} rate {run['request_rate']}: {n} failed: {reason}")
+    if len(systems) > 1:
+        console.print(comparison_table(systems, tail))
+    first = next(iter(systems.values()))[0]
+    if first.get("energy_j") is None:
+        console.print(f"energy: unavailable ({first['energy_unavailable_reason']})")
+    else:
+        for system, runs in systems.items():
+            for run in runs:
+                per = run["energy_per_token_j"]
+                console.print(f"{system} rate {run['request_rate']}: "
+                              f"{'-' if per is None else f'{per:.3f}'} J per output token "
+                              f"({'+'.join(run['energy_sources'])}, whole machine)")
     if cfg.goodput:
         console.print("goodput SLOs (ms): " + ", ".join(f"{k} <= {v:g}"
                                                         for k, v in cfg.goodput.items()))
-    console.print(f"results: {result['result_file']}" + "".join(f"\nplot: {p}"
-                                                                 for p in result.get("plots", [])))
+    console.print(f"results: {result['result_file']}")
+    for p in result.get("plots", []):
+        console.print(f"plot: {p}")

@@ -44,15 +44,19 @@ def test_random_completions_run_writes_vllm_keys_and_plot(server, tiny_model_dir
 
 
 def test_multi_turn_chat_sweep(server, tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Tell me about cats number {i}.",
+                                         "response": "Cats are nice."}) + "\n" for i in range(8)))
     out = tmp_path / "sweep.json"
     rc = bench(server, tiny_model_dir, out, "--endpoint", "/v1/chat/completions",
-               "--dataset-name", "multi-turn", "--num-prompts", "3", "--multi-turn-turns", "2",
-               "--random-input-len", "6", "--output-len", "4", "--request-rate", "20,inf",
+               "--dataset-name", "multi-turn", "--dataset-path", str(pairs), "--num-prompts", "3",
+               "--multi-turn-turns", "2", "--output-len", "4", "--request-rate", "20,inf",
                "--max-concurrency", "2", "--ignore-eos", "--save-detailed")
     assert rc == 0
     res = json.loads(out.read_text())
     assert [r["request_rate"] for r in res["runs"]] == [20, "inf"]
     for run in res["runs"]:
+        assert run["failed_reasons"] == {}
         assert run["completed"] == 6 and run["total_output_tokens"] == 24
         assert run["max_concurrent_requests"] <= 2
         reqs = run["requests"]
@@ -68,7 +72,8 @@ def test_rejected_requests_are_counted_with_reasons(make_server, tiny_model_dir,
     tok = load_tokenizer(str(tiny_model_dir("llama")))
     opt = DatasetOptions(num_prompts=12, random_input_len=40, random_range_ratio=0.9,
                          random_output_len=3)  # the run's options: same seeded texts
-    target = Target("http://x", "/v1/completions", "tiny", ignore_eos=True)
+    target = Target("http://x", "/v1/completions", "tiny", ignore_eos=True,
+                    banned_token_ids=tuple(tok.all_special_ids))
     sizes = [len(json.dumps(request_body(target, c.user_turns[0], c.output_lens[0])))
              for c in build_conversations(tok, opt)]
     limit = sizes[0]  # the first prompt is also the test request, so it must pass
@@ -97,3 +102,27 @@ def test_unreachable_server_or_wrong_model_fail_clearly(server, tiny_model_dir, 
     assert rc == 1 and "HTTP 404" in capsys.readouterr().err
     rc = bench(server, tiny_model_dir, tmp_path / "x.json", "--goodput", "ttft=5")
     assert rc == 2 and "--goodput" in capsys.readouterr().err
+
+
+def test_launch_servelm_and_llamacpp_side_by_side(tiny_model_dir, tiny_gguf_path, tmp_path):
+    """`--launch` starts each server in turn on the same GGUF and writes one comparison."""
+    systems = "servelm"
+    try:
+        import llama_cpp  # noqa: F401
+
+        systems += ",llama.cpp"
+    except ImportError:  # optional extra (pip install 'servelm[peers]')
+        pass
+    out = tmp_path / "peers.json"
+    rc = main(["bench", "serve", "--launch", systems, "--launch-model", str(tiny_gguf_path),
+               "--launch-threads", "1", "--launch-max-model-len", "256", "--num-prompts", "3",
+               "--random-input-len", "8", "--random-output-len", "4", "--request-rate", "inf",
+               "--ignore-eos", "--result-file", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert list(res["systems"]) == systems.split(",")
+    for system in res["systems"].values():
+        (run,) = system["runs"]
+        assert run["completed"] == 3 and run["total_output_tokens"] == 12
+    assert open(res["plots"][-1], "rb").read(8) == PNG_MAGIC  # comparison plot
+    assert (tmp_path / "logs" / "servelm-server.log").is_file()

@@ -1,0 +1,117 @@
+"""Start a peer's OpenAI-compatible server for `bench serve --launch`, then stop it.
+
+One command then measures servelm and its peers on the same weights, threads and workload,
+one server at a time so they never compete for the cores: servelm's own `serve`, and the
+llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), both on
+a free 127.0.0.1 port, reading the same GGUF file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEMS = ("servelm", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What every launched server gets: the same model file, threads and context size."""
+
+    model: str | None = None  # None: servelm's default GGUF
+    num_threads: int = 2
+    dtype: str = "float32"  # servelm only; llama.cpp computes with the file's own quant types
+    max_model_len: int = 4096
+    startup_timeout_s: float = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gguf(model: str | None) -> str:
+    from servelm.model.default_model import default_model_path
+
+    path = Path(default_model_path() if model is None else model).expanduser().resolve()
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ValueError(f"--launch-model: llama.cpp needs one .gguf file, {path} has {len(ggufs)}")
+        path = ggufs[0]
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"--launch-model: llama.cpp needs a .gguf file, got {path}")
+    return str(path)
+
+
+def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
+    if system == "servelm":
+        cmd = [sys.executable, "-m", "servelm.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--num-threads", str(spec.num_threads), "--dtype", spec.dtype,
+               "--max-model-len", str(spec.max_model_len)]
+        return cmd + (["--model", spec.model] if spec.model else [])
+    if system == "llama.cpp":
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("--launch llama.cpp needs llama-cpp-python: "
+                             "pip install 'servelm[peers]' (builds llama.cpp, several minutes)")
+        return [sys.executable, "-m", "llama_cpp.server", "--model", _gguf(spec.model),
+                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(spec.num_threads),
+                "--n_threads_batch", str(spec.num_threads), "--n_ctx", str(spec.max_model_len),
+                # queue concurrent requests instead of aborting the running one (its default)
+                "--interrupt_requests", "False"]
+    raise ValueError(f"--launch: unknown system {system!r}; allowed {SYSTEMS}")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} during startup; "
+                               f"log: {log}\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=2) as resp:
+                if resp.status == 200 and json.loads(resp.read()).get("data"):
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout_s:.0f}s; log: {log}")
+
+
+@contextlib.contextmanager
+def launched(system: str, spec: LaunchSpec, log_dir: Path) -> Iterator[str]:
+    """Run `system`'s server for the duration of the block; yields its base URL."""
+    port = _free_port()
+    cmd = server_command(system, spec, port)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{system}-server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.num_threads)}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, spec.startup_timeout_s, log)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

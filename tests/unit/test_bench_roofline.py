@@ -1,0 +1,86 @@
+"""`servelm bench roofline`: the FLOP and byte formulas by hand, and one quick CLI run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from servelm.bench.roofline import (
+    decode_bytes_per_step,
+    decoder_matmul_params,
+    kv_bytes_per_token,
+    request_flops,
+    weight_bytes_per_step,
+)
+from servelm.cli import main
+from servelm.model.arch import ModelArch
+
+
+def _arch(**kw) -> ModelArch:
+    base = dict(family="llama", vocab_size=100, hidden_size=8, intermediate_size=12, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=2, rms_norm_eps=1e-6, rope_theta=1e4,
+                max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False,
+                qk_norm=False)
+    return ModelArch(**{**base, **kw})
+
+
+def test_flops_per_request_by_hand():
+    arch = _arch()
+    # per layer: q 8x8=64, k 8x4=32, v 32, o 64, gate+up+down 3x8x12=288 -> 480; 2 layers
+    assert decoder_matmul_params(arch) == 960
+    # P=3 prompt, O=2 output: positions 0..3 go through the decoder (4 = P + O - 1);
+    # they attend to 1+2+3+4 = 10 keys; logits for the 2 sampled tokens only.
+    f = request_flops(arch, prompt_len=3, output_len=2)
+    assert f["linear"] == 2 * 960 * 4
+    assert f["lm_head"] == 2 * 100 * 8 * 2
+    assert f["attention"] == 2 * 4 * 4 * 2 * 10  # layers x 4 x heads x head_dim x keys
+    assert f["total"] == 7680 + 3200 + 640
+
+
+def test_decode_bytes_per_step_by_hand():
+    arch = _arch()
+    assert kv_bytes_per_token(arch, 2) == 2 * 2 * 2 * 2 * 2  # K+V x layers x kv heads x dim x bf16
+    # P=10, O=5: steps attend to 11..14 keys, mean 12.5 = P + O/2
+    assert decode_bytes_per_step(1000, arch, 2, 10, 5) == 1000 + 32 * 12.5
+
+
+def test_weight_bytes_match_the_stored_model(tiny_model_dir):
+    from servelm.llm import LLM
+
+    for tied in (False, True):
+        llm = LLM(str(tiny_model_dir("llama", tie_word_embeddings=tied)), num_kv_blocks=8,
+                  num_threads=1)
+        arch, model = llm.engine.arch, llm.engine.runner.model
+        h = arch.hidden_size
+        params = decoder_matmul_params(arch) + arch.num_layers * 2 * h + h + arch.vocab_size * h
+        if arch.qkv_bias:
+            params += arch.num_layers * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+        assert weight_bytes_per_step(model) == params * 4  # float32; embedding only via lm_head
+        assert model.embed.nbytes + 4 * params > weight_bytes_per_step(model)
+        assert llm.engine.runner.kv_cache.dtype == torch.float32
+
+
+def test_roofline_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "res" / "r.json"
+    rc = main(["bench", "roofline", "--model", str(tiny_model_dir("llama")), "--num-prompts", "4",
+               "--input-len", "16", "--output-len", "8", "--num-kv-blocks", "32",
+               "--num-threads", "1", "--quick", "--result-file", str(out)])
+    assert rc == 0
+    assert "MFU" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    for key in ("date", "command", "machine", "config", "model", "peak_flops", "bandwidth",
+                "throughput_mode", "decode", "energy"):
+        assert key in res
+    assert res["machine"]["torch_threads"] == res["peak_flops"]["threads"] == 1
+    assert res["peak_flops"]["flops"] > 0 and res["bandwidth"]["bytes_per_s"] > 0
+    tp, dec = res["throughput_mode"], res["decode"]
+    for key in ("total_tok_s", "flops_per_token", "achieved_flops", "mfu"):
+        assert tp[key] > 0
+    assert tp["output_tokens"] == 4 * 8 and tp["prompt_tokens"] == 4 * 16
+    for key in ("tok_s", "bytes_per_step", "achieved_bandwidth", "mbu"):
+        assert dec[key] > 0
+    assert dec["decode_steps"] == 7
+    for mode in ("throughput_mode", "decode"):
+        e = res["energy"][mode]
+        assert (e["energy_j"] is None) == (e["energy_unavailable_reason"] is not None)
