@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from servelm.bench.datasets import BenchRequest
+from servelm.bench.energy import EnergyMeter, EnergyReading
 from servelm.config import DTYPES
 
 
-def load_hf_model(model: str | None, dtype: str) -> Any:
-    """transformers' own load of what servelm was given: a .gguf (dequantized) or HF folder."""
-    from transformers import AutoModelForCausalLM
-
+def resolve_model_path(model: str | None) -> Path:
+    """The file or folder servelm loads for `model`: the default GGUF when None, and a
+    folder holding exactly one .gguf (and no config.json) resolved to that file."""
     from servelm.model.default_model import default_model_path
 
     path = Path(default_model_path() if model is None else model).expanduser().resolve()
@@ -33,6 +33,14 @@ def load_hf_model(model: str | None, dtype: str) -> Any:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             path = ggufs[0]
+    return path
+
+
+def load_hf_model(model: str | None, dtype: str) -> Any:
+    """transformers' own load of what servelm was given: a .gguf (dequantized) or HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if path.is_file():
         kwargs["gguf_file"] = path.name
@@ -60,6 +68,18 @@ def _pad_id(model: Any) -> int:
     return 0
 
 
+def greedy_config(model: Any, n_new: int) -> Any:
+    """Greedy, exactly `n_new` tokens (EOS suppressed until then), nothing inherited from the
+    checkpoint's sampling defaults (a fresh config, so no warnings either)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
+        pad_token_id=_pad_id(model), eos_token_id=model.generation_config.eos_token_id,
+        bos_token_id=model.generation_config.bos_token_id,
+    )
+
+
 @dataclass
 class BatchResult:
     """Per-request useful output ids (in batch order) and the raw token count generated."""
@@ -71,8 +91,6 @@ class BatchResult:
 
 def generate_batch(model: Any, batch: list[BenchRequest]) -> BatchResult:
     """One left-padded greedy batch generating max(output_len) tokens, EOS suppressed."""
-    from transformers import GenerationConfig
-
     pad = _pad_id(model)
     width = max(len(r.prompt_token_ids) for r in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -82,12 +100,7 @@ def generate_batch(model: Any, batch: list[BenchRequest]) -> BatchResult:
         ids[i, width - n:] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
         mask[i, width - n:] = 1
     n_new = max(r.output_len for r in batch)
-    # A fresh config: greedy, no sampling knobs inherited from the checkpoint (and no warnings).
-    gen_cfg = GenerationConfig(
-        max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
-        pad_token_id=pad, eos_token_id=model.generation_config.eos_token_id,
-        bos_token_id=model.generation_config.bos_token_id,
-    )
+    gen_cfg = greedy_config(model, n_new)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
@@ -105,18 +118,35 @@ class HFRun:
     token_ids: list[list[int]] = field(default_factory=list)
     raw_generated: int = 0
     elapsed_s: float = 0.0
+    energy: list[EnergyReading] = field(default_factory=list)  # one reading per timed batch
 
     @property
     def useful_output(self) -> int:
         return sum(len(t) for t in self.token_ids)
 
+    def energy_dict(self) -> dict[str, Any]:
+        """Energy summed over the timed batches, per useful output token (None if unreadable)."""
+        if not self.energy or any(e.joules is None for e in self.energy):
+            why = next((e.unavailable for e in self.energy if e.joules is None), [])
+            return EnergyReading(None, [], list(why)).as_dict(self.useful_output)
+        total = EnergyReading(sum(e.joules or 0.0 for e in self.energy),
+                              sorted({s for e in self.energy for s in e.sources}))
+        return total.as_dict(self.useful_output)
+
 
 def run_batches(model: Any, requests: list[BenchRequest], batch_size: int,
-                run: HFRun | None = None, say: Callable[[str], None] | None = None) -> HFRun:
-    """Run `requests` in input order in batches of `batch_size`, appending to `run`."""
+                run: HFRun | None = None, say: Callable[[str], None] | None = None,
+                meter: EnergyMeter | None = None) -> HFRun:
+    """Run `requests` in input order in batches of `batch_size`, appending to `run`.
+
+    With a `meter`, energy is read around each batch (the same region that is timed)."""
     run = run or HFRun(batch_size)
     for i in range(0, len(requests), batch_size):
+        if meter is not None:
+            meter.start()
         res = generate_batch(model, requests[i: i + batch_size])
+        if meter is not None:
+            run.energy.append(meter.stop())
         run.token_ids.extend(res.token_ids)
         run.raw_generated += res.raw_generated
         run.elapsed_s += res.elapsed_s
@@ -128,7 +158,7 @@ def run_batches(model: Any, requests: list[BenchRequest], batch_size: int,
 
 def run_transformers(model: Any, requests: list[BenchRequest], batch_sizes: list[int],
                      probe_batches: int = 2, say: Callable[[str], None] | None = None,
-                     ) -> tuple[HFRun, dict[int, float]]:
+                     meter: EnergyMeter | None = None) -> tuple[HFRun, dict[int, float]]:
     """Tune the batch size on a prefix, then run the whole workload with the best one.
 
     Each candidate runs `probe_batches` batches from the start of the workload; the winner's
@@ -144,10 +174,49 @@ def run_transformers(model: Any, requests: list[BenchRequest], batch_sizes: list
     for bs in sorted(set(batch_sizes)):
         if len(probes) and bs >= len(requests) and max(probes) >= len(requests):
             continue  # larger sizes would form the very same single batch
-        probes[bs] = run_batches(model, requests[: bs * probe_batches], bs, say=say)
+        probes[bs] = run_batches(model, requests[: bs * probe_batches], bs, say=say, meter=meter)
     rates = {bs: p.useful_output / p.elapsed_s for bs, p in probes.items()}
     best = max(rates, key=lambda bs: rates[bs])
     run = probes[best]
     if say:
         say(f"  best batch size {best}; running the remaining requests")
-    return run_batches(model, requests[len(run.token_ids):], best, run, say), rates
+    return run_batches(model, requests[len(run.token_ids):], best, run, say, meter), rates
+
+
+class _TokenClock:
+    """A stopping criterion that never stops: it only notes when each new token exists.
+
+    `generate` calls its stopping criteria once per step, right after the step's token is
+    appended, so these timestamps are when token 1, 2, ... became available to the caller
+    (on GPU after a synchronize, so the time is not just when the work was queued)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate_timed(model: Any, prompts: list[list[int]], n_new: int,
+                   ) -> tuple[list[list[int]], float, list[float]]:
+    """Greedy-generate exactly `n_new` tokens for equal-length prompts (one batch, no padding).
+
+    Returns (new token ids per prompt, start time, time each token step finished), all
+    `time.perf_counter()` values: TTFT is times[0] - start, per-token gaps follow from the rest.
+    """
+    from transformers import StoppingCriteriaList
+
+    width = len(prompts[0])
+    if any(len(p) != width for p in prompts):
+        raise ValueError("generate_timed needs prompts of equal length (no padding)")
+    ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
+    clock = _TokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=greedy_config(model, n_new),
+                             stopping_criteria=StoppingCriteriaList([clock]))
+    return out[:, width:].tolist(), start, clock.times

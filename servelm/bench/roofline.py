@@ -27,15 +27,11 @@ estimated.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,7 +187,7 @@ def _generate(llm: Any, prompts: list[list[int]], output_len: int) -> tuple[list
 
 def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     """Measure the ceilings, run both servelm workloads, write and return the result dict."""
-    from servelm.bench.throughput import machine_info
+    from servelm.bench.results import result_header, result_path, write_result
     from servelm.llm import LLM
 
     if cfg.num_prompts < 1 or cfg.input_len < 1 or cfg.output_len < 2:
@@ -249,10 +245,7 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     }
     del llm
     result: dict[str, Any] = {
-        "benchmark": "roofline",
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
-        "machine": machine_info(dtype),
+        **result_header("roofline", dtype),
         "config": {**{k: v for k, v in vars(cfg).items() if k != "engine"},
                    "engine": {"model": model, **engine}},
         "model": {"source": str(source), "family": arch.family, "decoder_matmul_params": decoder_matmul_params(arch),
@@ -263,10 +256,7 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
         "energy": {"throughput_mode": {**tp_energy.as_dict(n_out), "tokens": "output"},
                    "decode": {**dec_energy.as_dict(steps + 1), "tokens": "output"}},
     }
-    out = Path(cfg.result_file or f"bench-results/roofline-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    result["result_file"] = str(out)
+    write_result(result, result_path(cfg.result_file, "roofline"))
     if not cfg.quiet:
         print_table(result)
     return result

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import math
-import shlex
 import sys
 import time
 import urllib.request
@@ -222,7 +220,7 @@ def measure(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Convers
 def run_serve(cfg: ServeConfig) -> dict[str, Any]:
     """Run every rate (on every launched system), print tables, write JSON + PNG plots."""
     from servelm.bench.launch import launched
-    from servelm.bench.throughput import _git_revision as git_revision
+    from servelm.bench.results import result_header, result_path, write_result
     from servelm.model.loader import load_tokenizer
 
     validate(cfg)
@@ -232,13 +230,9 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
         tok_source = cfg.tokenizer or (cfg.model if cfg.model and Path(cfg.model).exists() else None)
     tokenizer = load_tokenizer(tok_source)
     convs = build_conversations(tokenizer, cfg.dataset)
-    out = Path(cfg.result_file or f"bench-results/serve-{dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(cfg.result_file, "serve")
     result: dict[str, Any] = {
-        "benchmark": "serve",
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join(["servelm", *sys.argv[1:]]) if sys.argv else "",
-        "servelm_revision": git_revision(),
+        **result_header("serve"),
         "endpoint": cfg.endpoint, "tokenizer": tok_source or "servelm default model",
         "dataset": vars(cfg.dataset), "num_conversations": len(convs),
         "num_turns": sum(len(c.user_turns) for c in convs),
@@ -271,8 +265,7 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
                                     out.with_name(out.stem + "-sweep.png"))))
     if plots:
         result["plots"] = plots
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    result["result_file"] = str(out)
+    write_result(result, out)
     if not cfg.quiet:
         from servelm.bench.serve_report import print_serve_report
 

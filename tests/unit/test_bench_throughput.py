@@ -88,3 +88,47 @@ def test_throughput_cli_end_to_end(tmp_path, tiny_model_dir):
         res["servelm"]["output_tok_s"] / tf["output_tok_s"])
     # float32 on the same weights: greedy outputs should agree for nearly every request
     assert res["greedy_exact_match_fraction"] >= 0.5
+    # energy is either measured or says why not; never invented
+    for system in ("servelm", "transformers"):
+        r = res[system]
+        assert (r["energy_j"] is None) == (r["energy_unavailable_reason"] is not None)
+        assert r["energy_per_token_j"] is None or r["energy_per_token_j"] > 0
+    # An HF folder: llama.cpp cannot run it (or is not installed); either way a recorded skip.
+    assert "skipped" in res["llama.cpp"] and "ratio_output_tok_s_llamacpp" not in res
+
+
+def _throughput_on(model, out, *extra: str) -> dict:
+    rc = main(["bench", "throughput", "--model", str(model), "--num-prompts", "4",
+               "--dataset", "synthetic", "--max-output-len", "8", "--max-prompt-len", "30",
+               "--num-kv-blocks", "64", "--num-threads", "1", "--skip-hf",
+               "--result-file", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_throughput_llamacpp_not_installed(tmp_path, tiny_gguf_path, monkeypatch, capsys):
+    import sys
+
+    from servelm.bench.llamacpp_peer import SKIP_NOT_INSTALLED
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    res = _throughput_on(tiny_gguf_path, tmp_path / "r.json")
+    assert res["llama.cpp"] == {"skipped": SKIP_NOT_INSTALLED}
+    assert SKIP_NOT_INSTALLED in capsys.readouterr().err
+    res = _throughput_on(tiny_gguf_path, tmp_path / "r2.json", "--skip-llamacpp", "--quiet")
+    assert "llama.cpp" not in res and res["config"]["skip_llamacpp"] is True
+
+
+def test_throughput_llamacpp_on_tiny_gguf(tmp_path, tiny_gguf_path):
+    pytest.importorskip("llama_cpp")
+    res = _throughput_on(tiny_gguf_path, tmp_path / "r.json", "--quiet")
+    lc = res["llama.cpp"]
+    assert "skipped" not in lc, lc
+    assert lc["requests"] == 4 and lc["output_tokens"] == res["workload"]["output_tokens"]
+    assert lc["per_request_output_tokens_match"] is True
+    assert lc["batching"] == "sequential" and lc["n_threads"] == 1
+    assert (lc["energy_j"] is None) == (lc["energy_unavailable_reason"] is not None)
+    assert res["ratio_output_tok_s_llamacpp"] == pytest.approx(
+        res["servelm"]["output_tok_s"] / lc["output_tok_s"])
+    # llama.cpp computes on the quantized blocks: agreement is reported, not asserted
+    assert 0.0 <= res["greedy_exact_match_fraction_llamacpp"] <= 1.0
