@@ -1,9 +1,12 @@
 """AsyncLLM: one background thread drives `LLMEngine.step()`; callers get async streams.
 
-The engine is single-threaded by design, so a lock serializes `add_request`/`abort_request`
-from the event loop against `step()` in the worker thread. Outputs are handed back to each
-request's asyncio queue with `call_soon_threadsafe`. A step that raises fails the requests
-in flight (with the error) and the loop keeps serving new ones.
+The engine is single-threaded by design: only the worker thread touches it. The event loop
+puts adds and aborts in an inbox that the worker drains between steps, so the loop never
+waits for a step to finish (holding a lock across steps starved it: an unfair lock let the
+worker re-take it step after step while every stream stalled). A prompt the engine rejects
+comes back as the stream's first item and is raised to the caller. Outputs are handed back
+to each request's asyncio queue with `call_soon_threadsafe`. A step that raises fails the
+requests in flight (with the error) and the loop keeps serving new ones.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -36,7 +40,8 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams and _inbox; never held during a step
+        self._inbox: deque[tuple[str, str, PromptInput | None, SamplingParams | None]] = deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -57,8 +62,8 @@ class AsyncLLM:
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            self.engine.add_request(request_id, prompt, params, stream=True)  # may raise ValueError
             self._streams[request_id] = stream
+            self._inbox.append(("add", request_id, prompt, params))
         self._wakeup.set()
         finished = False
         try:
@@ -76,39 +81,59 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
+            self._inbox.append(("abort", request_id, None, None))
+        self._wakeup.set()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued in the scheduler or still in the inbox."""
+        return len(self.engine.scheduler.waiting) + len(self._inbox)
 
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
 
-    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
-        stream = self._streams.get(request_id)
+    def _deliver(self, request_id: str, item: RequestOutput | Exception, last: bool = False) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _drain_inbox(self) -> None:
+        """Apply queued adds and aborts, in the order they were made (worker thread only)."""
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, request_id, prompt, params in items:
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            try:
+                self.engine.add_request(request_id, prompt, params, stream=True)
+            except Exception as exc:  # a rejected prompt: the caller raises it (400 in the server)
+                self._deliver(request_id, exc, last=True)
+
     def _loop(self) -> None:
         while not self._stopped:
+            self._drain_inbox()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
-                self._wakeup.clear()
+                self._wakeup.clear()  # an add after wait() returned is drained just below
                 continue
-            with self._lock:
-                try:
-                    outputs = self.engine.step()
-                except Exception as exc:  # fail what was in flight, keep the loop alive
-                    logger.exception("engine step failed")
-                    self._fail_all(exc)
-                    continue
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # fail what was in flight, keep the loop alive
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out, last=out.finished)
 
     def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self._streams):
+        with self._lock:
+            in_flight = list(self._streams)
+        for request_id in in_flight:
             self.engine.abort_request(request_id)
-            self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"))
-            self._streams.pop(request_id, None)
+            self._deliver(request_id, EngineStepError(f"engine step failed: {exc}"), last=True)

@@ -58,7 +58,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         if name is not None and name != served_model_name:
             return error(404, f"model {name!r} does not exist; this server serves {served_model_name!r}",
                          err_type="not_found_error", param="model")
-        return overloaded(len(llm.engine.scheduler.waiting), options)
+        return overloaded(llm.num_waiting, options)
 
     def chat_prompt_ids(messages) -> list[int]:
         if not tok.chat_template:
