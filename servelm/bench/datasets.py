@@ -46,14 +46,14 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def _cycle_sample(n_rows: int, num_prompts: int, rng: random.Random) -> list[int]:
-    """Row indices: shuffled passes over all rows, so N > rows repeats each row evenly."""
-    order: list[int] = []
-    while len(order) < num_prompts:
-        perm = list(range(n_rows))
-        rng.shuffle(perm)
-        order.extend(perm)
-    return order[:num_prompts]
+def cycled(rows: list[Any], n: int, rng: random.Random) -> list[Any]:
+    """n rows: shuffled passes over all of them, so n > len(rows) repeats each row evenly."""
+    out: list[Any] = []
+    while len(out) < n:
+        batch = list(rows)
+        rng.shuffle(batch)
+        out.extend(batch)
+    return out[:n]
 
 
 def load_self_instruct(path: str | Path, tokenizer: Any, num_prompts: int,
@@ -86,7 +86,7 @@ def load_self_instruct(path: str | Path, tokenizer: Any, num_prompts: int,
     if not rows:
         raise ValueError(f"{path} has no usable rows")
     rng = random.Random(seed)
-    return [rows[i] for i in _cycle_sample(len(rows), num_prompts, rng)]
+    return cycled(rows, num_prompts, rng)
 
 
 def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from servelm.bench.report import energy_note, make_table, print_report
+
 SYSTEMS = ("servelm", "transformers", "llama.cpp")
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
@@ -311,7 +313,7 @@ def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    """A compact side-by-side table (rich when installed, plain text otherwise)."""
+    """A compact side-by-side table, then ratios and notes."""
     cfg = result["config"]
     cols = ["system", "TTFT med ms", "TTFT p90 ms", "TPOT med ms", "TPOT p90 ms",
             "e2e med s", "out tok/s", "J/out tok"]
@@ -340,33 +342,9 @@ def print_table(result: dict[str, Any]) -> None:
     for key in SYSTEMS[1:]:
         if "skipped" in result.get(key, {}):
             notes.append(result[key]["skipped"])
-    reasons = {r.get("energy_unavailable_reason") for k in SYSTEMS
-               if isinstance(r := result.get(k), dict) and "skipped" not in r
-               and r.get("energy_j") is None}
-    if reasons - {None}:
-        notes.append("energy unavailable: " + "; ".join(sorted(reasons - {None})))
+    if (note := energy_note(result, SYSTEMS)) is not None:
+        notes.append(note)
     notes.append(f"results: {result['result_file']}")
     title = (f"latency: batch {cfg['batch_size']}, {cfg['input_len']} in / {cfg['output_len']} "
              f"out, {cfg['num_iters']} iterations")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        for line in [cols, *rows]:
-            print("  ".join(v.rjust(w) if i else v.ljust(w)
-                            for i, (v, w) in enumerate(zip(line, widths, strict=True))))
-        print("\n".join(notes))
-        return
-    table = Table(title=title)
-    for i, c in enumerate(cols):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
-        console = Console(width=120)
-    console.print(table)
-    for n in notes:
-        console.print(n, markup=False, highlight=False)
+    print_report([make_table(title, cols, rows)], notes)

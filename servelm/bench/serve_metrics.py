@@ -11,7 +11,6 @@ counts as 0). Keys match `vllm bench serve` result files so tools can read eithe
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +137,3 @@ def max_concurrency(records: list[RequestRecord]) -> int:
         cur += delta
         peak = max(peak, cur)
     return peak
-
-
-def mean_or_none(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None

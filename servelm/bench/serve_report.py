@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from servelm.bench.report import console as make_console
+from servelm.bench.report import make_table
 from servelm.bench.serve_metrics import METRICS, percentile_key
 
 
@@ -15,19 +16,12 @@ def _ms(run: dict[str, Any], stat: str, name: str) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def _table(title: str, cols: list[str]) -> Table:
-    table = Table(title=title)
-    for i, c in enumerate(cols):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    return table
-
-
 def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool) -> Table:
     cols = ["rate", "done", "failed", "duration s", "req/s", "out tok/s"]
     cols += ["goodput req/s"] if goodput else []
     for name in METRICS:
         cols += [f"mean {name} ms", f"{tail} {name} ms"]
-    table = _table(title, cols)
+    table = make_table(title, cols)
     for run in runs:
         row = [str(run["request_rate"]), str(run["completed"]), str(run["failed"]),
                f"{run['duration_s']:.1f}", f"{run['request_throughput']:.2f}",
@@ -46,7 +40,7 @@ def comparison_table(systems: dict[str, list[dict[str, Any]]], tail: str) -> Tab
     cols = ["rate"] + [f"{n} out tok/s" for n in names]
     cols += [f"servelm/{n} tok/s" for n in others] if "servelm" in systems else []
     cols += [f"{n} {tail} {m} ms" for m in ("ttft", "tpot") for n in names]
-    table = _table("side by side", cols)
+    table = make_table("side by side", cols)
     for i, run in enumerate(systems[names[0]]):
         per = {n: systems[n][i] for n in names}
         row = [str(run["request_rate"])] + [f"{per[n]['output_throughput']:.1f}" for n in names]
@@ -61,9 +55,7 @@ def comparison_table(systems: dict[str, list[dict[str, Any]]], tail: str) -> Tab
 def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
                        result: dict[str, Any]) -> None:
     tail = percentile_key(max(cfg.metric_percentiles)) if cfg.metric_percentiles else "median"
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not wrap the tables at 80 columns
-        console = Console(width=220)
+    console = make_console()
     for system, runs in systems.items():
         where = system or f"{result['model_id']} at {result['base_url']}"
         console.print(rate_table(f"serving: {where}{result['endpoint']}, "

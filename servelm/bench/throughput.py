@@ -20,6 +20,7 @@ from typing import Any
 
 from servelm.bench.datasets import BenchRequest, build_requests, summarize
 from servelm.bench.energy import EnergyMeter
+from servelm.bench.report import energy_note, make_table, print_report
 from servelm.bench.results import result_header, result_path, write_result
 
 
@@ -171,7 +172,7 @@ def _joules(r: dict[str, Any]) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    """A compact side-by-side table (rich when installed, plain text otherwise)."""
+    """A compact side-by-side table, then ratios and notes."""
     cols = ["system", "requests", "prompt tok", "output tok", "wall s", "output tok/s",
             "total tok/s", "J/out tok"]
     rows = []
@@ -198,30 +199,7 @@ def print_table(result: dict[str, Any]) -> None:
                      f"(llama.cpp computes on the quantized blocks)")
     elif "skipped" in result.get("llama.cpp", {}):
         notes.append(result["llama.cpp"]["skipped"])
-    reasons = {r.get("energy_unavailable_reason") for k in ("servelm", "transformers", "llama.cpp")
-               if isinstance(r := result.get(k), dict) and r.get("energy_j") is None
-               and "skipped" not in r}
-    if reasons - {None}:
-        notes.append("energy unavailable: " + "; ".join(sorted(reasons - {None})))
+    if (note := energy_note(result, ("servelm", "transformers", "llama.cpp"))) is not None:
+        notes.append(note)
     notes.append(f"results: {result['result_file']}")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        for line in [cols, *rows]:
-            print("  ".join(v.rjust(w) if i else v.ljust(w)
-                            for i, (v, w) in enumerate(zip(line, widths, strict=True))))
-        print("\n".join(notes))
-        return
-    table = Table(title="offline throughput")
-    for i, c in enumerate(cols):
-        table.add_column(c, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
-        console = Console(width=120)
-    console.print(table)
-    for n in notes:
-        console.print(n, markup=False, highlight=False)
+    print_report([make_table("offline throughput", cols, rows)], notes)
