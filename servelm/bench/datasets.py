@@ -56,6 +56,27 @@ def cycled(rows: list[Any], n: int, rng: random.Random) -> list[Any]:
     return out[:n]
 
 
+def read_jsonl(path: Path, need: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, each checked to have the `need` fields."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset-path: file {str(path)!r} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not all(k in row for k in need):
+                    raise KeyError(need)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{lineno}: need a JSON object with {list(need)}") from None
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
 def load_self_instruct(path: str | Path, tokenizer: Any, num_prompts: int,
                        max_output_len: int = 256, seed: int = 0,
                        max_prompt_len: int | None = None) -> list[BenchRequest]:
@@ -64,25 +85,13 @@ def load_self_instruct(path: str | Path, tokenizer: Any, num_prompts: int,
     Output length is the token count of the reference response, clamped to
     [MIN_OUTPUT_LEN, max_output_len]. Rows whose prompt exceeds `max_prompt_len` are dropped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     rows: list[BenchRequest] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, response = row["prompt"], row["response"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: need a JSON object with 'prompt' and "
-                                 f"'response' ({e})") from None
-            ids = encode_prompt(tokenizer, str(prompt))
-            if max_prompt_len is not None and len(ids) > max_prompt_len:
-                continue
-            n_out = len(tokenizer.encode(str(response), add_special_tokens=False))
-            rows.append(BenchRequest(ids, max(MIN_OUTPUT_LEN, min(n_out, max_output_len))))
+    for row in read_jsonl(Path(path), ("prompt", "response")):
+        ids = encode_prompt(tokenizer, str(row["prompt"]))
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            continue
+        n_out = len(tokenizer.encode(str(row["response"]), add_special_tokens=False))
+        rows.append(BenchRequest(ids, max(MIN_OUTPUT_LEN, min(n_out, max_output_len))))
     if not rows:
         raise ValueError(f"{path} has no usable rows")
     rng = random.Random(seed)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from servelm.bench.launch import SYSTEMS, LaunchSpec
@@ -154,8 +155,6 @@ async def run_rate(target: Target, convs: list[Conversation], turns: _Turns, rat
                 return  # the rest of this conversation depends on an answer it did not get
             answers.append(text)
 
-    import aiohttp
-
     connector = aiohttp.TCPConnector(limit=0)  # no hidden client-side cap on concurrency
     async with aiohttp.ClientSession(connector=connector) as session:
         tasks = []
@@ -173,8 +172,6 @@ async def run_rate(target: Target, convs: list[Conversation], turns: _Turns, rat
 
 async def _check_endpoint(target: Target, turns: _Turns, conv: Conversation) -> None:
     """One short request first: a wrong URL, model or key fails fast with the server's reason."""
-    import aiohttp
-
     async with aiohttp.ClientSession() as session:
         rec, _ = await stream_request(session, target, turns.prompt(conv, 0, []), 4,
                                       time.perf_counter(), lambda: 0, turns.count_output)

