@@ -20,13 +20,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of cached prompt prefixes (default on)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, num_threads=args.num_threads)
+                max_model_len=args.max_model_len, num_threads=args.num_threads,
+                enable_prefix_caching=args.enable_prefix_caching)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

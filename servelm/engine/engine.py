@@ -55,7 +55,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
-        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size)
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
+                                 config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
@@ -110,6 +111,8 @@ class LLMEngine:
             req = Request(f"{request_id}#{i}", token_ids, child, self.eos_token_ids,
                           self.max_model_len, arrival, seed)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
+            if seqs and self.kv.enable_prefix_caching:
+                req.wait_for = seqs[0]  # reuse the first sample's prompt blocks
             seqs.append(req)
         group = _Group(request_id, text, seqs, stream)
         self._groups[request_id] = group
@@ -141,6 +144,7 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         for i, req in enumerate(sched.requests):
             req.num_computed_tokens += sched.num_new_tokens[i]
+            self.kv.cache_blocks(req)
             if result.prompt_logprobs[i] is not None:
                 req.prompt_logprobs.extend(result.prompt_logprobs[i])
             token = result.sampled[i]
@@ -233,6 +237,8 @@ class LLMEngine:
             "kv_blocks_free": self.kv.num_free_blocks,
             "kv_cache_usage": self.kv.usage,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_query_tokens": self.scheduler.prefix_cache_query_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
             **self._counters,

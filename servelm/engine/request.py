@@ -51,6 +51,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.block_hashes: list[bytes] = []  # of full blocks, filled by the KV manager
+        self.wait_for: Request | None = None  # n > 1: the sample whose prompt blocks we reuse
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()

@@ -2,8 +2,10 @@
 
 There is no prefill or decode phase: each step every scheduled request gets some number of
 new tokens (a whole prompt, a prefill chunk, or one decode token) and the blocks that back
-them. When blocks run out, the most recently admitted running request is preempted by
-recompute: its blocks are freed and it goes back to the front of the waiting queue.
+them. A request being admitted first takes the longest prefix the KV cache already holds
+(prefix caching) and computes only the rest. When blocks run out, the most recently
+admitted running request is preempted by recompute: its blocks are freed (their cached
+contents stay findable until evicted) and it goes back to the front of the waiting queue.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache_query_tokens = 0  # tokens of admitted requests looked up
+        self.prefix_cache_hit_tokens = 0  # of which found in the cache
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -69,11 +73,18 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.can_allocate(req.request_id, req.num_computed_tokens + n):
+            if req.wait_for is not None and not self._prompt_done(req.wait_for):
+                break  # n > 1: let the first sample fill the prompt blocks the others share
+            cached = self.kv.find_cached(req)
+            num_cached = len(cached) * self.kv.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv.can_allocate(req.request_id, num_cached + n, cached):
                 break
             self.waiting.popleft()
-            self.kv.allocate(req.request_id, req.num_computed_tokens + n)
+            self.kv.allocate(req.request_id, num_cached + n, cached)
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            self.prefix_cache_query_tokens += req.num_tokens
+            self.prefix_cache_hit_tokens += num_cached
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -81,6 +92,10 @@ class Scheduler:
             self._add(out, req, n)
             budget -= n
         return out
+
+    @staticmethod
+    def _prompt_done(req: Request) -> bool:
+        return req.is_finished or req.num_computed_tokens >= req.num_prompt_tokens
 
     @staticmethod
     def _add(out: SchedulerOutput, req: Request, n: int) -> None:

@@ -1,28 +1,31 @@
-"""A fixed pool of KV-cache blocks with reference counts.
+"""A fixed pool of KV-cache blocks with reference counts and a content-addressed cache.
 
 `kv/` is pure bookkeeping: a block is an integer id into the KV tensors that the worker
-owns. Reference counts let later features (prefix caching, n > 1 sharing) hand the same
-physical block to several requests; a block returns to the free list only at refcount 0.
+owns. Reference counts let several requests hold the same physical block (a shared prefix,
+the prompt of n > 1 samples); a block returns to the free list only at refcount 0.
+
+Prefix caching: a full block may carry a hash of its contents (chained over every token
+before it). Freed hashed blocks keep their KV and their entry in `cached` while they sit in
+the free list, so a later request with the same prefix revives them instead of recomputing.
+The free list is ordered least- to most-recently freed; allocation takes from the front,
+evicting that block's hash if it had one. Revival and eviction are O(1) (an ordered dict).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class BlockPool:
-    """Free list plus refcounts. All operations are O(number of blocks touched).
-
-    The free list is a deque used FIFO: freed blocks go to the back, so a block that was
-    just released is the last to be reused (which is what prefix caching will want).
-    """
-
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> block holding that content
+        self.num_evicted = 0
 
     @property
     def num_free(self) -> int:
@@ -32,41 +35,70 @@ class BlockPool:
         return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` free blocks (refcount 1 each). Caller must check `can_allocate` first."""
+        """Take `n` blocks from the least recently freed end (refcount 1 each), evicting
+        their cached contents. Caller must check `can_allocate` first."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, only {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._evict(b)
             self._ref_counts[b] = 1
+            blocks.append(b)
         return blocks
 
     def share(self, blocks: list[int]) -> None:
-        """Add a reference to blocks already held by someone else."""
+        """Add a reference to each block; a free (cached) block is revived from the free list."""
         for b in blocks:
-            if self._ref_counts[b] <= 0:
-                raise RuntimeError(f"cannot share free KV block {b}")
+            if self._ref_counts[b] == 0:
+                if self._hash_of[b] is None:
+                    raise RuntimeError(f"cannot share free KV block {b}: it holds no cached content")
+                del self._free[b]
             self._ref_counts[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference from each block; blocks reaching 0 return to the free list."""
+        """Drop one reference from each block; blocks reaching 0 go to the most recently
+        freed end of the free list, keeping any cached contents until evicted."""
         for b in blocks:
             rc = self._ref_counts[b] - 1
             if rc < 0:
                 raise RuntimeError(f"double free of KV block {b}")
             self._ref_counts[b] = rc
             if rc == 0:
-                self._free.append(b)
+                self._free[b] = None
+
+    def cache(self, block: int, block_hash: bytes) -> None:
+        """Record that `block` (held by a request) now holds the content `block_hash`."""
+        if self._hash_of[block] is not None or block_hash in self.cached:
+            return  # already cached, or the same content already lives in another block
+        self._hash_of[block] = block_hash
+        self.cached[block_hash] = block
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self.cached.get(block_hash)
+
+    def is_free(self, block: int) -> bool:
+        return self._ref_counts[block] == 0
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
+    def _evict(self, block: int) -> None:
+        h = self._hash_of[block]
+        if h is not None:
+            self._hash_of[block] = None
+            del self.cached[h]
+            self.num_evicted += 1
+
     def check_invariants(self) -> None:
-        """Raise if refcounts and the free list disagree (used by tests after every run)."""
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a KV block appears twice in the free list")
+        """Raise if refcounts, the free list and the cache disagree (tests call this)."""
         for b, rc in enumerate(self._ref_counts):
             if rc < 0:
                 raise AssertionError(f"KV block {b} has negative refcount {rc}")
-            if (rc == 0) != (b in free):
-                raise AssertionError(f"KV block {b}: refcount {rc} but free={b in free}")
+            if (rc == 0) != (b in self._free):
+                raise AssertionError(f"KV block {b}: refcount {rc} but free={b in self._free}")
+        for h, b in self.cached.items():
+            if self._hash_of[b] != h:
+                raise AssertionError(f"cache maps a hash to KV block {b}, which holds another")
+        if sum(h is not None for h in self._hash_of) != len(self.cached):
+            raise AssertionError("a KV block carries a hash the cache does not know")

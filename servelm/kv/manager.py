@@ -1,26 +1,46 @@
-"""Per-request block tables on top of the block pool.
+"""Per-request block tables on top of the block pool, with automatic prefix caching.
 
-The scheduler speaks to this class only in paired calls — `can_allocate` then `allocate`,
-and `free` — and never sees a block's refcount. The worker reads `block_table` to build
-slot mappings.
+The scheduler speaks to this class in paired calls — `find_cached` + `can_allocate` then
+`allocate`, and `free` — and never sees a block's refcount. The worker reads `block_table`
+to build slot mappings; the engine calls `cache_blocks` after each step so blocks that just
+became full are findable by later requests.
+
+A full block's identity is a hash chained over its parent's hash and its own token ids, so
+equal hashes mean equal prefixes and equal KV (nothing else in servelm changes the KV of a
+token: one model, one dtype per engine).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from typing import TYPE_CHECKING
+
 from servelm.kv.block_pool import BlockPool
+
+if TYPE_CHECKING:
+    from servelm.engine.request import Request
+
+ROOT_HASH = b"servelm-prefix-root"
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._num_cached: dict[str, int] = {}  # leading blocks of a table already in the cache
 
     @property
     def num_blocks(self) -> int:
@@ -32,29 +52,78 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use, 0..1."""
+        """Fraction of blocks held by requests, 0..1 (cached free blocks count as free)."""
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
-    def blocks_needed(self, request_id: str, num_tokens: int) -> int:
-        """New blocks a request needs so that `num_tokens` tokens in total have a slot."""
-        held = len(self._tables.get(request_id, ()))
-        return max(0, cdiv(num_tokens, self.block_size) - held)
+    def block_hashes(self, req: Request, num_blocks: int) -> list[bytes]:
+        """Hashes of the request's first `num_blocks` full blocks, extended incrementally."""
+        hashes, bs = req.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else ROOT_HASH
+            hashes.append(block_hash(parent, req.all_token_ids[i * bs:(i + 1) * bs]))
+        return hashes[:num_blocks]
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        return self.pool.can_allocate(self.blocks_needed(request_id, num_tokens))
+    def find_cached(self, req: Request) -> list[int]:
+        """Blocks holding the request's longest cached prefix (full blocks only).
 
-    def allocate(self, request_id: str, num_tokens: int) -> None:
-        """Grow the request's block table to cover `num_tokens` tokens."""
-        need = self.blocks_needed(request_id, num_tokens)
+        The last token is always left to compute, since its logits pick the next token; a
+        request that wants prompt logprobs computes everything.
+        """
+        if not self.enable_prefix_caching or req.wants_prompt_logprobs:
+            return []
+        blocks = []
+        for h in self.block_hashes(req, (req.num_tokens - 1) // self.block_size):
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks
+
+    def blocks_needed(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> int:
+        """Free-list blocks a request consumes so that `num_tokens` tokens in total have a
+        slot: new blocks, plus cached blocks that must be revived from the free list."""
+        held = len(self._tables.get(request_id, ())) + len(cached)
+        revived = sum(self.pool.is_free(b) for b in cached)
+        return max(0, cdiv(num_tokens, self.block_size) - held) + revived
+
+    def can_allocate(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> bool:
+        return self.pool.can_allocate(self.blocks_needed(request_id, num_tokens, cached))
+
+    def allocate(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> None:
+        """Grow the request's block table to cover `num_tokens` tokens, starting with the
+        `cached` prefix blocks when it is first admitted."""
         table = self._tables.setdefault(request_id, [])
+        if cached:
+            if table:
+                raise RuntimeError(f"{request_id}: cached blocks can only start a block table")
+            self.pool.share(cached)
+            table.extend(cached)
+            self._num_cached[request_id] = len(cached)
+        need = max(0, cdiv(num_tokens, self.block_size) - len(table))
         if need:
             table.extend(self.pool.allocate(need))
 
+    def cache_blocks(self, req: Request) -> None:
+        """Make the request's newly completed full blocks findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(req.request_id)
+        if not table:
+            return
+        full = min(req.num_computed_tokens // self.block_size, len(table))
+        done = self._num_cached.get(req.request_id, 0)
+        if full > done:
+            for b, h in zip(table[done:full], self.block_hashes(req, full)[done:]):
+                self.pool.cache(b, h)
+            self._num_cached[req.request_id] = full
+
     def free(self, request_id: str) -> None:
         table = self._tables.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
         if table:
-            # Free the tail first so, under FIFO reuse, a request's first blocks stay
-            # untouched the longest (prefix caching revives from the front).
+            # Free the tail first, so in eviction order it comes before the request's first
+            # blocks, which other requests are likelier to share.
             self.pool.free(table[::-1])
 
     def block_table(self, request_id: str) -> list[int]:
@@ -62,6 +131,11 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
-        held = sum(len(t) for t in self._tables.values())
-        if held != self.pool.num_blocks - self.pool.num_free:
-            raise AssertionError(f"{held} blocks in tables but {self.pool.num_blocks - self.pool.num_free} in use")
+        refs: dict[int, int] = {}
+        for table in self._tables.values():
+            for b in table:
+                refs[b] = refs.get(b, 0) + 1
+        for b in range(self.pool.num_blocks):
+            if refs.get(b, 0) != self.pool.ref_count(b):
+                raise AssertionError(f"KV block {b}: {refs.get(b, 0)} tables hold it but its "
+                                     f"refcount is {self.pool.ref_count(b)}")

@@ -39,6 +39,10 @@ class _EngineCollector:
             ("servelm:prompt_tokens", "prompt_tokens_total", "Prompt tokens processed."),
             ("servelm:generation_tokens", "generation_tokens_total", "Tokens generated."),
             ("servelm:num_preemptions", "num_preemptions", "Sequences preempted."),
+            ("servelm:prefix_cache_queries", "prefix_cache_query_tokens",
+             "Prompt tokens looked up in the prefix cache."),
+            ("servelm:prefix_cache_hits", "prefix_cache_hit_tokens",
+             "Prompt tokens found in the prefix cache."),
         ):
             yield CounterMetricFamily(name, doc, value=m[key])
 

@@ -54,7 +54,10 @@ def test_tokenize_roundtrip(server):
 
 def test_prometheus_metrics(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    client.completions.create(model="tiny", prompt="count me", max_tokens=3, extra_body={"ignore_eos": True})
+    long_prompt = "count me please " * 8  # several full blocks, so the repeat hits the cache
+    for _ in range(2):
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=3,
+                                  extra_body={"ignore_eos": True})
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -63,8 +66,10 @@ def test_prometheus_metrics(server):
                  "servelm:kv_cache_usage_perc", "servelm:prompt_tokens_total",
                  "servelm:generation_tokens_total", "servelm:num_preemptions_total",
                  "servelm:time_to_first_token_seconds_count", "servelm:inter_token_latency_seconds_count",
-                 "servelm:e2e_request_latency_seconds_count", "servelm:request_queue_time_seconds_count"):
+                 "servelm:e2e_request_latency_seconds_count", "servelm:request_queue_time_seconds_count",
+                 "servelm:prefix_cache_queries_total", "servelm:prefix_cache_hits_total"):
         assert name in values, name
+    assert 0 < values["servelm:prefix_cache_hits_total"] < values["servelm:prefix_cache_queries_total"]
     assert values["servelm:generation_tokens_total"] >= 3
     assert 0 <= values["servelm:kv_cache_usage_perc"] <= 1
     assert values["servelm:e2e_request_latency_seconds_count"] >= 1
