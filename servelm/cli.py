@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of cached prompt prefixes (default on)")
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                   help="what happens to a preempted request's KV: dropped and recomputed, or "
+                        "swapped to CPU memory and back")
+    g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU swap space for --preemption-mode swap")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -29,7 +33,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kv_cache_memory_gb=args.kv_cache_memory_gb,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, num_threads=args.num_threads,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching,
+                preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # or "swap": victims' KV goes to a CPU buffer
+    swap_space_gb: float = 4.0  # size of that buffer (used only with preemption_mode="swap")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -43,6 +46,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
+        if not self.swap_space_gb > 0:
+            raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
 

@@ -1,9 +1,10 @@
 """Start a peer's OpenAI-compatible server for `bench serve --launch`, then stop it.
 
 One command then measures servelm and its peers on the same weights, threads and workload,
-one server at a time so they never compete for the cores: servelm's own `serve`, and the
-llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), both on
-a free 127.0.0.1 port, reading the same GGUF file.
+one server at a time so they never compete for the cores: servelm's own `serve` (also as
+`servelm-no-prefix-cache`, to measure what prefix caching buys) and the llama.cpp server of
+llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on a free 127.0.0.1
+port, reading the same GGUF file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SYSTEMS = ("servelm", "llama.cpp")
+SYSTEMS = ("servelm", "servelm-no-prefix-cache", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,12 @@ def _gguf(model: str | None) -> str:
 
 
 def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
-    if system == "servelm":
+    if system.startswith("servelm"):
         cmd = [sys.executable, "-m", "servelm.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--num-threads", str(spec.num_threads), "--dtype", spec.dtype,
                "--max-model-len", str(spec.max_model_len)]
+        if system == "servelm-no-prefix-cache":  # the same server with prefix caching off
+            cmd.append("--no-enable-prefix-caching")
         return cmd + (["--model", spec.model] if spec.model else [])
     if system == "llama.cpp":
         import importlib.util

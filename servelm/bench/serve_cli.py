@@ -47,7 +47,7 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--launch", type=_names, default=[],
                    help="start these servers one after another on the same GGUF instead of "
-                        "using --base-url: servelm, llama.cpp (e.g. servelm,llama.cpp)")
+                        "using --base-url: servelm, servelm-no-prefix-cache, llama.cpp")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
     g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],

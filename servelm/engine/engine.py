@@ -56,8 +56,9 @@ class LLMEngine:
         self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
-                                 config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs)
+                                 config.enable_prefix_caching, self.runner.num_swap_blocks)
+        self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
+                                   config.preemption_mode)
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
@@ -135,6 +136,8 @@ class LLMEngine:
         """Schedule, run one forward pass, apply its tokens. Returns outputs for finished
         requests, and for streaming requests that produced something this step."""
         sched = self.scheduler.schedule()
+        if sched.swap_out or sched.swap_in:  # before any block is written again
+            self.runner.swap(sched.swap_out, sched.swap_in)
         if not sched.requests:
             return []
         tables = [self.kv.block_table(r.request_id) for r in sched.requests]
@@ -241,5 +244,8 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_swapped": len(self.scheduler.swapped),
+            "num_swapped_blocks": self.kv.num_swapped_blocks,
+            "num_swap_out_blocks": self.kv.num_swap_outs,
             **self._counters,
         }

@@ -25,6 +25,8 @@ class SchedulerOutput:
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (cache block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, cache block)
 
 
 class Scheduler:
@@ -33,12 +35,15 @@ class Scheduler:
         kv: KVCacheManager,
         max_num_batched_tokens: int,
         max_num_seqs: int,
+        preemption_mode: str = "recompute",
     ) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.preemption_mode = preemption_mode
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()  # preempted by swap, resumed before new admissions
         self.num_preemptions = 0
         self.prefix_cache_query_tokens = 0  # tokens of admitted requests looked up
         self.prefix_cache_hit_tokens = 0  # of which found in the cache
@@ -68,8 +73,23 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Waiting requests, in queue order, unless this step already had to preempt.
-        while self.waiting and budget > 0 and not out.preempted:
+        # 2. Swapped-out requests come back first, oldest first, their KV copied back in.
+        while self.swapped and budget > 0 and not out.preempted:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            req = self.swapped[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.can_swap_in(req.request_id, req.num_computed_tokens + n):
+                break
+            self.swapped.popleft()
+            out.swap_in.extend(self.kv.swap_in(req.request_id, req.num_computed_tokens + n))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, n)
+            budget -= n
+
+        # 3. Waiting requests, in queue order, unless this step already had to preempt.
+        while self.waiting and not self.swapped and budget > 0 and not out.preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
@@ -103,14 +123,21 @@ class Scheduler:
         out.num_new_tokens.append(n)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Swap the victim's KV out when that mode is on and swap space has room; else
+        free it and recompute the request from its tokens later."""
         self.running.remove(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+        if self.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
+            out.swap_out.extend(self.kv.swap_out(req.request_id))
+            req.status = RequestStatus.SWAPPED
+            self.swapped.appendleft(req)
+            return
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
-        out.preempted.append(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Remove a request from whichever queue holds it and release its blocks."""
@@ -120,5 +147,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.swapped:
+            self.swapped.remove(req)
         self.kv.free(req.request_id)
         req.finished_time = time.monotonic()

@@ -33,14 +33,18 @@ def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_blocks: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks else None
         self._tables: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}  # leading blocks of a table already in the cache
+        self._swapped: dict[str, list[int]] = {}  # request -> its blocks in swap space
+        self.num_swap_outs = 0  # blocks copied out, cumulative
 
     @property
     def num_blocks(self) -> int:
@@ -118,7 +122,46 @@ class KVCacheManager:
                 self.pool.cache(b, h)
             self._num_cached[req.request_id] = full
 
+    # ---- preemption by swap: a victim's blocks move to swap space and back ---------------
+    @property
+    def num_swapped_blocks(self) -> int:
+        return 0 if self.swap_pool is None else self.swap_pool.num_blocks - self.swap_pool.num_free
+
+    def can_swap_out(self, request_id: str) -> bool:
+        return self.swap_pool is not None and self.swap_pool.can_allocate(
+            len(self._tables.get(request_id, ())))
+
+    def swap_out(self, request_id: str) -> list[tuple[int, int]]:
+        """Give up the request's cache blocks for swap blocks; returns the copies to make
+        (cache block, swap block) before those cache blocks are written again."""
+        table = self._tables.get(request_id, [])
+        slots = self.swap_pool.allocate(len(table))
+        self._swapped[request_id] = slots
+        self.num_swap_outs += len(table)
+        pairs = list(zip(table, slots))
+        self._free_table(request_id)
+        return pairs
+
+    def can_swap_in(self, request_id: str, num_tokens: int) -> bool:
+        return self.pool.can_allocate(cdiv(num_tokens, self.block_size))
+
+    def swap_in(self, request_id: str, num_tokens: int) -> list[tuple[int, int]]:
+        """New cache blocks for a swapped request (enough for `num_tokens`); returns the
+        copies to make (swap block, cache block) before it runs."""
+        slots = self._swapped.pop(request_id)
+        table = self.pool.allocate(cdiv(num_tokens, self.block_size))
+        self._tables[request_id] = table
+        self.swap_pool.free(slots)
+        return list(zip(slots, table))
+
     def free(self, request_id: str) -> None:
+        """Release everything the request holds, in the cache and in swap space."""
+        swapped = self._swapped.pop(request_id, None)
+        if swapped:
+            self.swap_pool.free(swapped)
+        self._free_table(request_id)
+
+    def _free_table(self, request_id: str) -> None:
         table = self._tables.pop(request_id, None)
         self._num_cached.pop(request_id, None)
         if table:
@@ -131,6 +174,11 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
+        if self.swap_pool is not None:
+            self.swap_pool.check_invariants()
+            held = sum(len(s) for s in self._swapped.values())
+            if held != self.num_swapped_blocks:
+                raise AssertionError(f"{held} swap blocks held but {self.num_swapped_blocks} in use")
         refs: dict[int, int] = {}
         for table in self._tables.values():
             for b in table:

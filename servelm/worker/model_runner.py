@@ -63,8 +63,32 @@ class ModelRunner:
         self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
         for i, layer in enumerate(self.model.layers):
             layer.attn.kv_cache = self.kv_cache[i]
+        # Swap space: the same layout in host memory, for preemption by swap. `empty`, so
+        # the pages cost nothing until a victim is actually swapped out.
+        self.num_swap_blocks = (int(config.swap_space_gb * 2**30) // per_block
+                                if config.preemption_mode == "swap" else 0)
+        self.swap_space = torch.empty(arch.num_layers, 2, self.num_swap_blocks * config.block_size,
+                                      arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)  # for min_tokens masking
+
+    @torch.inference_mode()
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy (cache block, swap block) pairs out, then (swap block, cache block) pairs in.
+
+        Out goes first: a cache block a victim just left may be where a resumed request's
+        blocks land in the same step.
+        """
+        if swap_out:
+            self._copy_blocks(self.kv_cache, self.swap_space, swap_out)
+        if swap_in:
+            self._copy_blocks(self.swap_space, self.kv_cache, swap_in)
+
+    def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        offsets = torch.arange(self.block_size)
+        src_slots = (torch.tensor([s for s, _ in pairs])[:, None] * self.block_size + offsets).flatten()
+        dst_slots = (torch.tensor([d for _, d in pairs])[:, None] * self.block_size + offsets).flatten()
+        dst.index_copy_(2, dst_slots, src.index_select(2, src_slots))
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:

@@ -24,4 +24,5 @@ def make_llm() -> Iterator[Callable[..., LLM]]:
         kv = llm.engine.kv
         kv.check_invariants()
         assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked after the test"
+        assert kv.num_swapped_blocks == 0, "swap blocks leaked after the test"
         assert not llm.engine.has_unfinished_requests()

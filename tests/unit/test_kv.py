@@ -54,3 +54,22 @@ def test_manager_grows_tables_by_block():
     assert kv.num_free_blocks == 3
     kv.free("b")
     assert kv.num_free_blocks == 5
+
+
+def test_swap_out_and_in_move_blocks_between_pools():
+    kv = KVCacheManager(8, 4, num_swap_blocks=4)
+    kv.allocate("a", 10)  # 3 blocks
+    table = list(kv.block_table("a"))
+    assert kv.can_swap_out("a")
+    out = kv.swap_out("a")
+    assert [c for c, _ in out] == table and kv.num_free_blocks == 8
+    assert kv.num_swapped_blocks == 3
+    back = kv.swap_in("a", 11)  # one more token: still 3 blocks
+    assert [s for s, _ in back] == [s for _, s in out] and len(kv.block_table("a")) == 3
+    assert kv.num_swapped_blocks == 0
+    kv.check_invariants()
+    kv.swap_out("a")
+    kv.free("a")  # a request aborted while swapped frees its swap blocks
+    assert kv.num_swapped_blocks == 0 and kv.num_free_blocks == 8
+    kv.check_invariants()
+    assert not KVCacheManager(8, 4).can_swap_out("a")  # no swap space configured
