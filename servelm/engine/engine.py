@@ -231,6 +231,7 @@ class LLMEngine:
             metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time,
                                    first.first_token_time, first.finished_time),
             error=group.error,
+            num_cached_tokens=first.num_cached_tokens,
         )
 
     # ---- introspection -----------------------------------------------------------------

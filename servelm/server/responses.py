@@ -7,11 +7,13 @@ from typing import Any
 from servelm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # OpenAI's field for cache hits
 
 
 def _top(entry: PositionLogprobs, k: int) -> list[tuple[int, float]]:

@@ -55,9 +55,10 @@ def test_tokenize_roundtrip(server):
 def test_prometheus_metrics(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     long_prompt = "count me please " * 8  # several full blocks, so the repeat hits the cache
-    for _ in range(2):
-        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=3,
-                                  extra_body={"ignore_eos": True})
+    first, again = (client.completions.create(model="tiny", prompt=long_prompt, max_tokens=3,
+                                              extra_body={"ignore_eos": True}) for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
