@@ -26,6 +26,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what happens to a preempted request's KV: dropped and recomputed, or "
                         "swapped to CPU memory and back")
     g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU swap space for --preemption-mode swap")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq"],
+                   help="who runs first when not everyone fits (see servelm/engine/policies.py)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -34,7 +36,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, num_threads=args.num_threads,
                 enable_prefix_caching=args.enable_prefix_caching,
-                preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
+                preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
+                scheduling_policy=args.scheduling_policy)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

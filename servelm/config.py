@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from servelm.engine.policies import POLICIES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -32,6 +34,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # or "swap": victims' KV goes to a CPU buffer
     swap_space_gb: float = 4.0  # size of that buffer (used only with preemption_mode="swap")
+    scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -49,6 +52,9 @@ class EngineConfig:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
                              f"got {self.preemption_mode!r}")
+        if self.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {POLICIES}, "
+                             f"got {self.scheduling_policy!r}")
         if not self.swap_space_gb > 0:
             raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -34,7 +34,9 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
+        """`priority` (one for all or one per prompt) matters with scheduling_policy="priority"."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -50,10 +52,16 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts"
                 )
+        if priority is None or isinstance(priority, int):
+            priorities = [priority or 0] * len(prompts)
+        else:
+            priorities = list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority has {len(priorities)} entries but there are {len(prompts)} prompts")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, params in zip(ids, prompts, params_list):
-                self.engine.add_request(rid, prompt, params)
+            for rid, prompt, params, prio in zip(ids, prompts, params_list, priorities):
+                self.engine.add_request(rid, prompt, params, priority=prio)
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)

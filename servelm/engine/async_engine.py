@@ -41,7 +41,7 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
         self._lock = threading.Lock()  # guards _streams and _inbox; never held during a step
-        self._inbox: deque[tuple[str, str, PromptInput | None, SamplingParams | None]] = deque()
+        self._inbox: deque[tuple[str, str, PromptInput | None, SamplingParams | None, int]] = deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -56,14 +56,14 @@ class AsyncLLM:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def generate(self, request_id: str, prompt: PromptInput,
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput whenever the request makes progress; the last is finished.
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._streams[request_id] = stream
-            self._inbox.append(("add", request_id, prompt, params))
+            self._inbox.append(("add", request_id, prompt, params, priority))
         self._wakeup.set()
         finished = False
         try:
@@ -82,7 +82,7 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
-            self._inbox.append(("abort", request_id, None, None))
+            self._inbox.append(("abort", request_id, None, None, 0))
         self._wakeup.set()
 
     @property
@@ -106,12 +106,12 @@ class AsyncLLM:
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
-        for kind, request_id, prompt, params in items:
+        for kind, request_id, prompt, params, priority in items:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params, stream=True)
+                self.engine.add_request(request_id, prompt, params, stream=True, priority=priority)
             except Exception as exc:  # a rejected prompt: the caller raises it (400 in the server)
                 self._deliver(request_id, exc, last=True)
 

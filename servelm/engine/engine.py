@@ -12,6 +12,7 @@ import torch
 
 from servelm.config import EngineConfig
 from servelm.engine.detokenizer import IncrementalDetokenizer
+from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
 from servelm.engine.scheduler import Scheduler
 from servelm.kv.manager import KVCacheManager, cdiv
@@ -58,7 +59,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
                                  config.enable_prefix_caching, self.runner.num_swap_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
-                                   config.preemption_mode)
+                                   config.preemption_mode, Policy(config.scheduling_policy))
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
@@ -98,7 +99,10 @@ class LLMEngine:
                              f"({self.kv.num_blocks} blocks of {self.kv.block_size} tokens)")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, stream: bool = False) -> None:
+                    arrival_time: float | None = None, stream: bool = False,
+                    priority: int = 0) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer (lower runs first), got {priority!r}")
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -112,6 +116,7 @@ class LLMEngine:
             req = Request(f"{request_id}#{i}", token_ids, child, self.eos_token_ids,
                           self.max_model_len, arrival, seed)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
+            req.priority = priority
             if seqs and self.kv.enable_prefix_caching:
                 req.wait_for = seqs[0]  # reuse the first sample's prompt blocks
             seqs.append(req)
@@ -241,6 +246,7 @@ class LLMEngine:
             "kv_blocks_free": self.kv.num_free_blocks,
             "kv_cache_usage": self.kv.usage,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_policy_preemptions": self.scheduler.num_policy_preemptions,
             "prefix_cache_query_tokens": self.scheduler.prefix_cache_query_tokens,
             "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
             "num_requests_running": len(self.scheduler.running),

@@ -55,6 +55,11 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.block_hashes: list[bytes] = []  # of full blocks, filled by the KV manager
         self.wait_for: Request | None = None  # n > 1: the sample whose prompt blocks we reuse
+        self.priority = 0  # lower runs first under the priority policy
+        self.arrival_step = 0  # scheduler step it arrived at: priority and sjf aging
+        self.last_scheduled_step = 0  # scheduler step it last ran (or arrived): mlfq promotion
+        self.mlfq_join_level = 0  # mlfq: queue it joined (or was promoted to)
+        self.mlfq_base_tokens = 0  # mlfq: output tokens it had when it joined that queue
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()

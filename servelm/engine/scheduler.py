@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
 from servelm.kv.manager import KVCacheManager
 
@@ -36,24 +37,34 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         preemption_mode: str = "recompute",
+        policy: Policy | None = None,
     ) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.preemption_mode = preemption_mode
+        self.policy = policy or Policy()
+        self.step_count = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()  # preempted by swap, resumed before new admissions
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # for lack of KV blocks
+        self.num_policy_preemptions = 0  # to run a request the policy ranks higher
         self.prefix_cache_query_tokens = 0  # tokens of admitted requests looked up
         self.prefix_cache_hit_tokens = 0  # of which found in the cache
 
     def add(self, request: Request) -> None:
+        request.arrival_step = request.last_scheduled_step = self.step_count
+        if self.policy.name == "mlfq":
+            request.mlfq_join_level = self.policy.join_level(request)
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        self.step_count += 1
+        if self.policy.reorders:
+            self._order_by_policy()
 
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -113,12 +124,37 @@ class Scheduler:
             budget -= n
         return out
 
+    def _order_by_policy(self) -> None:
+        """Sort both queues by the policy's key and, when the batch is full, preempt running
+        requests that rank below a waiting one. Those preemptions recompute rather than swap:
+        their blocks stay in the prefix cache, and a swapped request would be resumed first."""
+        step = self.step_count
+        if self.policy.name == "mlfq":
+            for req in self.waiting:
+                self.policy.mlfq_promote_if_starved(req, step)
+
+        def key(req: Request) -> tuple[float, float]:
+            return self.policy.key(req, step)
+
+        self.running.sort(key=key)
+        self.waiting = deque(sorted(self.waiting, key=key))
+        while (self.waiting and self.running and len(self.running) >= self.max_num_seqs
+               and key(self.waiting[0]) < key(self.running[-1])):
+            victim = self.running.pop()
+            self.kv.free(victim.request_id)
+            victim.status = RequestStatus.WAITING
+            victim.num_computed_tokens = 0
+            victim.num_preemptions += 1
+            self.num_policy_preemptions += 1
+            self.waiting.append(victim)
+        self.waiting = deque(sorted(self.waiting, key=key))
+
     @staticmethod
     def _prompt_done(req: Request) -> bool:
         return req.is_finished or req.num_computed_tokens >= req.num_prompt_tokens
 
-    @staticmethod
-    def _add(out: SchedulerOutput, req: Request, n: int) -> None:
+    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        req.last_scheduled_step = self.step_count
         out.requests.append(req)
         out.num_new_tokens.append(n)
 

@@ -33,8 +33,8 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
     tok = llm.tokenizer
     metrics = ServerMetrics(llm.engine)
 
-    def generate(request_id: str, prompt, params):
-        return metrics.observe(llm.generate(request_id, prompt, params))
+    def generate(request_id: str, prompt, params, priority: int = 0):
+        return metrics.observe(llm.generate(request_id, prompt, params, priority))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -101,7 +101,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         params = body.sampling_params(body.max_tokens, body.logprobs)
         rid = llm.new_request_id("cmpl")
         prompts = body.prompts()
-        streams = [generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+        streams = [generate(f"{rid}-{i}", p, params, body.priority) for i, p in enumerate(prompts)]
         base = {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": served_model_name}
         if body.stream:
@@ -125,7 +125,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
         rid = llm.new_request_id("chatcmpl")
-        streams = [generate(rid, {"prompt_token_ids": ids}, params)]
+        streams = [generate(rid, {"prompt_token_ids": ids}, params, body.priority)]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": served_model_name}
         if body.stream:

@@ -25,6 +25,7 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    priority: int = 0  # with --scheduling-policy priority: lower runs first (vLLM's field)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None

@@ -1,0 +1,81 @@
+"""Who runs first: the scheduling policies, as an ordering over requests.
+
+Each policy maps a request to a sort key (smaller runs first). The scheduler admits waiting
+requests in key order, and when the batch is full (`max_num_seqs`) it preempts a running
+request whose key is worse than a waiting one's, at token granularity (any step). Every
+policy but FCFS ages its keys in scheduler steps, so no request starves. Under priority a
+request gains one level per `aging_steps` steps since it arrived, so it waits at most for
+requests that arrived less than (its priority - theirs) x `aging_steps` steps after it; sjf
+forgives `aging_tokens` of predicted length per step since arrival, the same way. mlfq
+returns a request that has not run for `aging_steps` steps to the top queue with a fresh
+quantum (FastServe's promotion).
+
+- fcfs: arrival order; never preempts for ordering (only when memory runs out).
+- priority: the request's `priority` (lower first, as in vLLM), FCFS within a level.
+- sjf: shortest predicted remaining output first. The prediction is the request's
+  `max_tokens` bound: what a client says it needs, and the only length known up front.
+- mlfq: FastServe's skip-join multi-level feedback queue. Queue i has a quantum of
+  `base_quantum * 2**i` generated tokens; a new request skips the queues whose quantum its
+  prefill alone would overrun (prompt tokens / `prefill_tokens_per_quantum_token`), runs
+  until it has used its quantum, then drops a level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from servelm.engine.request import Request
+
+POLICIES = ("fcfs", "priority", "sjf", "mlfq")
+
+
+@dataclass
+class Policy:
+    name: str = "fcfs"
+    aging_steps: int = 200  # priority: steps per level gained; mlfq: steps idle before promotion
+    aging_tokens: int = 1  # sjf: predicted tokens forgiven per step since arrival
+    base_quantum: int = 16  # mlfq: tokens of the top queue's quantum
+    num_levels: int = 6
+    prefill_tokens_per_quantum_token: int = 32  # mlfq skip-join: prefill cost in decode tokens
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.name!r}")
+
+    @property
+    def reorders(self) -> bool:
+        return self.name != "fcfs"
+
+    def join_level(self, req: Request) -> int:
+        """mlfq skip-join: the first queue whose quantum covers the prompt's prefill."""
+        cost = req.num_prompt_tokens / self.prefill_tokens_per_quantum_token
+        level = 0
+        while level < self.num_levels - 1 and cost > self.base_quantum * 2**level:
+            level += 1
+        return level
+
+    def mlfq_level(self, req: Request) -> int:
+        """The level a request has sunk to after the tokens it generated since joining."""
+        level, left = req.mlfq_join_level, req.num_output_tokens - req.mlfq_base_tokens
+        while level < self.num_levels - 1 and left >= self.base_quantum * 2**level:
+            left -= self.base_quantum * 2**level
+            level += 1
+        return level
+
+    def mlfq_promote_if_starved(self, req: Request, step: int) -> None:
+        """mlfq anti-starvation: a request that has not run for `aging_steps` steps goes back
+        to the top queue with a fresh quantum."""
+        if step - req.last_scheduled_step >= self.aging_steps:
+            req.mlfq_join_level, req.mlfq_base_tokens = 0, req.num_output_tokens
+            req.last_scheduled_step = step
+
+    def key(self, req: Request, step: int) -> tuple[float, float]:
+        age = step - req.arrival_step
+        if self.name == "priority":
+            return (req.priority - age / self.aging_steps, req.arrival_time)
+        if self.name == "sjf":
+            remaining = req.max_tokens - req.num_output_tokens
+            return (remaining - age * self.aging_tokens, req.arrival_time)
+        if self.name == "mlfq":
+            return (self.mlfq_level(req), req.arrival_time)
+        return (0, req.arrival_time)
