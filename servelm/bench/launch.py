@@ -2,9 +2,9 @@
 
 One command then measures servelm and its peers on the same weights, threads and workload,
 one server at a time so they never compete for the cores: servelm's own `serve` (also as
-`servelm-no-prefix-cache`, to measure what prefix caching buys) and the llama.cpp server of
-llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on a free 127.0.0.1
-port, reading the same GGUF file.
+`servelm-no-prefix-cache`, or `servelm-sjf` etc. under another scheduling policy) and the
+llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on
+a free 127.0.0.1 port, reading the same GGUF file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-SYSTEMS = ("servelm", "servelm-no-prefix-cache", "llama.cpp")
+POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
+SYSTEMS = ("servelm", "servelm-no-prefix-cache", *POLICY_VARIANTS, "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class LaunchSpec:
     num_threads: int = 2
     dtype: str = "float32"  # servelm only; llama.cpp computes with the file's own quant types
     max_model_len: int = 4096
+    max_num_seqs: int | None = None  # servelm only: a small batch makes requests queue
     startup_timeout_s: float = 180.0
 
 
@@ -64,6 +66,10 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
                "--max-model-len", str(spec.max_model_len)]
         if system == "servelm-no-prefix-cache":  # the same server with prefix caching off
             cmd.append("--no-enable-prefix-caching")
+        if system in POLICY_VARIANTS:  # the same server under another scheduling policy
+            cmd += ["--scheduling-policy", system.removeprefix("servelm-")]
+        if spec.max_num_seqs is not None:
+            cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
         return cmd + (["--model", spec.model] if spec.model else [])
     if system == "llama.cpp":
         import importlib.util

@@ -47,12 +47,15 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument("--launch", type=_names, default=[],
                    help="start these servers one after another on the same GGUF instead of "
-                        "using --base-url: servelm, servelm-no-prefix-cache, llama.cpp")
+                        "using --base-url: servelm, servelm-no-prefix-cache, "
+                        "servelm-{fcfs,priority,sjf,mlfq}, llama.cpp")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
     g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="servelm's compute dtype when launched")
     g.add_argument("--launch-max-model-len", type=int, default=4096)
+    g.add_argument("--launch-max-num-seqs", type=int, default=None,
+                   help="servelm's --max-num-seqs when launched (small values make requests queue)")
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
     g.add_argument("--dataset-path", default=None,
@@ -110,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
         launch=args.launch,
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
-                               dtype=args.launch_dtype, max_model_len=args.launch_max_model_len),
+                               dtype=args.launch_dtype, max_model_len=args.launch_max_model_len,
+                               max_num_seqs=args.launch_max_num_seqs),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)
     try:
