@@ -74,3 +74,12 @@ def test_prometheus_metrics(server):
     assert values["servelm:generation_tokens_total"] >= 3
     assert 0 <= values["servelm:kv_cache_usage_perc"] <= 1
     assert values["servelm:e2e_request_latency_seconds_count"] >= 1
+
+
+def test_priority_field_is_accepted_and_validated(server):
+    code, payload, _ = post(server.url + "/v1/completions",
+                            {"prompt": "hi", "max_tokens": 2, "priority": -3})
+    assert code == 200 and payload["choices"]
+    code, payload, _ = post(server.url + "/v1/completions",
+                            {"prompt": "hi", "max_tokens": 2, "priority": "urgent"})
+    assert code == 400 and "priority" in payload["error"]["message"]
