@@ -151,10 +151,13 @@ class LLMEngine:
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         for i, req in enumerate(sched.requests):
+            first_position = req.num_computed_tokens + 1  # of this step's prompt logprobs
             req.num_computed_tokens += sched.num_new_tokens[i]
             self.kv.cache_blocks(req)
             if result.prompt_logprobs[i] is not None:
-                req.prompt_logprobs.extend(result.prompt_logprobs[i])
+                # After a recompute, positions collected before the preemption come again.
+                known = len(req.prompt_logprobs) - first_position
+                req.prompt_logprobs.extend(result.prompt_logprobs[i][max(0, known):])
             token = result.sampled[i]
             if token is None:
                 continue

@@ -98,3 +98,28 @@ def test_starvation_is_bounded(tiny_model_dir, policy, victim, stream):
 
     assert run(aging_steps=10)
     assert not run(aging_steps=10**9)  # without aging the stream really does starve it
+
+
+def test_preempted_mid_prefill_keeps_prompt_logprobs_whole(tiny_model_dir):
+    """A request collecting prompt logprobs that is preempted between prefill chunks and
+    recomputed reports each prompt position once, with the values of an undisturbed run."""
+    prompt = [5 + (7 * i) % 300 for i in range(30)]
+    want = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=1)
+
+    def run(disturb: bool):
+        eng = engine(tiny_model_dir, "sjf", max_num_batched_tokens=8)
+        eng.add_request("a", prompt, want)
+        eng.step()  # first 8-token chunk of "a"
+        if disturb:  # shorter job: sjf preempts "a" mid-prefill
+            eng.add_request("b", [8, 9], params(2))
+        outs = {}
+        while eng.has_unfinished_requests():
+            outs.update({o.request_id: o for o in eng.step() if o.finished})
+        assert not disturb or eng.get_metrics()["num_policy_preemptions"] >= 1
+        return outs["a"].prompt_logprobs
+
+    calm, disturbed = run(False), run(True)
+    assert len(disturbed) == len(prompt) == len(calm)
+    for a, b in zip(calm[1:], disturbed[1:]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
