@@ -141,13 +141,10 @@ class Scheduler:
         while (self.waiting and self.running and len(self.running) >= self.max_num_seqs
                and key(self.waiting[0]) < key(self.running[-1])):
             victim = self.running.pop()
-            self.kv.free(victim.request_id)
-            victim.status = RequestStatus.WAITING
-            victim.num_computed_tokens = 0
             victim.num_preemptions += 1
             self.num_policy_preemptions += 1
-            self.waiting.append(victim)
-        self.waiting = deque(sorted(self.waiting, key=key))
+            self._drop_kv(victim)
+            self.waiting = deque(sorted([*self.waiting, victim], key=key))
 
     @staticmethod
     def _prompt_done(req: Request) -> bool:
@@ -170,10 +167,15 @@ class Scheduler:
             req.status = RequestStatus.SWAPPED
             self.swapped.appendleft(req)
             return
+        self._drop_kv(req)
+        self.waiting.appendleft(req)
+
+    def _drop_kv(self, req: Request) -> None:
+        """Free a preempted request's blocks (their cached contents stay findable) so it is
+        recomputed from its tokens when admitted again; the caller queues it."""
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        self.waiting.appendleft(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Remove a request from whichever queue holds it and release its blocks."""
