@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what happens to a preempted request's KV: dropped and recomputed, or "
                         "swapped to CPU memory and back")
     g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU swap space for --preemption-mode swap")
+    g.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="CPU memory for prefix-cache KV blocks evicted from the KV cache, restored "
+                        "instead of recomputed on a later hit (0: off)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq"],
                    help="who runs first when not everyone fits (see servelm/engine/policies.py)")
 
@@ -37,7 +40,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_model_len=args.max_model_len, num_threads=args.num_threads,
                 enable_prefix_caching=args.enable_prefix_caching,
                 preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
-                scheduling_policy=args.scheduling_policy)
+                cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # or "swap": victims' KV goes to a CPU buffer
     swap_space_gb: float = 4.0  # size of that buffer (used only with preemption_mode="swap")
+    cpu_offload_gb: float = 0.0  # CPU tier for evicted prefix-cache blocks (0: off); KV, not weights
     scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")
         if not self.swap_space_gb > 0:
             raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
+        if not self.cpu_offload_gb >= 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
 

@@ -2,7 +2,8 @@
 
 One command then measures servelm and its peers on the same weights, threads and workload,
 one server at a time so they never compete for the cores: servelm's own `serve` (also as
-`servelm-no-prefix-cache`, or `servelm-sjf` etc. under another scheduling policy) and the
+`servelm-no-prefix-cache`, `servelm-cpu-offload` with a CPU tier under its prefix cache, or
+`servelm-sjf` etc. under another scheduling policy) and the
 llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on
 a free 127.0.0.1 port, reading the same GGUF file.
 """
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
-SYSTEMS = ("servelm", "servelm-no-prefix-cache", *POLICY_VARIANTS, "llama.cpp")
+SYSTEMS = ("servelm", "servelm-no-prefix-cache", "servelm-cpu-offload", *POLICY_VARIANTS,
+           "llama.cpp")
+CPU_OFFLOAD_GB = 4.0  # servelm-cpu-offload's CPU tier
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class LaunchSpec:
     dtype: str = "float32"  # servelm only; llama.cpp computes with the file's own quant types
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # servelm only: a small batch makes requests queue
+    kv_cache_memory_gb: float | None = None  # servelm only: a small cache forces eviction
     startup_timeout_s: float = 180.0
 
 
@@ -66,10 +70,14 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
                "--max-model-len", str(spec.max_model_len)]
         if system == "servelm-no-prefix-cache":  # the same server with prefix caching off
             cmd.append("--no-enable-prefix-caching")
+        if system == "servelm-cpu-offload":
+            cmd += ["--cpu-offload-gb", str(CPU_OFFLOAD_GB)]
         if system in POLICY_VARIANTS:  # the same server under another scheduling policy
             cmd += ["--scheduling-policy", system.removeprefix("servelm-")]
         if spec.max_num_seqs is not None:
             cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
+        if spec.kv_cache_memory_gb is not None:
+            cmd += ["--kv-cache-memory-gb", str(spec.kv_cache_memory_gb)]
         return cmd + (["--model", spec.model] if spec.model else [])
     if system == "llama.cpp":
         import importlib.util

@@ -48,7 +48,7 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--launch", type=_names, default=[],
                    help="start these servers one after another on the same GGUF instead of "
                         "using --base-url: servelm, servelm-no-prefix-cache, "
-                        "servelm-{fcfs,priority,sjf,mlfq}, llama.cpp")
+                        "servelm-cpu-offload, servelm-{fcfs,priority,sjf,mlfq}, llama.cpp")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
     g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -56,6 +56,8 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--launch-max-model-len", type=int, default=4096)
     g.add_argument("--launch-max-num-seqs", type=int, default=None,
                    help="servelm's --max-num-seqs when launched (small values make requests queue)")
+    g.add_argument("--launch-kv-cache-memory-gb", type=float, default=None,
+                   help="servelm's --kv-cache-memory-gb when launched (small values force eviction)")
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
     g.add_argument("--dataset-path", default=None,
@@ -69,6 +71,8 @@ def add_serve_parser(bsub) -> None:
                    help="fixed output length for text datasets (default: reference length; "
                         "256 for mt-bench)")
     g.add_argument("--shared-prefix-len", type=int, default=512, help="tokens of shared system prompt")
+    g.add_argument("--shared-prefix-num-prefixes", type=int, default=1,
+                   help="distinct shared system prompts, used in turn")
     g.add_argument("--multi-turn-turns", type=int, default=3, help="user turns per conversation")
     g = p.add_argument_group("load")
     g.add_argument("--request-rate", type=_rates, default=[math.inf],
@@ -102,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=args.dataset_name, path=args.dataset_path, num_prompts=args.num_prompts,
         random_input_len=args.random_input_len, random_output_len=args.random_output_len,
         random_range_ratio=args.random_range_ratio, output_len=args.output_len,
-        shared_prefix_len=args.shared_prefix_len, multi_turn_turns=args.multi_turn_turns,
+        shared_prefix_len=args.shared_prefix_len,
+        shared_prefix_num_prefixes=args.shared_prefix_num_prefixes, multi_turn_turns=args.multi_turn_turns,
         seed=args.seed)
     cfg = ServeConfig(
         base_url=args.base_url, endpoint=args.endpoint, model=args.model, tokenizer=args.tokenizer,
@@ -114,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         launch=args.launch,
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
                                dtype=args.launch_dtype, max_model_len=args.launch_max_model_len,
-                               max_num_seqs=args.launch_max_num_seqs),
+                               max_num_seqs=args.launch_max_num_seqs,
+                               kv_cache_memory_gb=args.launch_kv_cache_memory_gb),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)
     try:

@@ -44,6 +44,7 @@ class DatasetOptions:
     random_range_ratio: float = 0.0
     output_len: int | None = None  # fixed output length for the text datasets
     shared_prefix_len: int = 512
+    shared_prefix_num_prefixes: int = 1  # distinct system prompts, taken in turn
     multi_turn_turns: int = 3
     seed: int = 0
 
@@ -116,14 +117,18 @@ def mt_bench_conversations(opt: DatasetOptions) -> list[Conversation]:
 
 
 def shared_prefix_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversation]:
-    """One long system prompt shared by every request, then a distinct question each.
+    """Long system prompts shared by the requests, then a distinct question each.
 
-    The prefix is seeded random text of `shared_prefix_len` tokens; the questions come from
-    the self-instruct file when present, else random text of `random_input_len` tokens.
+    Each prefix is seeded random text of `shared_prefix_len` tokens; request i gets prefix
+    i mod `shared_prefix_num_prefixes` (many tenants' system prompts, round robin: the
+    least-recently-used one comes back next, the hardest case for an LRU cache). The
+    questions come from the self-instruct file when present, else random text of
+    `random_input_len` tokens.
     """
     rng = random.Random(opt.seed)
     vocab = _vocab(tokenizer)
-    prefix = random_text(tokenizer, opt.shared_prefix_len, rng, vocab)
+    prefixes = [random_text(tokenizer, opt.shared_prefix_len, rng, vocab)
+                for _ in range(opt.shared_prefix_num_prefixes)]
     try:
         pairs = cycled(_instruct_pairs(tokenizer, opt), opt.num_prompts, rng)
     except FileNotFoundError:
@@ -131,7 +136,8 @@ def shared_prefix_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Con
             raise
         outs = _lengths(opt.output_len or opt.random_output_len, 0.0, opt.num_prompts, rng)
         pairs = [(random_text(tokenizer, opt.random_input_len, rng, vocab), o) for o in outs]
-    return [Conversation([q], [n], system=prefix) for q, n in pairs]
+    return [Conversation([q], [n], system=prefixes[i % len(prefixes)])
+            for i, (q, n) in enumerate(pairs)]
 
 
 def multi_turn_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversation]:
@@ -166,8 +172,9 @@ def build_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversatio
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {opt.random_range_ratio}")
     if opt.output_len is not None and opt.output_len < 1:
         raise ValueError(f"--output-len must be >= 1, got {opt.output_len}")
-    if opt.multi_turn_turns < 1 or opt.shared_prefix_len < 1:
-        raise ValueError("--multi-turn-turns and --shared-prefix-len must be >= 1")
+    if min(opt.multi_turn_turns, opt.shared_prefix_len, opt.shared_prefix_num_prefixes) < 1:
+        raise ValueError("--multi-turn-turns, --shared-prefix-len and "
+                         "--shared-prefix-num-prefixes must be >= 1")
     if opt.name == "random":
         return random_conversations(tokenizer, opt)
     if opt.name == "self-instruct":

@@ -57,7 +57,8 @@ class LLMEngine:
         self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids)
         self.max_model_len = self.runner.max_model_len
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
-                                 config.enable_prefix_caching, self.runner.num_swap_blocks)
+                                 config.enable_prefix_caching, self.runner.num_swap_blocks,
+                                 self.runner.num_offload_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode, Policy(config.scheduling_policy))
         self._groups: dict[str, _Group] = {}
@@ -141,8 +142,8 @@ class LLMEngine:
         """Schedule, run one forward pass, apply its tokens. Returns outputs for finished
         requests, and for streaming requests that produced something this step."""
         sched = self.scheduler.schedule()
-        if sched.swap_out or sched.swap_in:  # before any block is written again
-            self.runner.swap(sched.swap_out, sched.swap_in)
+        if sched.moves_kv:  # before any block is written again
+            self.runner.move_kv(sched.swap_out, sched.offload, sched.swap_in, sched.restore)
         if not sched.requests:
             return []
         tables = [self.kv.block_table(r.request_id) for r in sched.requests]
@@ -257,5 +258,8 @@ class LLMEngine:
             "num_requests_swapped": len(self.scheduler.swapped),
             "num_swapped_blocks": self.kv.num_swapped_blocks,
             "num_swap_out_blocks": self.kv.num_swap_outs,
+            "num_cpu_cached_blocks": self.kv.num_cpu_cached_blocks,
+            "num_offloaded_blocks": self.kv.num_offloaded_blocks,
+            "num_restored_blocks": self.kv.num_restored_blocks,
             **self._counters,
         }

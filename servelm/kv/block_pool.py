@@ -9,15 +9,19 @@ before it). Freed hashed blocks keep their KV and their entry in `cached` while 
 the free list, so a later request with the same prefix revives them instead of recomputing.
 The free list is ordered least- to most-recently freed; allocation takes from the front,
 evicting that block's hash if it had one. Revival and eviction are O(1) (an ordered dict).
+An `on_evict(block, hash)` hook sees each eviction before the block is handed out, so the
+contents can be saved to a second tier first.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int,
+                 on_evict: Callable[[int, bytes], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -26,6 +30,7 @@ class BlockPool:
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # block hash -> block holding that content
         self.num_evicted = 0
+        self.on_evict = on_evict
 
     @property
     def num_free(self) -> int:
@@ -77,6 +82,11 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> int | None:
         return self.cached.get(block_hash)
 
+    def touch(self, block: int) -> None:
+        """Mark a free cached block most recently used, so it is evicted last."""
+        if self._ref_counts[block] == 0:
+            self._free.move_to_end(block)
+
     def is_free(self, block: int) -> bool:
         return self._ref_counts[block] == 0
 
@@ -89,6 +99,8 @@ class BlockPool:
             self._hash_of[block] = None
             del self.cached[h]
             self.num_evicted += 1
+            if self.on_evict is not None:
+                self.on_evict(block, h)
 
     def check_invariants(self) -> None:
         """Raise if refcounts, the free list and the cache disagree (tests call this)."""

@@ -8,13 +8,20 @@ became full are findable by later requests.
 A full block's identity is a hash chained over its parent's hash and its own token ids, so
 equal hashes mean equal prefixes and equal KV (nothing else in servelm changes the KV of a
 token: one model, one dtype per engine).
+
+CPU offload (`num_offload_blocks` > 0) adds a second tier under the prefix cache: a cached
+block evicted from the KV cache is copied into a host-memory pool (itself an LRU cache of
+hashed blocks) instead of being lost, and a later prefix hit there is copied back into a
+fresh cache block instead of recomputed. The copies are recorded here and carried out by the
+worker at the start of the step (`take_tier_copies`): saves before restores, because a block
+saved this step may be the one a restore (or a new request) writes.
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from servelm.kv.block_pool import BlockPool
 
@@ -32,15 +39,34 @@ def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
+class HostBlock(NamedTuple):
+    """A prefix block found only in the CPU tier: `slot` in the host pool, its `hash`."""
+
+    slot: int
+    hash: bytes
+
+
+CachedBlock = int | HostBlock  # a cache block id, or a block to restore from the CPU tier
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_swap_blocks: int = 0) -> None:
+                 num_swap_blocks: int = 0, num_offload_blocks: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.swap_pool = BlockPool(num_swap_blocks) if num_swap_blocks else None
+        self.host_pool = None
+        if enable_prefix_caching and num_offload_blocks:
+            self.host_pool = BlockPool(num_offload_blocks)
+            self.pool.on_evict = self._offload
+        self._to_host: list[tuple[int, int]] = []  # (cache block, host slot) saves this step
+        self._from_host: list[tuple[int, int]] = []  # (host slot, cache block) restores
+        self._pinned: list[int] = []  # host slots read or written this step
+        self.num_offloaded_blocks = 0  # cumulative saves to the CPU tier
+        self.num_restored_blocks = 0  # cumulative restores from it
         self._tables: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}  # leading blocks of a table already in the cache
         self._swapped: dict[str, list[int]] = {}  # request -> its blocks in swap space
@@ -68,41 +94,44 @@ class KVCacheManager:
             hashes.append(block_hash(parent, req.all_token_ids[i * bs:(i + 1) * bs]))
         return hashes[:num_blocks]
 
-    def find_cached(self, req: Request) -> list[int]:
-        """Blocks holding the request's longest cached prefix (full blocks only).
+    def find_cached(self, req: Request) -> list[CachedBlock]:
+        """The request's longest cached prefix (full blocks only), each block found in the KV
+        cache or, failing that, in the CPU tier.
 
         The last token is always left to compute, since its logits pick the next token; a
         request that wants prompt logprobs computes everything.
         """
         if not self.enable_prefix_caching or req.wants_prompt_logprobs:
             return []
-        blocks = []
+        blocks: list[CachedBlock] = []
         for h in self.block_hashes(req, (req.num_tokens - 1) // self.block_size):
             b = self.pool.lookup(h)
+            if b is None and self.host_pool is not None:
+                slot = self.host_pool.lookup(h)
+                b = None if slot is None else HostBlock(slot, h)
             if b is None:
                 break
             blocks.append(b)
         return blocks
 
-    def blocks_needed(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> int:
+    def blocks_needed(self, request_id: str, num_tokens: int, cached: list[CachedBlock] = ()) -> int:
         """Free-list blocks a request consumes so that `num_tokens` tokens in total have a
-        slot: new blocks, plus cached blocks that must be revived from the free list."""
+        slot: new blocks, plus cached blocks revived from the free list or restored into one."""
         held = len(self._tables.get(request_id, ())) + len(cached)
-        revived = sum(self.pool.is_free(b) for b in cached)
+        revived = sum(isinstance(b, HostBlock) or self.pool.is_free(b) for b in cached)
         return max(0, cdiv(num_tokens, self.block_size) - held) + revived
 
-    def can_allocate(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> bool:
+    def can_allocate(self, request_id: str, num_tokens: int, cached: list[CachedBlock] = ()) -> bool:
         return self.pool.can_allocate(self.blocks_needed(request_id, num_tokens, cached))
 
-    def allocate(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> None:
+    def allocate(self, request_id: str, num_tokens: int, cached: list[CachedBlock] = ()) -> None:
         """Grow the request's block table to cover `num_tokens` tokens, starting with the
         `cached` prefix blocks when it is first admitted."""
         table = self._tables.setdefault(request_id, [])
         if cached:
             if table:
                 raise RuntimeError(f"{request_id}: cached blocks can only start a block table")
-            self.pool.share(cached)
-            table.extend(cached)
+            table.extend(self._take_cached(cached))
             self._num_cached[request_id] = len(cached)
         need = max(0, cdiv(num_tokens, self.block_size) - len(table))
         if need:
@@ -121,6 +150,58 @@ class KVCacheManager:
             for b, h in zip(table[done:full], self.block_hashes(req, full)[done:]):
                 self.pool.cache(b, h)
             self._num_cached[req.request_id] = full
+
+    # ---- the CPU tier under the prefix cache ----------------------------------------------
+    def _take_cached(self, cached: list[CachedBlock]) -> list[int]:
+        """Cache blocks for a found prefix: shared where already in the KV cache, fresh ones
+        (filled from the CPU tier this step) for the rest."""
+        resident = [b for b in cached if not isinstance(b, HostBlock)]
+        self.pool.share(resident)  # first, so allocating below cannot evict them
+        from_host = [b for b in cached if isinstance(b, HostBlock)]
+        if not from_host:
+            return resident
+        self.host_pool.share([b.slot for b in from_host])  # pinned until copied
+        self._pinned.extend(b.slot for b in from_host)
+        fresh = iter(self.pool.allocate(len(from_host)))
+        blocks = []
+        for b in cached:
+            if isinstance(b, HostBlock):
+                block = next(fresh)
+                self.pool.cache(block, b.hash)
+                self._from_host.append((b.slot, block))
+                b = block
+            blocks.append(b)
+        self.num_restored_blocks += len(from_host)
+        return blocks
+
+    def _offload(self, block: int, h: bytes) -> None:
+        """Save an evicted cache block's contents to the CPU tier (skipped when already
+        there, or when every host slot is in use this step)."""
+        slot = self.host_pool.lookup(h)
+        if slot is not None:
+            self.host_pool.touch(slot)
+            return
+        if not self.host_pool.can_allocate(1):
+            return
+        slot = self.host_pool.allocate(1)[0]
+        self.host_pool.cache(slot, h)
+        self._pinned.append(slot)
+        self._to_host.append((block, slot))
+        self.num_offloaded_blocks += 1
+
+    def take_tier_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This step's (cache block, host slot) saves and (host slot, cache block) restores,
+        to be copied in that order before the forward pass; their host slots are released."""
+        saves, restores = self._to_host, self._from_host
+        self._to_host, self._from_host = [], []
+        if self._pinned:
+            self.host_pool.free(self._pinned)
+            self._pinned = []
+        return saves, restores
+
+    @property
+    def num_cpu_cached_blocks(self) -> int:
+        return 0 if self.host_pool is None else len(self.host_pool.cached)
 
     # ---- preemption by swap: a victim's blocks move to swap space and back ---------------
     @property
@@ -174,6 +255,10 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
+        if self.host_pool is not None:
+            self.host_pool.check_invariants()
+            if self._pinned:
+                raise AssertionError("CPU-tier copies recorded but never taken")
         if self.swap_pool is not None:
             self.swap_pool.check_invariants()
             held = sum(len(s) for s in self._swapped.values())

@@ -43,6 +43,10 @@ class _EngineCollector:
              "Prompt tokens looked up in the prefix cache."),
             ("servelm:prefix_cache_hits", "prefix_cache_hit_tokens",
              "Prompt tokens found in the prefix cache."),
+            ("servelm:kv_offloaded_blocks", "num_offloaded_blocks",
+             "Evicted prefix-cache blocks saved to the CPU tier."),
+            ("servelm:kv_restored_blocks", "num_restored_blocks",
+             "Prefix-cache blocks restored from the CPU tier instead of recomputed."),
         ):
             yield CounterMetricFamily(name, doc, value=m[key])
 

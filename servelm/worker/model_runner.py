@@ -63,26 +63,36 @@ class ModelRunner:
         self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
         for i, layer in enumerate(self.model.layers):
             layer.attn.kv_cache = self.kv_cache[i]
-        # Swap space: the same layout in host memory, for preemption by swap. `empty`, so
-        # the pages cost nothing until a victim is actually swapped out.
+        # Host-memory pools in the same layout: swap space for preemption by swap, and the
+        # CPU tier of the prefix cache. `empty`, so pages cost nothing until first written.
         self.num_swap_blocks = (int(config.swap_space_gb * 2**30) // per_block
                                 if config.preemption_mode == "swap" else 0)
-        self.swap_space = torch.empty(arch.num_layers, 2, self.num_swap_blocks * config.block_size,
-                                      arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
+        self.num_offload_blocks = (int(config.cpu_offload_gb * 2**30) // per_block
+                                   if config.enable_prefix_caching else 0)
+        self.swap_space = self._host_blocks(self.num_swap_blocks)
+        self.offload_space = self._host_blocks(self.num_offload_blocks)
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)  # for min_tokens masking
 
-    @torch.inference_mode()
-    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
-        """Copy (cache block, swap block) pairs out, then (swap block, cache block) pairs in.
+    def _host_blocks(self, n: int) -> torch.Tensor:
+        return torch.empty(self.arch.num_layers, 2, n * self.block_size, self.arch.num_kv_heads,
+                           self.arch.head_dim, dtype=self.dtype, pin_memory=torch.cuda.is_available())
 
-        Out goes first: a cache block a victim just left may be where a resumed request's
-        blocks land in the same step.
+    @torch.inference_mode()
+    def move_kv(self, swap_out: list[tuple[int, int]], offload: list[tuple[int, int]],
+                swap_in: list[tuple[int, int]], restore: list[tuple[int, int]]) -> None:
+        """Copy KV blocks between the cache and host memory: (cache, host) pairs out to swap
+        space and the CPU tier, then (host, cache) pairs back in.
+
+        Out goes first: a cache block a victim just left, or whose evicted prefix is being
+        saved, may be where blocks coming back in land in the same step.
         """
-        if swap_out:
-            self._copy_blocks(self.kv_cache, self.swap_space, swap_out)
-        if swap_in:
-            self._copy_blocks(self.swap_space, self.kv_cache, swap_in)
+        for src, dst, pairs in ((self.kv_cache, self.swap_space, swap_out),
+                                (self.kv_cache, self.offload_space, offload),
+                                (self.swap_space, self.kv_cache, swap_in),
+                                (self.offload_space, self.kv_cache, restore)):
+            if pairs:
+                self._copy_blocks(src, dst, pairs)
 
     def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         offsets = torch.arange(self.block_size)

@@ -57,12 +57,35 @@ def test_mlfq_preempts_a_long_job_for_a_new_short_one(tiny_model_dir):
     assert eng.get_metrics()["num_policy_preemptions"] >= 1
 
 
+def test_mlfq_swaps_the_preempted_job_out_and_back(tiny_model_dir):
+    """With preemption_mode="swap" a policy preemption keeps the victim's KV (FastServe's
+    proactive swapping): nothing is recomputed and its tokens are unchanged."""
+    def run(policy: str, **options) -> tuple[dict[str, list[int]], dict]:
+        eng = engine(tiny_model_dir, policy, **options)
+        eng.add_request("long", [5, 6, 7], params(120))
+        for _ in range(40):
+            eng.step()
+        eng.add_request("short", [8, 9], params(4))
+        outs = {}
+        while eng.has_unfinished_requests():
+            outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
+        eng.kv.check_invariants()
+        return outs, eng.get_metrics()
+
+    swapped, m = run("mlfq", preemption_mode="swap")
+    # All of "long"'s ~43 tokens (11 blocks of 4) went to swap space, not to be recomputed.
+    assert m["num_policy_preemptions"] >= 1 and m["num_swap_out_blocks"] >= 11
+    assert swapped == run("fcfs")[0]
+
+
 @pytest.mark.parametrize("policy", ["priority", "sjf", "mlfq"])
-def test_same_outputs_as_fcfs(tiny_model_dir, policy):
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_same_outputs_as_fcfs(tiny_model_dir, policy, preemption_mode):
     prompts = [[5 + i, 6, 7 + 2 * i] for i in range(5)]
     outs = {}
     for name in ("fcfs", policy):
-        eng = engine(tiny_model_dir, name, max_num_batched_tokens=8)
+        eng = engine(tiny_model_dir, name, max_num_batched_tokens=8,
+                     preemption_mode=preemption_mode)
         for i, p in enumerate(prompts):
             eng.add_request(f"r{i}", p, params(6 + 7 * (i % 3)), priority=i % 2)
         got = {}

@@ -58,6 +58,11 @@ def test_shared_prefix_is_one_system_prompt(tiny_tokenizer, instruct_file):
     assert len({c.system for c in convs}) == 1
     assert len(tiny_tokenizer.encode(convs[0].system, add_special_tokens=False)) >= 60
     assert len({c.user_turns[0] for c in convs}) == 6
+    tenants = build_conversations(tiny_tokenizer, DatasetOptions(
+        name="shared-prefix", path=str(instruct_file), num_prompts=8, shared_prefix_len=64,
+        shared_prefix_num_prefixes=3))
+    systems = [c.system for c in tenants]
+    assert len(set(systems)) == 3 and systems[:3] == systems[3:6]  # taken in turn
 
 
 def test_multi_turn_conversations_and_history(tiny_tokenizer, instruct_file):

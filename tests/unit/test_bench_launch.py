@@ -1,0 +1,31 @@
+"""`bench serve --launch` variants start the same servelm server with one option changed."""
+
+from __future__ import annotations
+
+import pytest
+
+from servelm.bench.launch import LaunchSpec, server_command
+from servelm.cli import build_parser
+
+
+def engine_options(system: str, **spec) -> dict:
+    cmd = server_command(system, LaunchSpec(model="m.gguf", **spec), 1234)
+    serve = cmd.index("serve")
+    args = build_parser().parse_args(cmd[serve:])  # the flags must be real `serve` flags
+    return vars(args)
+
+
+def test_variants_change_one_engine_option():
+    base = engine_options("servelm", kv_cache_memory_gb=0.25, max_num_seqs=4)
+    assert base["kv_cache_memory_gb"] == 0.25 and base["max_num_seqs"] == 4
+    assert base["model"] == "m.gguf" and base["port"] == 1234
+    for system, key, value in (("servelm-no-prefix-cache", "enable_prefix_caching", False),
+                               ("servelm-cpu-offload", "cpu_offload_gb", 4.0),
+                               ("servelm-sjf", "scheduling_policy", "sjf")):
+        variant = engine_options(system, kv_cache_memory_gb=0.25, max_num_seqs=4)
+        assert {k for k in base if base[k] != variant[k]} == {key} and variant[key] == value
+
+
+def test_unknown_system_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed .*servelm-cpu-offload"):
+        server_command("vllm", LaunchSpec(), 1)
