@@ -31,6 +31,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "instead of recomputed on a later hit (0: off)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq"],
                    help="who runs first when not everyone fits (see servelm/engine/policies.py)")
+    g.add_argument("--length-predictor", default=None, metavar="FILE",
+                   help="sjf: output-length predictor from `servelm length-predictor train` "
+                        "(default: rank by max_tokens)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +43,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 max_model_len=args.max_model_len, num_threads=args.num_threads,
                 enable_prefix_caching=args.enable_prefix_caching,
                 preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
-                cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy)
+                cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy,
+                length_predictor=args.length_predictor)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -187,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from servelm.bench.cli import add_bench_parser
+    from servelm.predictor_cli import add_predictor_parser
 
     add_bench_parser(sub, add_engine_args)
+    add_predictor_parser(sub, add_engine_args)
     return parser
 
 

@@ -36,6 +36,7 @@ class EngineConfig:
     swap_space_gb: float = 4.0  # size of that buffer (used only with preemption_mode="swap")
     cpu_offload_gb: float = 0.0  # CPU tier for evicted prefix-cache blocks (0: off); KV, not weights
     scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
+    length_predictor: str | None = None  # sjf: a file from `servelm length-predictor train`
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,6 +57,9 @@ class EngineConfig:
         if self.scheduling_policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {POLICIES}, "
                              f"got {self.scheduling_policy!r}")
+        if self.length_predictor is not None and self.scheduling_policy != "sjf":
+            raise ValueError("length_predictor is used only by scheduling_policy 'sjf', "
+                             f"got scheduling_policy {self.scheduling_policy!r}")
         if not self.swap_space_gb > 0:
             raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
         if not self.cpu_offload_gb >= 0:

@@ -3,7 +3,8 @@
 One command then measures servelm and its peers on the same weights, threads and workload,
 one server at a time so they never compete for the cores: servelm's own `serve` (also as
 `servelm-no-prefix-cache`, `servelm-cpu-offload` with a CPU tier under its prefix cache, or
-`servelm-sjf` etc. under another scheduling policy) and the
+`servelm-sjf` etc. under another scheduling policy, `servelm-sjf-learned` with a trained
+output-length predictor) and the
 llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on
 a free 127.0.0.1 port, reading the same GGUF file.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
 SYSTEMS = ("servelm", "servelm-no-prefix-cache", "servelm-cpu-offload", *POLICY_VARIANTS,
-           "llama.cpp")
+           "servelm-sjf-learned", "llama.cpp")
 CPU_OFFLOAD_GB = 4.0  # servelm-cpu-offload's CPU tier
 
 
@@ -40,6 +41,8 @@ class LaunchSpec:
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # servelm only: a small batch makes requests queue
     kv_cache_memory_gb: float | None = None  # servelm only: a small cache forces eviction
+    length_predictor: str | None = None  # servelm-sjf-learned's predictor file
+    preemption_mode: str | None = None  # servelm only: "recompute" or "swap"
     startup_timeout_s: float = 180.0
 
 
@@ -74,8 +77,14 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
             cmd += ["--cpu-offload-gb", str(CPU_OFFLOAD_GB)]
         if system in POLICY_VARIANTS:  # the same server under another scheduling policy
             cmd += ["--scheduling-policy", system.removeprefix("servelm-")]
+        if system == "servelm-sjf-learned":
+            if spec.length_predictor is None:
+                raise ValueError("--launch servelm-sjf-learned needs --launch-length-predictor")
+            cmd += ["--scheduling-policy", "sjf", "--length-predictor", spec.length_predictor]
         if spec.max_num_seqs is not None:
             cmd += ["--max-num-seqs", str(spec.max_num_seqs)]
+        if spec.preemption_mode is not None:
+            cmd += ["--preemption-mode", spec.preemption_mode]
         if spec.kv_cache_memory_gb is not None:
             cmd += ["--kv-cache-memory-gb", str(spec.kv_cache_memory_gb)]
         return cmd + (["--model", spec.model] if spec.model else [])

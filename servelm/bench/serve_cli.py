@@ -48,7 +48,8 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--launch", type=_names, default=[],
                    help="start these servers one after another on the same GGUF instead of "
                         "using --base-url: servelm, servelm-no-prefix-cache, "
-                        "servelm-cpu-offload, servelm-{fcfs,priority,sjf,mlfq}, llama.cpp")
+                        "servelm-cpu-offload, servelm-{fcfs,priority,sjf,mlfq}, servelm-sjf-learned, "
+                        "llama.cpp")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
     g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -58,6 +59,10 @@ def add_serve_parser(bsub) -> None:
                    help="servelm's --max-num-seqs when launched (small values make requests queue)")
     g.add_argument("--launch-kv-cache-memory-gb", type=float, default=None,
                    help="servelm's --kv-cache-memory-gb when launched (small values force eviction)")
+    g.add_argument("--launch-preemption-mode", default=None, choices=["recompute", "swap"],
+                   help="servelm's --preemption-mode when launched")
+    g.add_argument("--launch-length-predictor", default=None, metavar="FILE",
+                   help="servelm-sjf-learned's --length-predictor")
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
     g.add_argument("--dataset-path", default=None,
@@ -120,7 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
                                dtype=args.launch_dtype, max_model_len=args.launch_max_model_len,
                                max_num_seqs=args.launch_max_num_seqs,
-                               kv_cache_memory_gb=args.launch_kv_cache_memory_gb),
+                               kv_cache_memory_gb=args.launch_kv_cache_memory_gb,
+                               length_predictor=args.launch_length_predictor,
+                               preemption_mode=args.launch_preemption_mode),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)
     try:

@@ -12,6 +12,7 @@ import torch
 
 from servelm.config import EngineConfig
 from servelm.engine.detokenizer import IncrementalDetokenizer
+from servelm.engine.length_predictor import LengthPredictor
 from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
 from servelm.engine.scheduler import Scheduler
@@ -60,7 +61,8 @@ class LLMEngine:
                                  config.enable_prefix_caching, self.runner.num_swap_blocks,
                                  self.runner.num_offload_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
-                                   config.preemption_mode, Policy(config.scheduling_policy))
+                                   config.preemption_mode,
+                                   Policy(config.scheduling_policy, predictor=self._predictor()))
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
@@ -68,6 +70,14 @@ class LLMEngine:
         logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
                     time.monotonic() - t0, loaded.source, self.kv.num_blocks, config.block_size,
                     self.max_model_len)
+
+    def _predictor(self) -> LengthPredictor | None:
+        """sjf's learned output-length predictor, when one is configured."""
+        if self.config.length_predictor is None:
+            return None
+        predictor = LengthPredictor.load(self.config.length_predictor)
+        predictor.check_vocab(len(self.tokenizer))
+        return predictor
 
     # ---- requests in -------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

@@ -12,8 +12,11 @@ quantum (FastServe's promotion).
 
 - fcfs: arrival order; never preempts for ordering (only when memory runs out).
 - priority: the request's `priority` (lower first, as in vLLM), FCFS within a level.
-- sjf: shortest predicted remaining output first. The prediction is the request's
-  `max_tokens` bound: what a client says it needs, and the only length known up front.
+- sjf: shortest predicted remaining output first. The prediction comes from a learned
+  `LengthPredictor` when one is configured (`servelm length-predictor train`), capped at the
+  request's `max_tokens`; without one it is the `max_tokens` bound itself, the only length
+  known up front. A request that outlives its prediction has it doubled (up to
+  `max_tokens`), so a mispredicted long job sinks back instead of holding the batch.
 - mlfq: FastServe's skip-join multi-level feedback queue. Queue i has a quantum of
   `base_quantum * 2**i` generated tokens; a new request skips the queues whose quantum its
   prefill alone would overrun (prompt tokens / `prefill_tokens_per_quantum_token`), runs
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from servelm.engine.length_predictor import LengthPredictor
 from servelm.engine.request import Request
 
 POLICIES = ("fcfs", "priority", "sjf", "mlfq")
@@ -37,6 +41,7 @@ class Policy:
     base_quantum: int = 16  # mlfq: tokens of the top queue's quantum
     num_levels: int = 6
     prefill_tokens_per_quantum_token: int = 32  # mlfq skip-join: prefill cost in decode tokens
+    predictor: LengthPredictor | None = None  # sjf: learned output lengths (else max_tokens)
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -45,6 +50,21 @@ class Policy:
     @property
     def reorders(self) -> bool:
         return self.name != "fcfs"
+
+    def predict_output_len(self, req: Request) -> float:
+        """sjf's length estimate at arrival: the learned one, capped at max_tokens."""
+        if self.predictor is None:
+            return float(req.max_tokens)
+        return min(float(req.max_tokens), self.predictor.predict(req.prompt_token_ids))
+
+    def remaining(self, req: Request) -> float:
+        """sjf: predicted output tokens still to come, the prediction doubled each time the
+        request outlives it."""
+        predicted, done = max(1.0, req.predicted_output_len), req.num_output_tokens
+        while predicted <= done and predicted < req.max_tokens:
+            predicted = min(2 * predicted, req.max_tokens)
+        req.predicted_output_len = predicted
+        return predicted - done
 
     def join_level(self, req: Request) -> int:
         """mlfq skip-join: the first queue whose quantum covers the prompt's prefill."""
@@ -74,8 +94,7 @@ class Policy:
         if self.name == "priority":
             return (req.priority - age / self.aging_steps, req.arrival_time)
         if self.name == "sjf":
-            remaining = req.max_tokens - req.num_output_tokens
-            return (remaining - age * self.aging_tokens, req.arrival_time)
+            return (self.remaining(req) - age * self.aging_tokens, req.arrival_time)
         if self.name == "mlfq":
             return (self.mlfq_level(req), req.arrival_time)
         return (0, req.arrival_time)

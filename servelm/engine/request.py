@@ -60,6 +60,7 @@ class Request:
         self.last_scheduled_step = 0  # scheduler step it last ran (or arrived): mlfq promotion
         self.mlfq_join_level = 0  # mlfq: queue it joined (or was promoted to)
         self.mlfq_base_tokens = 0  # mlfq: output tokens it had when it joined that queue
+        self.predicted_output_len = 0.0  # sjf: output tokens it is expected to generate
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()

@@ -64,6 +64,8 @@ class Scheduler:
         request.arrival_step = request.last_scheduled_step = self.step_count
         if self.policy.name == "mlfq":
             request.mlfq_join_level = self.policy.join_level(request)
+        elif self.policy.name == "sjf":
+            request.predicted_output_len = self.policy.predict_output_len(request)
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:

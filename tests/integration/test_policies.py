@@ -146,3 +146,30 @@ def test_preempted_mid_prefill_keeps_prompt_logprobs_whole(tiny_model_dir):
     for a, b in zip(calm[1:], disturbed[1:]):
         assert a.keys() == b.keys()
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+
+
+def test_sjf_ranks_by_a_learned_predictor(tiny_model_dir, tmp_path):
+    """Every request asks for the same max_tokens, so only a learned predictor can tell
+    them apart: prompts with token 11 were long in the training log, with 12 short."""
+    from servelm.engine.length_predictor import LengthPredictor
+
+    vocab = len(engine(tiny_model_dir, "fcfs").tokenizer)
+    prompts = [[t, 20 + i, 30 + i] for i in range(20) for t in (11, 12)]
+    lens = [200 if p[0] == 11 else 5 for p in prompts]
+    path = tmp_path / "lengths.npz"
+    LengthPredictor.fit(prompts, lens, vocab_size=vocab).save(path)
+
+    def order(**options) -> list[str]:
+        eng = engine(tiny_model_dir, "sjf", **options)
+        eng.add_request("looks-long", [11, 25, 35], params(6))
+        eng.add_request("looks-short", [12, 26, 36], params(6))
+        return finish_order(eng)
+
+    assert order() == ["looks-long", "looks-short"]  # max_tokens tie: arrival order
+    assert order(length_predictor=str(path)) == ["looks-short", "looks-long"]
+
+    LengthPredictor.fit(prompts, lens, vocab_size=vocab + 1).save(path)
+    with pytest.raises(ValueError, match=f"tokenizer with {vocab + 1} tokens"):
+        engine(tiny_model_dir, "sjf", length_predictor=str(path))
+    with pytest.raises(ValueError, match="length_predictor is used only by"):
+        engine(tiny_model_dir, "fcfs", length_predictor=str(path))

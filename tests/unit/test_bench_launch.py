@@ -16,14 +16,20 @@ def engine_options(system: str, **spec) -> dict:
 
 
 def test_variants_change_one_engine_option():
-    base = engine_options("servelm", kv_cache_memory_gb=0.25, max_num_seqs=4)
+    spec = dict(kv_cache_memory_gb=0.25, max_num_seqs=4, preemption_mode="swap")
+    base = engine_options("servelm", **spec)
     assert base["kv_cache_memory_gb"] == 0.25 and base["max_num_seqs"] == 4
+    assert base["preemption_mode"] == "swap"
     assert base["model"] == "m.gguf" and base["port"] == 1234
     for system, key, value in (("servelm-no-prefix-cache", "enable_prefix_caching", False),
                                ("servelm-cpu-offload", "cpu_offload_gb", 4.0),
                                ("servelm-sjf", "scheduling_policy", "sjf")):
-        variant = engine_options(system, kv_cache_memory_gb=0.25, max_num_seqs=4)
+        variant = engine_options(system, **spec)
         assert {k for k in base if base[k] != variant[k]} == {key} and variant[key] == value
+    learned = engine_options("servelm-sjf-learned", length_predictor="p.npz")
+    assert learned["scheduling_policy"] == "sjf" and learned["length_predictor"] == "p.npz"
+    with pytest.raises(ValueError, match="--launch-length-predictor"):
+        server_command("servelm-sjf-learned", LaunchSpec(), 1)
 
 
 def test_unknown_system_names_the_allowed_ones():
