@@ -5,10 +5,17 @@ requests in key order, and when the batch is full (`max_num_seqs`) it preempts a
 request whose key is worse than a waiting one's, at token granularity (any step). Every
 policy but FCFS ages its keys in scheduler steps, so no request starves. Under priority a
 request gains one level per `aging_steps` steps since it arrived, so it waits at most for
-requests that arrived less than (its priority - theirs) x `aging_steps` steps after it; sjf
-forgives `aging_tokens` of predicted length per step since arrival, the same way. mlfq
-returns a request that has not run for `aging_steps` steps to the top queue with a fresh
-quantum (FastServe's promotion).
+requests that arrived less than (its priority - theirs) x `aging_steps` steps after it. sjf
+ranks by response ratio (highest response ratio next): 1 + `sjf_wait_weight` x steps since
+arrival / predicted remaining tokens, ties to the shorter. Newcomers start at ratio 1, where
+the order is shortest first; a waiting request's ratio grows without bound, so newcomers
+cannot overtake it forever, and a long job is passed only by jobs that have waited
+proportionally less than it. (Subtracting a fixed number of tokens per step instead would
+turn sjf into fcfs once queues are deeper than the longest prediction.) Under sustained
+overload every wait grows, so as a hard bound a request that has not run for
+`sjf_max_wait_steps` steps goes first. mlfq returns a
+request that has not run for `aging_steps` steps to the top queue with a fresh quantum
+(FastServe's promotion).
 
 - fcfs: arrival order; never preempts for ordering (only when memory runs out).
 - priority: the request's `priority` (lower first, as in vLLM), FCFS within a level.
@@ -25,6 +32,7 @@ quantum (FastServe's promotion).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from servelm.engine.length_predictor import LengthPredictor
@@ -37,7 +45,8 @@ POLICIES = ("fcfs", "priority", "sjf", "mlfq")
 class Policy:
     name: str = "fcfs"
     aging_steps: int = 200  # priority: steps per level gained; mlfq: steps idle before promotion
-    aging_tokens: int = 1  # sjf: predicted tokens forgiven per step since arrival
+    sjf_wait_weight: float = 1.0  # sjf: weight of waiting in the response ratio (0: pure SJF)
+    sjf_max_wait_steps: int = 2000  # sjf: a request not run for this many steps goes first
     base_quantum: int = 16  # mlfq: tokens of the top queue's quantum
     num_levels: int = 6
     prefill_tokens_per_quantum_token: int = 32  # mlfq skip-join: prefill cost in decode tokens
@@ -89,12 +98,15 @@ class Policy:
             req.mlfq_join_level, req.mlfq_base_tokens = 0, req.num_output_tokens
             req.last_scheduled_step = step
 
-    def key(self, req: Request, step: int) -> tuple[float, float]:
+    def key(self, req: Request, step: int) -> tuple[float, ...]:
         age = step - req.arrival_step
         if self.name == "priority":
             return (req.priority - age / self.aging_steps, req.arrival_time)
         if self.name == "sjf":
-            return (self.remaining(req) - age * self.aging_tokens, req.arrival_time)
+            if step - req.last_scheduled_step >= self.sjf_max_wait_steps:
+                return (-math.inf, 0.0, req.arrival_time)
+            remaining = self.remaining(req)
+            return (-(1 + self.sjf_wait_weight * age / remaining), remaining, req.arrival_time)
         if self.name == "mlfq":
             return (self.mlfq_level(req), req.arrival_time)
         return (0, req.arrival_time)

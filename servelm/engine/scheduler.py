@@ -161,7 +161,7 @@ class Scheduler:
             for req in (*self.waiting, *self.swapped):
                 self.policy.mlfq_promote_if_starved(req, step)
 
-        def key(req: Request) -> tuple[float, float]:
+        def key(req: Request) -> tuple[float, ...]:
             return self.policy.key(req, step)
 
         self.running.sort(key=key)

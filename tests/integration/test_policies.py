@@ -107,8 +107,8 @@ def test_starvation_is_bounded(tiny_model_dir, policy, victim, stream):
     """One disfavoured request while a better one arrives every step: aging lets it finish."""
     def run(aging_steps: int) -> bool:
         eng = engine(tiny_model_dir, policy)
-        eng.scheduler.policy.aging_steps = aging_steps
-        eng.scheduler.policy.aging_tokens = 1 if aging_steps < 10**9 else 0
+        eng.scheduler.policy.aging_steps = eng.scheduler.policy.sjf_max_wait_steps = aging_steps
+        eng.scheduler.policy.sjf_wait_weight = 1.0 if aging_steps < 10**9 else 0.0
         eng.add_request("victim", [5, 6, 7], params(victim["max_tokens"]),
                         priority=victim["priority"])
         for i in range(600):
