@@ -5,22 +5,13 @@ from __future__ import annotations
 
 from servelm.engine.request import Request
 from servelm.kv.manager import HostBlock, KVCacheManager
-from servelm.sampling_params import SamplingParams
-
-BS = 4
-
-
-def req(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, tokens, SamplingParams(), eos_token_ids=(), max_model_len=1000)
+from tests.unit.test_prefix_cache import BS, req, run_prefill
 
 
 def prefill(kv: KVCacheManager, r: Request) -> list:
-    """Admit `r` as the scheduler does and pretend its whole prompt was computed."""
+    """Admit `r` as the scheduler does, pretend its prompt was computed; its cached prefix."""
     cached = kv.find_cached(r)
-    assert kv.can_allocate(r.request_id, r.num_tokens, cached)
-    kv.allocate(r.request_id, r.num_tokens, cached)
-    r.num_computed_tokens = r.num_tokens
-    kv.cache_blocks(r)
+    run_prefill(kv, r)
     return cached
 
 
