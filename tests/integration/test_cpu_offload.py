@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_prefix_caching import same, tokens_and_logprobs
 
 from servelm import SamplingParams
-from tests.integration.test_prefix_caching import same, tokens_and_logprobs
 
 BS = 4
 

@@ -3,9 +3,10 @@ restored into fresh cache blocks on a later hit, with the copies ordered saves-f
 
 from __future__ import annotations
 
+from test_prefix_cache import BS, req, run_prefill
+
 from servelm.engine.request import Request
 from servelm.kv.manager import HostBlock, KVCacheManager
-from tests.unit.test_prefix_cache import BS, req, run_prefill
 
 
 def prefill(kv: KVCacheManager, r: Request) -> list:
