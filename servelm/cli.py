@@ -31,6 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "instead of recomputed on a later hit (0: off)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq"],
                    help="who runs first when not everyone fits (see servelm/engine/policies.py)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     g.add_argument("--length-predictor", default=None, metavar="FILE",
                    help="sjf: output-length predictor from `servelm length-predictor train` "
                         "(default: rank by max_tokens)")
@@ -44,7 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enable_prefix_caching=args.enable_prefix_caching,
                 preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
                 cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy,
-                length_predictor=args.length_predictor)
+                length_predictor=args.length_predictor, speculative_config=args.speculative_config)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

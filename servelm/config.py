@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from servelm.engine.policies import POLICIES
+from servelm.spec.config import SpecConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
@@ -37,6 +38,7 @@ class EngineConfig:
     cpu_offload_gb: float = 0.0  # CPU tier for evicted prefix-cache blocks (0: off); KV, not weights
     scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
     length_predictor: str | None = None  # sjf: a file from `servelm length-predictor train`
+    speculative_config: dict | str | None = None  # see servelm/spec/config.py; None: off
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -64,8 +66,13 @@ class EngineConfig:
             raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
         if not self.cpu_offload_gb >= 0:
             raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb!r}")
+        SpecConfig.parse(self.speculative_config)  # raises on a bad one
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
+
+    @property
+    def spec(self) -> SpecConfig | None:
+        return SpecConfig.parse(self.speculative_config)
 
     @property
     def torch_dtype(self) -> torch.dtype:

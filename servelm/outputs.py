@@ -51,3 +51,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    spec_proposed_tokens: int = 0  # draft tokens verified for this request (all samples)
+    spec_accepted_tokens: int = 0  # of which accepted

@@ -19,6 +19,7 @@ GREEDY_EPS = 1e-5
 MAX_TEMPERATURE = 2.0
 MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_SPECULATIVE_TOKENS = 64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -82,6 +83,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    num_speculative_tokens: int | None = None  # draft tokens per step (0: opt out; None: engine's)
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -131,6 +133,8 @@ class SamplingParams:
         self.prompt_logprobs = _optional_count(
             "prompt_logprobs", self.prompt_logprobs, MAX_LOGPROBS
         )
+        self.num_speculative_tokens = _optional_count(
+            "num_speculative_tokens", self.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
         self.skip_special_tokens = _as_bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _as_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output

@@ -20,6 +20,8 @@ from servelm.kv.manager import KVCacheManager, cdiv
 from servelm.model.loader import load_model
 from servelm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.spec.ngram import NgramProposer
+from servelm.spec.verify import speculation_allowed
 from servelm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("servelm")
@@ -63,10 +65,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode,
                                    Policy(config.scheduling_policy, predictor=self._predictor()))
+        self.spec = config.spec
+        self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
+                         if self.spec else None)
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
-                          "num_steps": 0, "requests_finished_total": 0}
+                          "num_steps": 0, "requests_finished_total": 0,
+                          "spec_proposed_tokens": 0, "spec_accepted_tokens": 0}
         logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
                     time.monotonic() - t0, loaded.source, self.kv.num_blocks, config.block_size,
                     self.max_model_len)
@@ -151,6 +157,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, apply its tokens. Returns outputs for finished
         requests, and for streaming requests that produced something this step."""
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         if sched.moves_kv:  # before any block is written again
             self.runner.move_kv(sched.swap_out, sched.offload, sched.swap_in, sched.restore)
@@ -163,19 +171,35 @@ class LLMEngine:
         touched: dict[str, _Group] = {}
         for i, req in enumerate(sched.requests):
             first_position = req.num_computed_tokens + 1  # of this step's prompt logprobs
-            req.num_computed_tokens += sched.num_new_tokens[i]
+            tokens = result.sampled[i]
+            drafts = len(req.spec_token_ids)
+            if drafts:
+                accepted = len(tokens) - 1
+                req.spec_proposed += drafts
+                req.spec_accepted += accepted
+                self._counters["spec_proposed_tokens"] += drafts
+                self._counters["spec_accepted_tokens"] += accepted
+                req.spec_token_ids = []
+                # The KV of rejected drafts is garbage: uncount it, free emptied blocks.
+                req.num_computed_tokens += sched.num_new_tokens[i] - (drafts - accepted)
+                self.kv.trim(req.request_id, req.num_computed_tokens + 1)
+            else:
+                req.num_computed_tokens += sched.num_new_tokens[i]
             self.kv.cache_blocks(req)
             if result.prompt_logprobs[i] is not None:
                 # After a recompute, positions collected before the preemption come again.
                 known = len(req.prompt_logprobs) - first_position
                 req.prompt_logprobs.extend(result.prompt_logprobs[i][max(0, known):])
-            token = result.sampled[i]
-            if token is None:
+            if tokens is None:
                 continue
             group = self._seq_to_group[req.request_id]
             touched[group.request_id] = group
             try:
-                self._apply_token(req, group, token, result.logprobs[i], now)
+                for j, token in enumerate(tokens):
+                    lp = result.logprobs[i][j] if result.logprobs[i] is not None else None
+                    self._apply_token(req, group, token, lp, now)
+                    if req.is_finished:
+                        break
             except Exception as exc:  # fail this request only; the batch goes on
                 logger.exception("request %s failed", req.request_id)
                 group.error = f"{type(exc).__name__}: {exc}"
@@ -193,6 +217,16 @@ class LLMEngine:
             elif group.stream:
                 outputs.append(self._make_output(group))
         return outputs
+
+    def _propose(self) -> None:
+        """Draft tokens for every decoding request that speculates, within what it may
+        still generate (the verified step adds one token of its own)."""
+        for req in self.scheduler.running:
+            k = req.params.num_speculative_tokens
+            k = self.spec.num_speculative_tokens if k is None else min(k, self.spec.num_speculative_tokens)
+            room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+            if k > 0 and room > 0 and req.is_decoding and speculation_allowed(req.params, req):
+                req.spec_token_ids = self.proposer.propose(req.all_token_ids, min(k, room))
 
     def _apply_token(self, req: Request, group: _Group, token: int, logprobs, now: float) -> None:
         """Append a sampled token, detokenize it and decide whether the request is done."""
@@ -251,6 +285,8 @@ class LLMEngine:
                                    first.first_token_time, first.finished_time),
             error=group.error,
             num_cached_tokens=first.num_cached_tokens,
+            spec_proposed_tokens=sum(r.spec_proposed for r in group.seqs),
+            spec_accepted_tokens=sum(r.spec_accepted for r in group.seqs),
         )
 
     # ---- introspection -----------------------------------------------------------------

@@ -61,6 +61,9 @@ class Request:
         self.mlfq_join_level = 0  # mlfq: queue it joined (or was promoted to)
         self.mlfq_base_tokens = 0  # mlfq: output tokens it had when it joined that queue
         self.predicted_output_len = 0.0  # sjf: output tokens it is expected to generate
+        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
+        self.spec_proposed = 0  # draft tokens verified, cumulative
+        self.spec_accepted = 0  # of which accepted
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
@@ -103,6 +106,18 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """True while prompt logprobs are still to be collected (not again after recompute)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Prompt done: each step computes the last token (and verifies any drafts)."""
+        return self.num_output_tokens > 0 and self.num_computed_tokens == self.num_tokens - 1
+
+    def step_token_ids(self, start: int, n: int) -> list[int]:
+        """The `n` input tokens from position `start`, draft tokens after the real ones."""
+        ids = self.all_token_ids[start:start + n]
+        if len(ids) < n:
+            ids = ids + self.spec_token_ids[:n - len(ids)]
+        return ids
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -76,10 +76,16 @@ class Scheduler:
             self._order_by_policy(out)
 
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        # Draft tokens ride along with a decode while budget and blocks allow; they are the
+        # first thing given up.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            del req.spec_token_ids[max(0, budget - 1):]
+            if req.spec_token_ids and not self.kv.can_allocate(
+                    req.request_id, req.num_tokens + len(req.spec_token_ids)):
+                req.spec_token_ids.clear()
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
             total = req.num_computed_tokens + n
             while not self.kv.can_allocate(req.request_id, total):
                 victim = self.running[-1]
@@ -202,6 +208,7 @@ class Scheduler:
         """Swap a preempted request's KV out when that mode is on and swap space has room;
         else free its blocks (their cached contents stay findable) so it is recomputed from
         its tokens when admitted again. The caller queues it by its new status."""
+        req.spec_token_ids.clear()
         if self.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
             out.swap_out.extend(self.kv.swap_out(req.request_id))
             req.status = RequestStatus.SWAPPED

@@ -137,6 +137,15 @@ class KVCacheManager:
         if need:
             table.extend(self.pool.allocate(need))
 
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Free the table's blocks beyond those `num_tokens` tokens need (the slots of
+        rejected draft tokens)."""
+        table = self._tables.get(request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if table and len(table) > keep:
+            self.pool.free(table[keep:][::-1])
+            del table[keep:]
+
     def cache_blocks(self, req: Request) -> None:
         """Make the request's newly completed full blocks findable by later requests."""
         if not self.enable_prefix_caching:

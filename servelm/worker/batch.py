@@ -95,7 +95,7 @@ def build_step_batch(
     for i in prefills:
         req, n = requests[i], num_new[i]
         start = req.num_computed_tokens
-        ids.extend(req.all_token_ids[start : start + n])
+        ids.extend(req.step_token_ids(start, n))
         table = torch.tensor(block_tables[i], dtype=torch.long)
         pos = torch.arange(start, start + n)
         positions.append(pos)

@@ -12,6 +12,7 @@ from servelm.model.arch import ModelArch
 from servelm.model.registry import build_model
 from servelm.ops.attention import attention_context, select_backend
 from servelm.outputs import PositionLogprobs
+from servelm.spec.verify import verify
 from servelm.worker.batch import build_step_batch
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.logprobs import logprobs_for
@@ -20,11 +21,12 @@ from servelm.worker.sampler import Sampler, SamplingMetadata
 
 @dataclass
 class RunnerOutput:
-    """Aligned with the scheduled requests. `sampled[i]` is None when request i's chunk
-    did not reach the end of its tokens (a partial prefill)."""
+    """Aligned with the scheduled requests. `sampled[i]` is request i's new tokens: one,
+    or with draft tokens the accepted drafts plus one; None when its chunk did not reach
+    the end of its tokens (a partial prefill). `logprobs[i]` has one entry per token."""
 
-    sampled: list[int | None]
-    logprobs: list[PositionLogprobs | None]
+    sampled: list[list[int] | None]
+    logprobs: list[list[PositionLogprobs] | None]
     prompt_logprobs: list[list[PositionLogprobs] | None]
 
 
@@ -112,24 +114,38 @@ class ModelRunner:
         n = len(requests)
         sample_rows: list[int] = []
         samplers: list[int] = []
-        plp_spans: list[tuple[int, int, int]] = []  # (request index, first row, count)
+        spec_spans: list[tuple[int, int, int]] = []  # (request index, first row, count)
+        plp_spans: list[tuple[int, int, int]] = []
         for b, i in enumerate(batch.order):
             req, start = requests[i], batch.row_start[b]
-            if req.num_computed_tokens + num_new[i] == req.num_tokens:
-                samplers.append(i)
-                sample_rows.append(start + num_new[i] - 1)
+            drafts = len(req.spec_token_ids)
+            if req.num_computed_tokens + num_new[i] == req.num_tokens + drafts:
+                if drafts:  # verify: the last real token's row and every draft's
+                    spec_spans.append((i, start + num_new[i] - drafts - 1, drafts + 1))
+                else:
+                    samplers.append(i)
+                    sample_rows.append(start + num_new[i] - 1)
             if req.wants_prompt_logprobs:
                 count = min(num_new[i], req.num_prompt_tokens - 1 - req.num_computed_tokens)
                 if count > 0:
                     plp_spans.append((i, start, count))
+        spec_rows = [r for _, s, c in spec_spans for r in range(s, s + c)]
         plp_rows = [r for _, s, c in plp_spans for r in range(s, s + c)]
-        rows = sample_rows + plp_rows
+        rows = sample_rows + spec_rows + plp_rows
         logits = self.model.compute_logits(hidden[rows]) if rows else None
 
         out = RunnerOutput([None] * n, [None] * n, [None] * n)
         if samplers:
             self._sample(logits[: len(samplers)], [requests[i] for i in samplers], samplers, out)
         offset = len(samplers)
+        for i, _, count in spec_spans:
+            req, rows_i = requests[i], logits[offset : offset + count]
+            tokens = verify(rows_i, req.spec_token_ids, req.params, req.generator)
+            out.sampled[i] = tokens
+            if req.params.logprobs is not None:
+                out.logprobs[i] = [logprobs_for(rows_i[j : j + 1], [t], req.params.logprobs)[0]
+                                   for j, t in enumerate(tokens)]
+            offset += count
         for i, _, count in plp_spans:
             req = requests[i]
             first = req.num_computed_tokens + 1
@@ -151,7 +167,7 @@ class ModelRunner:
         )
         tokens = self.sampler(logits, meta).tolist()
         for row, (i, req) in enumerate(zip(idx, reqs)):
-            out.sampled[i] = tokens[row]
+            out.sampled[i] = [tokens[row]]
             if req.params.logprobs is not None:
-                out.logprobs[i] = logprobs_for(logits[row : row + 1], [tokens[row]], req.params.logprobs)[0]
+                out.logprobs[i] = logprobs_for(logits[row : row + 1], [tokens[row]], req.params.logprobs)
 

@@ -181,7 +181,9 @@ def _exponential_noise(probs: Tensor, meta: SamplingMetadata) -> Tensor:
     return q.clamp_min_(torch.finfo(probs.dtype).tiny)
 
 
-def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+def target_probs(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    """The distribution each random row samples from, after temperature, top-k/top-p and
+    min-p; rows are not renormalized after min-p (the sampling race does not need it)."""
     temperature = meta.temperature
     if not meta.all_random:
         temperature = torch.where(temperature < GREEDY_EPS, 1.0, temperature)
@@ -192,6 +194,11 @@ def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     if not meta.no_min_p:
         threshold = meta.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _sample_random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    probs = target_probs(logits, meta)
     # Exponential race: argmax(p / q) with q ~ Exp(1) is a sample from p (p need not sum to 1).
     return (probs / _exponential_noise(probs, meta)).argmax(dim=-1)
 

@@ -69,7 +69,9 @@ def test_prometheus_metrics(server):
                  "servelm:time_to_first_token_seconds_count", "servelm:inter_token_latency_seconds_count",
                  "servelm:e2e_request_latency_seconds_count", "servelm:request_queue_time_seconds_count",
                  "servelm:prefix_cache_queries_total", "servelm:prefix_cache_hits_total",
-                 "servelm:kv_offloaded_blocks_total", "servelm:kv_restored_blocks_total"):
+                 "servelm:kv_offloaded_blocks_total", "servelm:kv_restored_blocks_total",
+                 "servelm:spec_decode_num_draft_tokens_total",
+                 "servelm:spec_decode_num_accepted_tokens_total"):
         assert name in values, name
     assert 0 < values["servelm:prefix_cache_hits_total"] < values["servelm:prefix_cache_queries_total"]
     assert values["servelm:generation_tokens_total"] >= 3
