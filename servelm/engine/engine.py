@@ -220,7 +220,10 @@ class LLMEngine:
 
     def _propose(self) -> None:
         """Draft tokens for every decoding request that speculates, within what it may
-        still generate (the verified step adds one token of its own)."""
+        still generate (the verified step adds one token of its own); none at all while the
+        batch is past `disable_by_batch_size`."""
+        if len(self.scheduler.running) > self.spec.disable_by_batch_size:
+            return
         for req in self.scheduler.running:
             k = req.params.num_speculative_tokens
             k = self.spec.num_speculative_tokens if k is None else min(k, self.spec.num_speculative_tokens)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("ngram",)
-_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+         "disable_by_batch_size"}
+DEFAULT_DISABLE_BY_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class SpecConfig:
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram to look up
     prompt_lookup_max: int = 4  # ngram: longest, tried first
+    # No drafts while more requests than this are decoding: a big batch is compute-bound,
+    # and verifying drafts that get rejected only adds work to it.
+    disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
 
     @classmethod
     def parse(cls, value: dict[str, Any] | str | None) -> SpecConfig | None:
@@ -41,8 +46,10 @@ class SpecConfig:
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got {method!r}")
         cfg = cls(method, *(value.get(k, d) for k, d in (
-            ("num_speculative_tokens", None), ("prompt_lookup_min", 1), ("prompt_lookup_max", 4))))
-        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            ("num_speculative_tokens", None), ("prompt_lookup_min", 1), ("prompt_lookup_max", 4),
+            ("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE))))
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                     "disable_by_batch_size"):
             v = getattr(cfg, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"speculative_config.{name} must be an integer >= 1, got {v!r}")

@@ -72,3 +72,17 @@ def test_sampled_requests_speculate_and_respect_max_tokens(tiny_model_dir, make_
     again = make_llm(tiny_model_dir("llama"), speculative_config=NGRAM).generate(
         prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in again]
+
+
+def test_speculation_pauses_while_the_batch_is_large(tiny_model_dir, make_llm):
+    prompts = [{"prompt_token_ids": p} for p in repetitive_prompts(6)]
+    params = [SamplingParams(max_tokens=10 + 6 * i, temperature=0, ignore_eos=True)
+              for i in range(6)]
+    llm = make_llm(tiny_model_dir("llama"), speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    # Drafts only once the batch has drained to 2 running requests.
+    assert llm.get_metrics()["spec_proposed_tokens"] > 0
+    small = make_llm(tiny_model_dir("llama"), speculative_config=NGRAM)
+    small.generate(prompts, params, use_tqdm=False)
+    assert llm.get_metrics()["spec_proposed_tokens"] < small.get_metrics()["spec_proposed_tokens"]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
