@@ -26,6 +26,7 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     priority: int = 0  # with --scheduling-policy priority: lower runs first (vLLM's field)
+    num_speculative_tokens: int | None = None  # with --speculative-config: 0 opts out
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -36,6 +37,7 @@ class _Request(BaseModel):
             "min_p": self.min_p, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "num_speculative_tokens": self.num_speculative_tokens,
         }.items() if v is not None}
         return SamplingParams(n=self.n, stop=self.stop, seed=self.seed, ignore_eos=self.ignore_eos,
                               max_tokens=max_tokens, logprobs=logprobs, **given)

@@ -52,12 +52,13 @@ def start_server(llm: AsyncLLM, options: ServerOptions | None = None) -> tuple[L
 
 @pytest.fixture(scope="module")
 def make_server(tiny_model_dir):
-    """Factory: `make_server(ServerOptions(...))` -> LiveServer; all stopped and checked after."""
+    """Factory: `make_server(ServerOptions(...), **engine_options)` -> LiveServer; all stopped
+    and checked after."""
     running = []
 
-    def make(options: ServerOptions | None = None) -> LiveServer:
+    def make(options: ServerOptions | None = None, **engine) -> LiveServer:
         llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
-                                    num_kv_blocks=256, max_num_batched_tokens=64))
+                                    num_kv_blocks=256, max_num_batched_tokens=64, **engine))
         live, srv, thread = start_server(llm, options)
         running.append((live, srv, thread))
         return live
