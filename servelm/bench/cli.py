@@ -1,7 +1,7 @@
 """`servelm bench ...` subcommands.
 
-Each benchmark is its own sub-subcommand (`throughput` now; `serve`, `latency`, `roofline`
-later) so they share engine flags but keep their own options and result formats. Heavy
+Each benchmark is its own sub-subcommand (`throughput`, `latency`, `roofline`, `serve`,
+`spec`) so they share engine flags but keep their own options and result formats. Heavy
 imports happen only when a benchmark actually runs, keeping `servelm --help` fast.
 """
 
@@ -14,6 +14,7 @@ from servelm.bench.datasets import DATASETS
 from servelm.bench.latency import add_latency_parser
 from servelm.bench.roofline import add_roofline_parser
 from servelm.bench.serve_cli import add_serve_parser
+from servelm.bench.spec import add_spec_parser
 
 
 def _int_list(text: str) -> list[int]:
@@ -57,6 +58,7 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     add_roofline_parser(bsub, add_engine_args)
     add_serve_parser(bsub)
     add_latency_parser(bsub, add_engine_args)
+    add_spec_parser(bsub, add_engine_args)
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:

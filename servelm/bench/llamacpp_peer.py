@@ -101,8 +101,11 @@ class LlamaCppModel:
 
 
 def load_llamacpp(model: str | None, n_threads: int, max_tokens: int,
-                  seed: int = 0) -> LlamaCppModel:
-    """Load the same GGUF servelm runs; `max_tokens` = longest prompt + output to expect."""
+                  seed: int = 0, draft_model: Any = None) -> LlamaCppModel:
+    """Load the same GGUF servelm runs; `max_tokens` = longest prompt + output to expect.
+
+    `draft_model` (a `llama_cpp.llama_speculative.LlamaDraftModel`) turns on llama-cpp-python's
+    speculative decoding; it also makes the model keep logits of every position."""
     import llama_cpp
 
     path = gguf_path(model)
@@ -111,7 +114,7 @@ def load_llamacpp(model: str | None, n_threads: int, max_tokens: int,
     n_ctx = context_size(max_tokens)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=N_BATCH,
                           n_threads=n_threads, n_threads_batch=n_threads, seed=seed,
-                          logits_all=False, verbose=False)
+                          logits_all=False, draft_model=draft_model, verbose=False)
     return LlamaCppModel(llm, str(path), n_threads, n_ctx, N_BATCH,
                          getattr(llama_cpp, "__version__", "unknown"))
 
