@@ -53,3 +53,13 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     spec_proposed_tokens: int = 0  # draft tokens verified for this request (all samples)
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_num_drafts: int = 0  # steps that verified drafts
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Draft tokens accepted per verification step (each step also adds one of its own)."""
+        return self.spec_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else None

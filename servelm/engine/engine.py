@@ -72,7 +72,8 @@ class LLMEngine:
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "num_steps": 0, "requests_finished_total": 0,
-                          "spec_proposed_tokens": 0, "spec_accepted_tokens": 0}
+                          "spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
+                          "spec_num_drafts": 0}
         logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
                     time.monotonic() - t0, loaded.source, self.kv.num_blocks, config.block_size,
                     self.max_model_len)
@@ -177,6 +178,8 @@ class LLMEngine:
                 accepted = len(tokens) - 1
                 req.spec_proposed += drafts
                 req.spec_accepted += accepted
+                req.spec_drafts += 1
+                self._counters["spec_num_drafts"] += 1
                 self._counters["spec_proposed_tokens"] += drafts
                 self._counters["spec_accepted_tokens"] += accepted
                 req.spec_token_ids = []
@@ -290,6 +293,7 @@ class LLMEngine:
             num_cached_tokens=first.num_cached_tokens,
             spec_proposed_tokens=sum(r.spec_proposed for r in group.seqs),
             spec_accepted_tokens=sum(r.spec_accepted for r in group.seqs),
+            spec_num_drafts=sum(r.spec_drafts for r in group.seqs),
         )
 
     # ---- introspection -----------------------------------------------------------------
@@ -311,4 +315,8 @@ class LLMEngine:
             "num_offloaded_blocks": self.kv.num_offloaded_blocks,
             "num_restored_blocks": self.kv.num_restored_blocks,
             **self._counters,
+            "spec_acceptance_rate": (self._counters["spec_accepted_tokens"]
+                                     / max(1, self._counters["spec_proposed_tokens"])),
+            "spec_mean_accepted_length": (self._counters["spec_accepted_tokens"]
+                                          / max(1, self._counters["spec_num_drafts"])),
         }

@@ -64,6 +64,7 @@ class Request:
         self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
         self.spec_proposed = 0  # draft tokens verified, cumulative
         self.spec_accepted = 0  # of which accepted
+        self.spec_drafts = 0  # steps that verified drafts
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()

@@ -33,6 +33,10 @@ class _EngineCollector:
             ("servelm:num_requests_running", "num_requests_running", "Sequences in the running batch."),
             ("servelm:num_requests_waiting", "num_requests_waiting", "Sequences waiting to be scheduled."),
             ("servelm:kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)."),
+            ("servelm:spec_decode_acceptance_rate", "spec_acceptance_rate",
+             "Accepted / proposed draft tokens since start."),
+            ("servelm:spec_decode_mean_accepted_length", "spec_mean_accepted_length",
+             "Draft tokens accepted per verification step since start."),
         ):
             yield GaugeMetricFamily(name, doc, value=m[key])
         for name, key, doc in (
@@ -47,6 +51,8 @@ class _EngineCollector:
              "Draft tokens proposed and verified (speculative decoding)."),
             ("servelm:spec_decode_num_accepted_tokens", "spec_accepted_tokens",
              "Draft tokens accepted by verification."),
+            ("servelm:spec_decode_num_drafts", "spec_num_drafts",
+             "Verification steps (one per request and step with drafts)."),
             ("servelm:kv_offloaded_blocks", "num_offloaded_blocks",
              "Evicted prefix-cache blocks saved to the CPU tier."),
             ("servelm:kv_restored_blocks", "num_restored_blocks",

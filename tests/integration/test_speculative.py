@@ -40,6 +40,9 @@ def test_greedy_outputs_identical_with_ngram_speculation(tiny_model_dir, make_ll
     m = spec.get_metrics()
     assert m["spec_proposed_tokens"] > 0 and 0 < m["spec_accepted_tokens"] <= m["spec_proposed_tokens"]
     assert sum(o.spec_accepted_tokens for o in out_spec) == m["spec_accepted_tokens"]
+    assert m["spec_acceptance_rate"] == m["spec_accepted_tokens"] / m["spec_proposed_tokens"]
+    assert 0 < m["spec_mean_accepted_length"] <= NGRAM["num_speculative_tokens"]
+    assert any(o.spec_mean_accepted_length for o in out_spec)
     if options:
         assert m["num_preemptions"] > 0
 

@@ -71,7 +71,8 @@ def test_prometheus_metrics(server):
                  "servelm:prefix_cache_queries_total", "servelm:prefix_cache_hits_total",
                  "servelm:kv_offloaded_blocks_total", "servelm:kv_restored_blocks_total",
                  "servelm:spec_decode_num_draft_tokens_total",
-                 "servelm:spec_decode_num_accepted_tokens_total"):
+                 "servelm:spec_decode_num_accepted_tokens_total",
+                 "servelm:spec_decode_num_drafts_total", "servelm:spec_decode_acceptance_rate"):
         assert name in values, name
     assert 0 < values["servelm:prefix_cache_hits_total"] < values["servelm:prefix_cache_queries_total"]
     assert values["servelm:generation_tokens_total"] >= 3
