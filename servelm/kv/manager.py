@@ -153,7 +153,9 @@ class KVCacheManager:
         table = self._tables.get(req.request_id)
         if not table:
             return
-        full = min(req.num_computed_tokens // self.block_size, len(table))
+        # Accepted draft tokens count as computed a moment before they are appended: hash
+        # only blocks whose token ids are all known.
+        full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(table))
         done = self._num_cached.get(req.request_id, 0)
         if full > done:
             for b, h in zip(table[done:full], self.block_hashes(req, full)[done:]):

@@ -89,3 +89,19 @@ def test_speculation_pauses_while_the_batch_is_large(tiny_model_dir, make_llm):
     small.generate(prompts, params, use_tqdm=False)
     assert llm.get_metrics()["spec_proposed_tokens"] < small.get_metrics()["spec_proposed_tokens"]
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+
+
+def test_accepted_drafts_are_prefix_cached_like_decoded_tokens(tiny_model_dir, make_llm):
+    """The next chat turn finds the blocks of an answer that was decoded speculatively."""
+    llm = make_llm(tiny_model_dir("llama"), speculative_config=NGRAM, block_size=4)
+    for p in repetitive_prompts(6):
+        first = llm.generate({"prompt_token_ids": p}, SamplingParams(
+            max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+        if first.spec_accepted_tokens:
+            break
+    assert first.spec_accepted_tokens > 0
+    turn2 = p + first.outputs[0].token_ids[:-1] + [7, 8, 9]
+    again = llm.generate({"prompt_token_ids": turn2}, SamplingParams(max_tokens=1),
+                         use_tqdm=False)[0]
+    computed = len(p) + len(first.outputs[0].token_ids) - 1  # the last token never was
+    assert again.num_cached_tokens == computed // 4 * 4

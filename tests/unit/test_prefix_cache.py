@@ -98,3 +98,18 @@ def test_pool_revival_and_eviction_keep_invariants():
     pool.allocate(3)  # evicts everything
     assert pool.lookup(b"h0") is None and pool.num_evicted == 1
     pool.check_invariants()
+
+
+def test_blocks_are_hashed_only_once_all_their_tokens_are_known():
+    """After a verification step the computed count runs ahead of the appended tokens."""
+    kv = KVCacheManager(8, BS)
+    r = req("a", list(range(6)))
+    kv.allocate("a", 10)
+    r.num_computed_tokens = 9  # 6 known tokens + 3 accepted drafts not yet appended
+    kv.cache_blocks(r)
+    assert len(r.block_hashes) == 1  # block 1 (tokens 4..7) is not hashed from 2 tokens
+    for t in (6, 7, 8):
+        r.append_token(t)
+    kv.cache_blocks(r)
+    assert r.block_hashes[1] == block_hash(r.block_hashes[0], [4, 5, 6, 7])
+    kv.free("a")
