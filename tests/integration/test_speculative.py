@@ -72,6 +72,7 @@ def test_sampled_requests_speculate_and_respect_max_tokens(tiny_model_dir, make_
     params = SamplingParams(max_tokens=17, temperature=0.7, seed=3, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 17 for o in outs)
+    assert sum(o.spec_proposed_tokens for o in outs) > 0  # the sampled path really verified
     again = make_llm(tiny_model_dir("llama"), speculative_config=NGRAM).generate(
         prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in again]
