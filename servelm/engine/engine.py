@@ -224,10 +224,13 @@ class LLMEngine:
     def _propose(self) -> None:
         """Draft tokens for every decoding request that speculates, within what it may
         still generate (the verified step adds one token of its own); none at all while the
-        batch is past `disable_by_batch_size`."""
-        if len(self.scheduler.running) > self.spec.disable_by_batch_size:
-            return
+        batch is past `disable_by_batch_size`. Drafts from a step that did not run them are
+        dropped either way."""
+        paused = len(self.scheduler.running) > self.spec.disable_by_batch_size
         for req in self.scheduler.running:
+            req.spec_token_ids = []
+            if paused:
+                continue
             k = req.params.num_speculative_tokens
             k = self.spec.num_speculative_tokens if k is None else min(k, self.spec.num_speculative_tokens)
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
