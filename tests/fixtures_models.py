@@ -106,7 +106,7 @@ def build_tiny_model(family: str, out_dir: Path, tokenizer: Any, *,
     """Save a seeded random model + tokenizer as an HF folder (float32 safetensors)."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(family, len(tokenizer), **overrides)
+    config = tiny_config(family, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)

@@ -20,9 +20,10 @@ from servelm.kv.manager import KVCacheManager, cdiv
 from servelm.model.loader import load_model
 from servelm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.spec.draft import DraftProposer, load_draft
 from servelm.spec.ngram import NgramProposer
 from servelm.spec.verify import speculation_allowed
-from servelm.worker.model_runner import ModelRunner
+from servelm.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger("servelm")
 
@@ -57,7 +58,11 @@ class LLMEngine:
         self.eos_token_ids = tuple(loaded.arch.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         )
-        self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids)
+        self.spec = config.spec
+        draft = load_draft(self.spec, loaded, config.torch_dtype) if self.spec else None
+        self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids,
+                                  kv_bytes_per_block(draft.arch, config.block_size, config.torch_dtype)
+                                  if draft else 0)
         self.max_model_len = self.runner.max_model_len
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
                                  config.enable_prefix_caching, self.runner.num_swap_blocks,
@@ -65,9 +70,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode,
                                    Policy(config.scheduling_policy, predictor=self._predictor()))
-        self.spec = config.spec
-        self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
-                         if self.spec else None)
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if self.spec is not None and self.spec.method == "ngram":
+            self.proposer = NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
+        elif self.spec is not None:
+            self.proposer = DraftProposer.build(self.spec, self.runner, draft)
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
@@ -182,7 +189,7 @@ class LLMEngine:
                 self._counters["spec_num_drafts"] += 1
                 self._counters["spec_proposed_tokens"] += drafts
                 self._counters["spec_accepted_tokens"] += accepted
-                req.spec_token_ids = []
+                req.clear_drafts()
                 # The KV of rejected drafts is garbage: uncount it, free emptied blocks.
                 req.num_computed_tokens += sched.num_new_tokens[i] - (drafts - accepted)
                 self.kv.trim(req.request_id, req.num_computed_tokens + 1)
@@ -227,15 +234,34 @@ class LLMEngine:
         batch is past `disable_by_batch_size`. Drafts from a step that did not run them are
         dropped either way."""
         paused = len(self.scheduler.running) > self.spec.disable_by_batch_size
+        todo: list[tuple[Request, int]] = []
         for req in self.scheduler.running:
-            req.spec_token_ids = []
+            req.clear_drafts()
             if paused:
                 continue
             k = req.params.num_speculative_tokens
             k = self.spec.num_speculative_tokens if k is None else min(k, self.spec.num_speculative_tokens)
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
             if k > 0 and room > 0 and req.is_decoding and speculation_allowed(req.params, req):
-                req.spec_token_ids = self.proposer.propose(req.all_token_ids, min(k, room))
+                todo.append((req, min(k, room)))
+        if isinstance(self.proposer, NgramProposer):
+            for req, k in todo:
+                req.set_drafts(self.proposer.propose(req.all_token_ids, k))
+            return
+        # A draft model writes K/V for the nodes it feeds: give them slots first.
+        ready = []
+        for req, k in todo:
+            need = req.num_tokens + self.proposer.slots_written(k)
+            if self.kv.can_allocate(req.request_id, need):
+                self.kv.allocate(req.request_id, need)
+                ready.append((req, k))
+        if not ready:
+            return
+        saves, restores = self.kv.take_tier_copies()  # prefix blocks those slots evicted
+        if saves or restores:
+            self.runner.move_kv([], saves, [], restores)
+        self.proposer.propose([r for r, _ in ready], [k for _, k in ready],
+                              [self.kv.block_table(r.request_id) for r, _ in ready])
 
     def _apply_token(self, req: Request, group: _Group, token: int, logprobs, now: float) -> None:
         """Append a sampled token, detokenize it and decide whether the request is done."""

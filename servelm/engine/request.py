@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from servelm.engine.detokenizer import IncrementalDetokenizer
     from servelm.outputs import PositionLogprobs
     from servelm.sampling_params import SamplingParams
+    from servelm.spec.tree import DraftTree
 
 
 class RequestStatus(enum.Enum):
@@ -62,6 +63,9 @@ class Request:
         self.mlfq_base_tokens = 0  # mlfq: output tokens it had when it joined that queue
         self.predicted_output_len = 0.0  # sjf: output tokens it is expected to generate
         self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
+        self.spec_tree: DraftTree | None = None  # their shape; None: a chain
+        self.spec_draft_probs: torch.Tensor | None = None  # [drafts, vocab] q; None: one-hot
+        self.draft_num_computed = 0  # tokens whose K/V a draft model's own cache holds
         self.spec_proposed = 0  # draft tokens verified, cumulative
         self.spec_accepted = 0  # of which accepted
         self.spec_drafts = 0  # steps that verified drafts
@@ -119,6 +123,25 @@ class Request:
         if len(ids) < n:
             ids = ids + self.spec_token_ids[:n - len(ids)]
         return ids
+
+    def set_drafts(self, token_ids: list[int], tree: DraftTree | None = None,
+                   probs: torch.Tensor | None = None) -> None:
+        self.spec_token_ids = token_ids
+        self.spec_tree = tree if tree is not None and not tree.is_chain else None
+        self.spec_draft_probs = probs
+
+    def keep_drafts(self, n: int) -> None:
+        """Keep the first `n` drafts (level order: still a tree)."""
+        if n >= len(self.spec_token_ids):
+            return
+        self.spec_token_ids = self.spec_token_ids[:n]
+        if self.spec_tree is not None:
+            self.spec_tree = self.spec_tree.truncated(n)
+        if self.spec_draft_probs is not None:
+            self.spec_draft_probs = self.spec_draft_probs[:n]
+
+    def clear_drafts(self) -> None:
+        self.set_drafts([])
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -81,10 +81,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            del req.spec_token_ids[max(0, budget - 1):]
+            req.keep_drafts(max(0, budget - 1))
             if req.spec_token_ids and not self.kv.can_allocate(
                     req.request_id, req.num_tokens + len(req.spec_token_ids)):
-                req.spec_token_ids.clear()
+                req.clear_drafts()
             n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
             total = req.num_computed_tokens + n
             while not self.kv.can_allocate(req.request_id, total):
@@ -208,7 +208,8 @@ class Scheduler:
         """Swap a preempted request's KV out when that mode is on and swap space has room;
         else free its blocks (their cached contents stay findable) so it is recomputed from
         its tokens when admitted again. The caller queues it by its new status."""
-        req.spec_token_ids.clear()
+        req.clear_drafts()
+        req.draft_num_computed = 0  # a draft model's cache follows the blocks, which go
         if self.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
             out.swap_out.extend(self.kv.swap_out(req.request_id))
             req.status = RequestStatus.SWAPPED

@@ -84,11 +84,13 @@ class LlamaForCausalLM(nn.Module):
         self.final_norm: torch.Tensor
         self.lm_head: torch.Tensor
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                num_layers: int | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]. `num_layers`
+        runs only the first layers (early exit, for layer-skip drafting)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope.lookup(positions)
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x = layer(x, cos, sin)
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
 

@@ -28,6 +28,7 @@ class PrefillSlice:
     num_new: int  # tokens in this chunk
     context_len: int  # cached tokens before the chunk + num_new
     block_index: torch.Tensor | None  # cache blocks holding the context, None if nothing cached
+    mask: torch.Tensor | None = None  # [num_new, context_len] bool (draft trees); None: causal
 
 
 @dataclass
@@ -139,11 +140,14 @@ class TorchPagedAttention:
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  p: PrefillSlice, block_size: int, scale: float) -> torch.Tensor:
-        if p.block_index is None:
-            mask, causal = None, True
-        else:
+        if p.block_index is not None:
             k, v = self._gather(kv_cache, p.block_index, block_size)
             k, v = k[: p.context_len], v[: p.context_len]
+        if p.mask is not None:
+            mask, causal = p.mask, False
+        elif p.block_index is None:
+            mask, causal = None, True
+        else:
             mask = _offset_causal_mask(p.num_new, p.context_len, p.context_len - p.num_new, q.device)
             causal = False
         o = F.scaled_dot_product_attention(

@@ -11,9 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
+from servelm.spec.tree import DraftTree
+
+METHODS = ("ngram", "draft_model", "layer_skip")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-         "disable_by_batch_size"}
+         "disable_by_batch_size", "model", "num_layers", "tree"}
+MAX_TREE_NODES = 64
 DEFAULT_DISABLE_BY_BATCH_SIZE = 8
 
 
@@ -26,6 +29,11 @@ class SpecConfig:
     # No drafts while more requests than this are decoding: a big batch is compute-bound,
     # and verifying drafts that get rejected only adds work to it.
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
+    model: str | None = None  # draft_model: path of the draft (same tokenizer as the target)
+    num_layers: int | None = None  # layer_skip: how many of the target's layers draft
+    # draft_model, layer_skip: children per node at each depth (SpecInfer token tree), e.g.
+    # [3, 2, 1] drafts 3 + 6 + 6 nodes; None: a chain of num_speculative_tokens.
+    tree: tuple[int, ...] | None = None
 
     @classmethod
     def parse(cls, value: dict[str, Any] | str | None) -> SpecConfig | None:
@@ -45,15 +53,43 @@ class SpecConfig:
         method = value.get("method")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got {method!r}")
-        cfg = cls(method, *(value.get(k, d) for k, d in (
-            ("num_speculative_tokens", None), ("prompt_lookup_min", 1), ("prompt_lookup_max", 4),
-            ("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE))))
+        tree = value.get("tree")
+        if tree is not None:
+            if method == "ngram":
+                raise ValueError("speculative_config.tree needs a draft that scores candidates: "
+                                 "method 'draft_model' or 'layer_skip'")
+            if (not isinstance(tree, (list, tuple)) or not tree
+                    or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in tree)):
+                raise ValueError("speculative_config.tree must be a non-empty list of integers >= 1 "
+                                 f"(children per node at each depth), got {tree!r}")
+            tree = tuple(tree)
+        k = value.get("num_speculative_tokens", len(tree) if tree else None)
+        cfg = cls(method, k, *(value.get(key, d) for key, d in (
+            ("prompt_lookup_min", 1), ("prompt_lookup_max", 4),
+            ("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE),
+            ("model", None), ("num_layers", None))), tree=tree)
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                      "disable_by_batch_size"):
-            v = getattr(cfg, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"speculative_config.{name} must be an integer >= 1, got {v!r}")
+            _check_positive(name, getattr(cfg, name))
         if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max, "
                              f"got {cfg.prompt_lookup_min} > {cfg.prompt_lookup_max}")
+        if tree:
+            if k != len(tree):
+                raise ValueError(f"speculative_config.num_speculative_tokens ({k}) must equal the "
+                                 f"depth of speculative_config.tree ({len(tree)})")
+            nodes = DraftTree.static(tree, len(tree)).size
+            if nodes > MAX_TREE_NODES:
+                raise ValueError(f"speculative_config.tree {list(tree)} has {nodes} nodes; "
+                                 f"at most {MAX_TREE_NODES} are allowed")
+        if method == "draft_model" and not isinstance(cfg.model, str):
+            raise ValueError("speculative_config.model (the draft model's path) is required "
+                             f"for method 'draft_model', got {cfg.model!r}")
+        if method == "layer_skip":
+            _check_positive("num_layers", cfg.num_layers)
         return cfg
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"speculative_config.{name} must be an integer >= 1, got {v!r}")

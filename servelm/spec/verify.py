@@ -1,15 +1,21 @@
 """Lossless verification of draft tokens against the target model's logits.
 
-The target scores the last accepted token plus k drafts in one pass, giving k + 1 rows of
-logits. Greedy requests keep the longest draft prefix that equals the target's argmax,
-then the target's own token: exactly what decoding one token at a time would produce.
-Sampled requests use speculative rejection sampling (Leviathan et al., Chen et al.): draft
-token d at row j is kept with probability min(1, p_j(d) / q_j(d)); at the first rejection
-the token is drawn from the residual max(0, p_j - q_j), renormalized; if every draft is
-kept, one more token is drawn from p_k. The result is distributed exactly as sampling
-from p token by token. Draft-free proposers (n-gram lookup) propose one token with
-certainty, q_j = one-hot(d), so the test is a draw u < p_j(d) and the residual is p_j
-with d removed.
+The target scores the last real token (the root) and every draft node in one pass: one
+row of logits each. Drafts form a chain or a tree (spec/tree.py); a chain is the tree
+whose every node has one child. Verification walks down from the root:
+
+- Greedy requests follow the child whose token is the target's argmax and stop at the
+  first node without one, appending the argmax there: exactly the tokens that decoding one
+  at a time would produce.
+- Sampled requests use speculative rejection sampling (Leviathan et al., Chen et al.), in
+  SpecInfer's multi-candidate form: a child with token d, drawn from the draft's
+  distribution q, is kept with probability min(1, p(d) / q(d)); when rejected, p becomes
+  the residual max(0, p - q) renormalized and the next child is tried; when every child is
+  rejected, the token is drawn from what p has become. The output is distributed exactly
+  as sampling from the target token by token, provided the children of a node are
+  independent draws from q. Proposers without a distribution (n-gram lookup) propose with
+  certainty, q = one-hot(d), so the test is a draw u < p(d) and the residual is p with d
+  removed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 
 from servelm.sampling_params import SamplingParams
+from servelm.spec.tree import DraftTree
 from servelm.worker.sampler import SamplingMetadata, target_probs
 
 if TYPE_CHECKING:
@@ -34,36 +41,58 @@ def speculation_allowed(params: SamplingParams, req: Request) -> bool:
             and params.repetition_penalty == 1 and req.num_output_tokens >= params.min_tokens)
 
 
-def verify(logits: Tensor, draft: list[int], params: SamplingParams,
-           generator: torch.Generator | None) -> list[int]:
-    """Tokens to append for one request: the accepted drafts and one token from the
-    target. `logits` is [len(draft) + 1, vocab], row j scoring the token after draft[:j]."""
-    if params.greedy:
-        target = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
-        for j, d in enumerate(draft):
-            if target[j] != d:
-                break
-            out.append(d)
-        out.append(target[len(out)])
-        return out
-    rows = len(draft) + 1
+def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Each row's sampling distribution under `params` (temperature, top-k/p, min-p)."""
+    rows = logits.shape[0]
     meta = SamplingMetadata.build([params] * rows, [[]] * rows, [[]] * rows, [None] * rows,
                                   set(), logits.device)
     probs = target_probs(logits.float(), meta)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    draws = torch.rand(rows, generator=generator).tolist()
-    out = []
-    for j, d in enumerate(draft):
-        if draws[j] < float(probs[j, d]):
-            out.append(d)
-            continue
-        residual = probs[j].clone()
-        residual[d] = 0.0
-        out.append(_draw(residual, generator))
-        return out
-    out.append(_draw(probs[len(draft)], generator))
-    return out
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def verify(logits: Tensor, draft: list[int], params: SamplingParams,
+           generator: torch.Generator | None, tree: DraftTree | None = None,
+           draft_probs: Tensor | None = None) -> tuple[list[int], list[int]]:
+    """The tokens to append for one request (the accepted drafts and one token of the
+    target's) and the accepted nodes (1-based). `logits` is [len(draft) + 1, vocab]: row 0
+    scores the token after the root, row i the token after node i. `tree` None means a
+    chain; `draft_probs[i - 1]` is the distribution node i was drawn from (None: one-hot)."""
+    tree = tree or DraftTree(tuple(range(len(draft))))
+    out: list[int] = []
+    path: list[int] = []
+    node = 0
+    if params.greedy:
+        target = logits.argmax(dim=-1).tolist()
+        while True:
+            t = target[node]
+            out.append(t)
+            node = next((c for c in tree.children[node] if draft[c - 1] == t), 0)
+            if not node:
+                return out, path
+            path.append(node)
+    probs = distribution(logits, params)
+    while True:
+        p = probs[node]
+        for child in tree.children[node]:
+            d = draft[child - 1]
+            q = None if draft_probs is None else draft_probs[child - 1]
+            q_d = 1.0 if q is None else float(q[d])
+            if float(torch.rand(1, generator=generator)) * q_d < float(p[d]):
+                break
+            if q is None:
+                p = p.clone()
+                p[d] = 0.0
+            else:
+                p = (p - q).clamp_min_(0.0)
+            total = float(p.sum())
+            # p == q exactly leaves nothing, but then d was accepted with probability 1.
+            p = p / total if total > 0 else probs[node]
+        else:
+            out.append(_draw(p, generator))
+            return out, path
+        out.append(d)
+        path.append(child)
+        node = child
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> int:

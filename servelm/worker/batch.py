@@ -1,8 +1,9 @@
-"""Turn a SchedulerOutput into the flat tensors of one forward pass.
+"""Turn one step's chunks of new tokens into the flat tensors of one forward pass.
 
 Rows are ordered decodes (one new token) first, sorted by context length, then prefill
-chunks, so attention can run the decodes in a few batched calls of similar lengths. Everything here is built once per step and shared by
-every layer.
+chunks, so attention can run the decodes in a few batched calls of similar lengths.
+Everything here is built once per step and shared by every layer. The target model and
+draft models build their batches here alike.
 """
 
 from __future__ import annotations
@@ -11,8 +12,24 @@ from dataclasses import dataclass
 
 import torch
 
-from servelm.engine.request import Request
 from servelm.ops.attention import AttentionMetadata, DecodeGroup, PrefillSlice
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's new tokens this pass. Row j's K/V goes to cache slot `start + j` and
+    attends to every earlier slot, unless `tree_mask` says otherwise."""
+
+    token_ids: list[int]
+    start: int  # tokens of this sequence whose K/V is already in the cache
+    # Draft-tree rows: their RoPE positions (a node sits at its depth, not at its slot) and
+    # which of the `start + len(token_ids)` slots each row may attend to.
+    positions: list[int] | None = None
+    tree_mask: torch.Tensor | None = None  # [len(token_ids), start + len(token_ids)] bool
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.tree_mask is None
 
 
 @dataclass
@@ -20,7 +37,7 @@ class StepBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: AttentionMetadata
-    order: list[int]  # batch position -> index into SchedulerOutput.requests
+    order: list[int]  # batch position -> index into the chunks
     row_start: list[int]  # first flat row of each batch position
 
 
@@ -57,8 +74,7 @@ def _decode_group(start: int, pos: torch.Tensor, tables: list[list[int]], block_
 
 
 def build_step_batch(
-    requests: list[Request],
-    num_new: list[int],
+    chunks: list[SeqChunk],
     block_tables: list[list[int]],
     block_size: int,
     dtype: torch.dtype,
@@ -66,8 +82,8 @@ def build_step_batch(
 ) -> StepBatch:
     """`split_decodes`: group decodes by context length and build padding masks (for
     backends that pad each group to its longest context); False: one group, no mask."""
-    decodes = sorted((i for i, n in enumerate(num_new) if n == 1), key=lambda i: requests[i].num_computed_tokens)
-    prefills = [i for i, n in enumerate(num_new) if n != 1]
+    decodes = sorted((i for i, c in enumerate(chunks) if c.is_decode), key=lambda i: chunks[i].start)
+    prefills = [i for i, c in enumerate(chunks) if not c.is_decode]
     order = decodes + prefills
     ids: list[int] = []
     positions: list[torch.Tensor] = []
@@ -76,8 +92,8 @@ def build_step_batch(
 
     decode_groups: list[DecodeGroup] = []
     if decodes:
-        starts = [requests[i].num_computed_tokens for i in decodes]
-        ids.extend(requests[i].all_token_ids[s] for i, s in zip(decodes, starts))
+        starts = [chunks[i].start for i in decodes]
+        ids.extend(chunks[i].token_ids[0] for i in decodes)
         pos = torch.tensor(starts, dtype=torch.long)
         positions.append(pos)
         first = 0
@@ -93,14 +109,14 @@ def build_step_batch(
     prefill_slices: list[PrefillSlice] = []
     row = len(decodes)
     for i in prefills:
-        req, n = requests[i], num_new[i]
-        start = req.num_computed_tokens
-        ids.extend(req.step_token_ids(start, n))
+        chunk = chunks[i]
+        start, n = chunk.start, len(chunk.token_ids)
+        ids.extend(chunk.token_ids)
         table = torch.tensor(block_tables[i], dtype=torch.long)
-        pos = torch.arange(start, start + n)
-        positions.append(pos)
-        slots.append(_slots(table, pos, block_size))
-        prefill_slices.append(PrefillSlice(row, n, start + n, table if start else None))
+        slot_pos = torch.arange(start, start + n)
+        positions.append(slot_pos if chunk.positions is None else torch.tensor(chunk.positions, dtype=torch.long))
+        slots.append(_slots(table, slot_pos, block_size))
+        prefill_slices.append(PrefillSlice(row, n, start + n, table if start else None, chunk.tree_mask))
         row_start.append(row)
         row += n
 

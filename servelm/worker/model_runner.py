@@ -13,7 +13,7 @@ from servelm.model.registry import build_model
 from servelm.ops.attention import attention_context, select_backend
 from servelm.outputs import PositionLogprobs
 from servelm.spec.verify import verify
-from servelm.worker.batch import build_step_batch
+from servelm.worker.batch import SeqChunk, build_step_batch
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.sampler import Sampler, SamplingMetadata
@@ -30,6 +30,18 @@ class RunnerOutput:
     prompt_logprobs: list[list[PositionLogprobs] | None]
 
 
+def _chunk(req: Request, n: int) -> SeqChunk:
+    """Request `req`'s `n` new tokens this step; a draft tree, when verified, with its
+    positions and attention mask."""
+    start = req.num_computed_tokens
+    chunk = SeqChunk(req.step_token_ids(start, n), start)
+    tree = req.spec_tree
+    if tree is not None and start + n == req.num_tokens + tree.size:
+        nodes = range(tree.size + 1)  # the root (the last real token, at `start`) and the tree
+        chunk.positions, chunk.tree_mask = tree.positions(start, nodes), tree.mask(start, nodes)
+    return chunk
+
+
 def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
@@ -37,14 +49,17 @@ def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, arch: ModelArch, weights: dict[str, torch.Tensor],
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], draft_kv_bytes_per_block: int = 0) -> None:
+        """`draft_kv_bytes_per_block`: a draft model's cache shares the block tables, so
+        each block also costs that much of the KV memory budget."""
         self.config = config
         self.arch = arch
         keep_freed_memory_in_heap()
         self.block_size = config.block_size
         self.dtype = config.torch_dtype
         per_block = kv_bytes_per_block(arch, config.block_size, self.dtype)
-        self.num_kv_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // per_block)
+        self.num_kv_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_kv_bytes_per_block))
         cache_tokens = self.num_kv_blocks * config.block_size
         if config.max_model_len is not None and config.max_model_len > cache_tokens:
             raise ValueError(
@@ -104,7 +119,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:
-        batch = build_step_batch(requests, num_new, block_tables, self.block_size, self.dtype,
+        chunks = [_chunk(req, n) for req, n in zip(requests, num_new)]
+        batch = build_step_batch(chunks, block_tables, self.block_size, self.dtype,
                                  split_decodes=self.attention.pads_decodes)
         with attention_context(batch.attn):
             hidden = self.model(batch.input_ids, batch.positions)
@@ -140,11 +156,14 @@ class ModelRunner:
         offset = len(samplers)
         for i, _, count in spec_spans:
             req, rows_i = requests[i], logits[offset : offset + count]
-            tokens = verify(rows_i, req.spec_token_ids, req.params, req.generator)
+            tokens, path = verify(rows_i, req.spec_token_ids, req.params, req.generator,
+                                  req.spec_tree, req.spec_draft_probs)
             out.sampled[i] = tokens
-            if req.params.logprobs is not None:
-                out.logprobs[i] = [logprobs_for(rows_i[j : j + 1], [t], req.params.logprobs)[0]
-                                   for j, t in enumerate(tokens)]
+            if req.spec_tree is not None:
+                self._compact(block_tables[i], req.num_computed_tokens, path)
+            if req.params.logprobs is not None:  # token j is scored by the row of its parent
+                out.logprobs[i] = [logprobs_for(rows_i[r : r + 1], [t], req.params.logprobs)[0]
+                                   for r, t in zip([0, *path], tokens)]
             offset += count
         for i, _, count in plp_spans:
             req = requests[i]
@@ -155,6 +174,19 @@ class ModelRunner:
             )
             offset += count
         return out
+
+    def _compact(self, table: list[int], root: int, path: list[int]) -> None:
+        """Move the K/V of accepted tree nodes from their node slots (root + node) to the
+        slots of their positions (root + depth), so the sequence reads as a plain one.
+        Every node index is at least its depth, so no move overwrites a later source."""
+        moves = [(root + node, root + depth) for depth, node in enumerate(path, 1) if node != depth]
+        if not moves:
+            return
+        t = torch.tensor(table)
+        src, dst = (torch.tensor(x) for x in zip(*moves))
+        bs = self.block_size
+        src, dst = t[src // bs] * bs + src % bs, t[dst // bs] * bs + dst % bs
+        self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], idx: list[int], out: RunnerOutput) -> None:
         meta = SamplingMetadata.build(

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servelm.engine.request import Request
 from servelm.ops import cpu_kernels
 from servelm.ops.attention import CPUKernelPagedAttention, TorchPagedAttention, attention_context
-from servelm.sampling_params import SamplingParams
-from servelm.worker.batch import _split_by_length, build_step_batch
+from servelm.worker.batch import SeqChunk, _split_by_length, build_step_batch
 
 H, KV, D, BS = 6, 2, 8, 4
 
@@ -40,7 +38,7 @@ def test_paged_attention_matches_dense(backend, dtype):
     num_blocks = 64
     cache = torch.zeros(2, num_blocks * BS, KV, D)
     free = torch.randperm(num_blocks, generator=g).tolist()
-    requests, tables, full_k, full_v = [], [], [], []
+    chunks, tables, full_k, full_v = [], [], [], []
     for cached, new in shapes:
         total = cached + new
         table = [free.pop() for _ in range(-(-total // BS))]
@@ -49,14 +47,11 @@ def test_paged_attention_matches_dense(backend, dtype):
         for p in range(cached):  # what earlier steps wrote
             slot = table[p // BS] * BS + p % BS
             cache[0, slot], cache[1, slot] = k[p], v[p]
-        req = Request(f"r{len(requests)}", [1] * total, SamplingParams(), (), 1000)
-        req.num_computed_tokens = cached
-        requests.append(req)
+        chunks.append(SeqChunk([1] * new, cached))
         tables.append(table)
         full_k.append(k)
         full_v.append(v)
-    num_new = [new for _, new in shapes]
-    batch = build_step_batch(requests, num_new, tables, BS, dtype, split_decodes=backend.pads_decodes)
+    batch = build_step_batch(chunks, tables, BS, dtype, split_decodes=backend.pads_decodes)
     q_rows, k_rows, v_rows, expected = [], [], [], []
     for b, i in enumerate(batch.order):
         cached, new = shapes[i]

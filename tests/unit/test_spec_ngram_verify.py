@@ -24,9 +24,9 @@ def test_greedy_keeps_the_matching_prefix_then_the_targets_token():
     for row, best in enumerate([3, 4, 6, 1]):
         logits[row, best] = 5.0
     greedy = SamplingParams(temperature=0)
-    assert verify(logits, [3, 4, 5], greedy, None) == [3, 4, 6]
-    assert verify(logits, [3, 4, 6], greedy, None) == [3, 4, 6, 1]  # all kept, plus a bonus
-    assert verify(logits, [0, 4, 6], greedy, None) == [3]
+    assert verify(logits, [3, 4, 5], greedy, None)[0] == [3, 4, 6]
+    assert verify(logits, [3, 4, 6], greedy, None)[0] == [3, 4, 6, 1]  # all kept, plus a bonus
+    assert verify(logits, [0, 4, 6], greedy, None)[0] == [3]
 
 
 def test_rejection_sampling_reproduces_the_target_distribution():
@@ -39,7 +39,7 @@ def test_rejection_sampling_reproduces_the_target_distribution():
     gen = torch.Generator().manual_seed(1)
     first, second = torch.zeros(vocab), torch.zeros(vocab)
     for _ in range(n):
-        out = verify(logits, [2, 4], params, gen)
+        out, _ = verify(logits, [2, 4], params, gen)
         first[out[0]] += 1
         if out[0] == 2:
             second[out[1]] += 1
