@@ -1,42 +1,76 @@
-"""`servelm bench spec`: how much prompt-lookup speculation speeds up batch-1 decoding.
+"""`servelm bench spec`: how much speculation speeds up batch-1 decoding, per proposer.
 
-Speculation pays where the answer copies its input and costs where it does not, so the
-figure is measured per dataset (grounded rewriting, HumanEval completion, MT-Bench questions;
-see spec_datasets.py) and per system: servelm with `speculative_config={"method": "ngram"}`,
-transformers `generate` with prompt lookup decoding, and llama.cpp with
-`LlamaPromptLookupDecoding` (skipped with the reason when llama-cpp-python is missing), each
-against itself without speculation, on the same weights, prompt ids and thread count (see
-spec_runners.py for how each is driven and timed).
+Speculation pays where the draft guesses right and costs where it does not, so the figure is
+measured per dataset (grounded rewriting, HumanEval completion, MT-Bench questions; see
+spec_datasets.py), per servelm proposer (`--proposers`) and per system, each system's
+speculative variant against itself without speculation, on the same weights, prompt ids and
+thread count (see spec_runners.py for how each is driven and timed). Each servelm proposer
+is set against a peer drafting the same way:
+
+- ngram (prompt lookup, `speculative_config={"method": "ngram"}`): transformers `generate`
+  with prompt lookup decoding, llama.cpp with `LlamaPromptLookupDecoding`.
+- layer_skip (the target's first `--spec-num-layers` layers, final norm and LM head draft):
+  transformers `generate(assistant_early_exit=L)`, the same self-drafting.
+- draft_model (a separate draft, `--draft-model`, or the target's first `--draft-num-layers`
+  layers saved as a model of their own, see spec_drafts.py): transformers assisted
+  generation with that same draft folder as `assistant_model`.
+
+Both model-drafting proposers may draft a token tree (`--spec-tree 3,2,1`, SpecInfer),
+which transformers cannot: it drafts a chain of len(tree) tokens (noted in the results).
+Assisted drafting is fixed at k tokens a step like servelm's. llama-cpp-python drafts only
+by prompt lookup, so its rows for the other proposers are recorded as skipped, as is the
+whole peer when llama-cpp-python is missing or the model is not a GGUF.
+
+Rows are named `<system>` for ngram (as before this benchmark had proposers, so old result
+files stay comparable) and `<system>-<proposer>` otherwise; `vs_servelm` compares each
+peer row with the servelm row of the same proposer. All servelm proposers share one plain
+LLM; each speculative LLM is built in turn and dropped after its run.
 
 Requests run one at a time, greedy, up to `max_tokens` with EOS honoured (natural lengths).
-For each prompt the system's plain variant runs, then its speculative one, so drift on a
-shared machine hits both alike; each variant first serves one untimed warm-up request.
+For each prompt a row's plain variant runs, then its speculative one, so drift on a shared
+machine hits both alike; each variant first serves one untimed warm-up request.
 
-Figures per dataset and system: decode tok/s (tokens after the first / seconds after the
+Figures per dataset and row: decode tok/s (tokens after the first / seconds after the
 first token, summed over requests; TTFT is reported apart), **speedup** = speculative decode
 tok/s / the same system's plain decode tok/s, tokens per decode step, servelm's acceptance
 rate (accepted / proposed drafts), and the fraction of requests whose speculative output ids
 equal the plain ones (with the indices of those that differ): 1.0 for servelm, whose
-verification is lossless (a warning is printed otherwise); peers are reported, not judged. servelm's TTFT includes prefix caching as configured (`--no-enable-prefix-caching`
-to turn it off); prompts repeat only when a dataset has fewer rows than `--num-prompts`.
+verification is lossless (a warning is printed otherwise); peers are reported, not judged.
+servelm's TTFT includes prefix caching as configured (`--no-enable-prefix-caching` to turn
+it off); prompts repeat only when a dataset has fewer rows than `--num-prompts`, and the
+shared plain LLM sees each prompt once per proposer, so its TTFT after the first proposer's
+row comes from the prefix cache (decode figures are not affected).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from servelm.bench.latency import describe
-from servelm.bench.report import make_table, print_report
 from servelm.bench.spec_datasets import SPEC_DATASETS, SpecDataset, build_dataset
+from servelm.bench.spec_report import (
+    PROPOSERS,
+    SYSTEMS,
+    compare,
+    describe_proposer,
+    num,
+    print_table,
+    system_name,
+    vs_servelm,
+)
 from servelm.bench.spec_runners import Trace
 
-SYSTEMS = ("servelm", "transformers", "llama.cpp")
+__all__ = ["PROPOSERS", "SYSTEMS", "SpecBenchConfig", "add_spec_parser", "compare", "run_spec"]
+
 WARMUP_TEXT = "Repeat after me, twice: the cache is warm before anything is timed."
 Runner = Callable[[list[int]], Trace]
+LLAMACPP_ONLY_NGRAM = ("llama.cpp peer skipped for {}: llama-cpp-python drafts only by prompt "
+                       "lookup (LlamaPromptLookupDecoding)")
 
 
 @dataclass
@@ -46,11 +80,16 @@ class SpecBenchConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # LLM(**engine) kwargs incl. model
     datasets: list[str] = field(default_factory=lambda: list(SPEC_DATASETS))
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    proposers: list[str] = field(default_factory=lambda: ["ngram"])
     num_prompts: int = 10
     max_tokens: int = 128
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 4  # ngram always; the others when there is no tree
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    spec_num_layers: int | None = None  # layer_skip: target layers that draft
+    draft_model: str | None = None  # draft_model: the draft's path ...
+    draft_num_layers: int | None = None  # ... or the target's first layers, saved as one
+    spec_tree: list[int] | None = None  # layer_skip, draft_model: children per depth
     dataset_path: str | None = None  # self-instruct JSONL for `grounded`
     seed: int = 0
     result_file: str | None = None
@@ -59,21 +98,84 @@ class SpecBenchConfig:
     def __post_init__(self) -> None:
         for name in ("num_prompts", "max_tokens", "num_speculative_tokens", "prompt_lookup_max",
                      "prompt_lookup_min"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            _check_int(name, getattr(self, name))
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
-        for name, allowed in (("datasets", SPEC_DATASETS), ("systems", SYSTEMS)):
+        for name, allowed in (("datasets", SPEC_DATASETS), ("systems", SYSTEMS),
+                              ("proposers", PROPOSERS)):
             values = getattr(self, name)
-            if not values or any(v not in allowed for v in values):
-                raise ValueError(f"{name} must be a non-empty list from {allowed}, got {values}")
+            if not values or any(v not in allowed for v in values) or len(set(values)) < len(values):
+                raise ValueError(f"{name} must be a non-empty list of distinct names from "
+                                 f"{allowed}, got {values}")
+        self._check_proposer_options()
 
-    @property
-    def speculative_config(self) -> dict[str, Any]:
-        return {"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens,
-                "prompt_lookup_max": self.prompt_lookup_max,
-                "prompt_lookup_min": self.prompt_lookup_min}
+    def _check_proposer_options(self) -> None:
+        p = self.proposers
+        for name, flag, proposer in (("spec_num_layers", "--spec-num-layers", "layer_skip"),
+                                     ("draft_num_layers", "--draft-num-layers", "draft_model"),
+                                     ("draft_model", "--draft-model", "draft_model")):
+            value = getattr(self, name)
+            if value is not None and proposer not in p:
+                raise ValueError(f"{name} ({flag}) applies to proposer {proposer}, which "
+                                 f"proposers {p} does not list")
+            if value is not None and name != "draft_model":
+                _check_int(name, value)
+        if "layer_skip" in p and self.spec_num_layers is None:
+            raise ValueError("spec_num_layers (--spec-num-layers) is required with proposer "
+                             "layer_skip: how many of the target's layers draft")
+        if "draft_model" in p and (self.draft_model is None) == (self.draft_num_layers is None):
+            raise ValueError("proposer draft_model needs exactly one of draft_model "
+                             "(--draft-model PATH) and draft_num_layers (--draft-num-layers L, "
+                             "a draft cut from the target)")
+        if self.draft_model is not None and not isinstance(self.draft_model, str):
+            raise ValueError(f"draft_model must be a path, got {self.draft_model!r}")
+        if self.spec_tree is not None:
+            if not {"layer_skip", "draft_model"} & set(p):
+                raise ValueError("spec_tree (--spec-tree) applies to proposers layer_skip and "
+                                 f"draft_model, which proposers {p} does not list")
+            if (not isinstance(self.spec_tree, (list, tuple)) or not self.spec_tree
+                    or not all(_is_int(b) and b >= 1 for b in self.spec_tree)):
+                raise ValueError("spec_tree must be a non-empty list of integers >= 1 (children "
+                                 f"per node at each depth), got {self.spec_tree!r}")
+        from servelm.spec.config import SpecConfig
+
+        for proposer, sc in self.speculative_configs().items():
+            try:
+                SpecConfig.parse(sc)
+            except ValueError as e:
+                name = "spec_tree" if "tree" in sc else "speculative_config"
+                raise ValueError(f"{name} ({proposer}): {e}") from None
+
+    def speculative_configs(self, draft_path: str | None = None) -> dict[str, dict[str, Any]]:
+        """servelm's `speculative_config` per proposer (`draft_path`: the draft to use)."""
+        out: dict[str, dict[str, Any]] = {}
+        for p in self.proposers:
+            if p == "ngram":
+                out[p] = {"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens,
+                          "prompt_lookup_max": self.prompt_lookup_max,
+                          "prompt_lookup_min": self.prompt_lookup_min}
+                continue
+            sc: dict[str, Any] = {"method": p}
+            if p == "layer_skip":
+                sc["num_layers"] = self.spec_num_layers
+            else:
+                sc["model"] = draft_path or self.draft_model or (
+                    f"<first {self.draft_num_layers} layers of the target>")
+            tree = list(self.spec_tree) if self.spec_tree else None
+            sc["num_speculative_tokens"] = len(tree) if tree else self.num_speculative_tokens
+            if tree:
+                sc["tree"] = tree
+            out[p] = sc
+        return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -87,10 +189,20 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def add_spec_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None],
                     ) -> None:
     """Register `bench spec` on the bench subparsers `bsub`."""
-    p = bsub.add_parser("spec", help="batch-1 decode speed-up of prompt-lookup speculation, "
+    p = bsub.add_parser("spec", help="batch-1 decode speed-up of speculation per proposer, "
                         "servelm vs transformers and llama.cpp")
     add_engine_args(p)
     g = p.add_argument_group("workload")
@@ -103,10 +215,24 @@ def add_spec_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParse
                         "(default: ../shared/data/self-instruct/predictions.jsonl)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompt order")
     g = p.add_argument_group("speculation")
-    g.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts per step (k)")
-    g.add_argument("--prompt-lookup-max", type=int, default=3, help="longest n-gram looked up")
+    g.add_argument("--proposers", type=_names(PROPOSERS), default=["ngram"],
+                   help="servelm proposers to measure, comma-separated, from "
+                        + ",".join(PROPOSERS) + " (default ngram)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="drafts per step (k); layer_skip and draft_model take len(tree) "
+                        "with --spec-tree")
+    g.add_argument("--prompt-lookup-max", type=int, default=3, help="ngram: longest n-gram")
     g.add_argument("--prompt-lookup-min", type=int, default=1,
-                   help="shortest n-gram looked up (servelm only; the peers go down to 1)")
+                   help="ngram: shortest n-gram (servelm only; the peers go down to 1)")
+    g.add_argument("--spec-num-layers", type=int, default=None,
+                   help="layer_skip: how many of the target's first layers draft (required)")
+    g.add_argument("--draft-model", default=None,
+                   help="draft_model: the draft's HF folder or GGUF (same tokenizer)")
+    g.add_argument("--draft-num-layers", type=int, default=None,
+                   help="draft_model without --draft-model: a draft of the target's first L "
+                        "layers, saved once under the servelm cache")
+    g.add_argument("--spec-tree", type=_ints, default=None,
+                   help="layer_skip, draft_model: token tree, children per depth (e.g. 3,2,1)")
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_names(SYSTEMS), default=list(SYSTEMS),
                    help="comma-separated, from " + ",".join(SYSTEMS))
@@ -120,53 +246,22 @@ def cmd_spec(args: argparse.Namespace) -> int:
     from servelm.cli import engine_kwargs
 
     if args.speculative_config is not None:
-        raise ValueError("bench spec sets speculation itself: use --num-speculative-tokens and "
-                         "--prompt-lookup-max/min instead of --speculative-config")
+        raise ValueError("bench spec sets speculation itself: use --proposers and the flags of "
+                         "its 'speculation' group instead of --speculative-config")
     engine = engine_kwargs(args)
     engine.pop("speculative_config")
     cfg = SpecBenchConfig(
         engine={"model": args.model, **engine}, datasets=args.datasets, systems=args.systems,
-        num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+        proposers=args.proposers, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
         num_speculative_tokens=args.num_speculative_tokens,
         prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+        spec_num_layers=args.spec_num_layers, draft_model=args.draft_model,
+        draft_num_layers=args.draft_num_layers, spec_tree=args.spec_tree,
         dataset_path=args.dataset_path, seed=args.seed, result_file=args.result_file,
         quiet=args.quiet,
     )
     run_spec(cfg)
     return 0
-
-
-# ---- figures -------------------------------------------------------------------------------
-
-def figures(traces: list[Trace]) -> dict[str, Any]:
-    """Totals and rates of one variant on one dataset."""
-    dec_tok, dec_s = sum(t.decode_tokens for t in traces), sum(t.decode_s for t in traces)
-    steps = (None if any(t.decode_steps is None for t in traces)
-             else sum(t.decode_steps or 0 for t in traces))
-    out: dict[str, Any] = {
-        "num_requests": len(traces), "output_tokens": sum(len(t.token_ids) for t in traces),
-        "decode_tokens": dec_tok, "decode_s": dec_s,
-        "decode_tok_s": dec_tok / dec_s if dec_s > 0 else None,
-        "ttft_s": describe([t.ttft_s for t in traces]),
-        "decode_steps": steps, "tokens_per_step": dec_tok / steps if steps else None,
-    }
-    if all(t.proposed is not None for t in traces):
-        proposed, accepted = sum(t.proposed or 0 for t in traces), sum(t.accepted or 0 for t in traces)
-        out.update(spec_proposed_tokens=proposed, spec_accepted_tokens=accepted,
-                   acceptance_rate=accepted / proposed if proposed else None)
-    return out
-
-
-def compare(plain: list[Trace], spec: list[Trace]) -> dict[str, Any]:
-    """Both variants' figures, the speedup and how often their outputs are identical."""
-    a, b = figures(plain), figures(spec)
-    differ = [i for i, (x, y) in enumerate(zip(plain, spec, strict=True))
-              if x.token_ids != y.token_ids]
-    speedup = (b["decode_tok_s"] / a["decode_tok_s"]
-               if a["decode_tok_s"] and b["decode_tok_s"] else None)
-    return {"baseline": a, "speculative": b, "speedup": speedup,
-            "identical_fraction": 1 - len(differ) / max(1, len(plain)),
-            "differing_requests": differ}
 
 
 def measure(runners: tuple[Runner, Runner], datasets: list[SpecDataset], warmup: list[int],
@@ -182,24 +277,19 @@ def measure(runners: tuple[Runner, Runner], datasets: list[SpecDataset], warmup:
                 sink.append(run(prompt))
         out[d.name] = res = compare(*traces)
         rate = res["speedup"]
-        say(f"  {label} {d.name}: decode {_num(res['baseline']['decode_tok_s'])} -> "
-            f"{_num(res['speculative']['decode_tok_s'])} tok/s"
+        say(f"  {label} {d.name}: decode {num(res['baseline']['decode_tok_s'])} -> "
+            f"{num(res['speculative']['decode_tok_s'])} tok/s"
             + (f", speedup {rate:.2f}x" if rate else ""))
     return out
-
-
-def _num(x: float | None, fmt: str = ".1f") -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 # ---- the run -------------------------------------------------------------------------------
 
 def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
-    """Build the prompts, run every system's two variants, write and return the result dict."""
-    from servelm.bench import llamacpp_peer as lcp
+    """Build the prompts, run every row's two variants, write and return the result dict."""
     from servelm.bench.datasets import encode_prompt
     from servelm.bench.results import result_header, result_path, write_result
-    from servelm.bench.spec_runners import HFRunner, LlamaCppRunner, ServelmRunner
+    from servelm.bench.spec_runners import ServelmRunner
     from servelm.llm import LLM
 
     engine = dict(cfg.engine)
@@ -208,7 +298,21 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
         raise ValueError("bench spec sets speculative_config itself; leave it out of engine")
     dtype = engine.get("dtype", "float32")
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    draft = cfg.draft_model
+    if draft is not None and not Path(draft).expanduser().exists():
+        raise FileNotFoundError(f"draft_model (--draft-model) {draft!r} does not exist")
+    if "draft_model" in cfg.proposers and draft is None:
+        from servelm.bench.spec_drafts import write_pruned_draft
+
+        say(f"writing (or reusing) a draft of the target's first {cfg.draft_num_layers} layers ...")
+        draft = str(write_pruned_draft(model, cfg.draft_num_layers, None, dtype))
+        say(f"  draft: {draft}")
+    specs = cfg.speculative_configs(draft)
     plain = LLM(model, **engine)  # sets torch's thread count; transformers then reuses it
+    target_layers = plain.engine.arch.num_layers
+    if cfg.spec_num_layers is not None and cfg.spec_num_layers >= target_layers:
+        raise ValueError(f"spec_num_layers must be below the target's {target_layers} layers, "
+                         f"got {cfg.spec_num_layers}")
     tok, max_len = plain.get_tokenizer(), plain.engine.max_model_len
     if cfg.max_tokens >= max_len:
         raise ValueError(f"max_tokens {cfg.max_tokens} leaves no room for a prompt in "
@@ -222,127 +326,99 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
     if not live:
         raise FileNotFoundError("no dataset to run: " + "; ".join(d.skipped or "" for d in datasets))
     warmup = encode_prompt(tok, WARMUP_TEXT)
-    longest = max(len(p) for d in live for p in d.prompts) + cfg.max_tokens
-    k, ngram = cfg.num_speculative_tokens, cfg.prompt_lookup_max
     result: dict[str, Any] = {
         **result_header("spec", dtype),
         "config": {**{key: v for key, v in vars(cfg).items() if key != "engine"},
-                   "engine": {"model": model, **engine},
-                   "speculative_config": cfg.speculative_config},
+                   "engine": {"model": model, **engine}, "speculative_config": specs},
         "datasets": {d.name: d.summary() for d in datasets},
         "systems": {}, "results": {d.name: {} for d in live},
     }
     say(f"spec: batch 1, {', '.join(f'{d.name} x{len(d.prompts)}' for d in live)}, up to "
-        f"{cfg.max_tokens} output tokens, k={k}, n-grams {cfg.prompt_lookup_min}-{ngram}")
+        f"{cfg.max_tokens} output tokens; "
+        + "; ".join(describe_proposer(p, sc) for p, sc in specs.items()))
 
-    def record(system: str, per_dataset: dict[str, dict[str, Any]], info: dict) -> None:
+    def record(system: str, runners: tuple[Runner, Runner], info: dict[str, Any]) -> None:
+        say(f"running {system} ...")
         result["systems"][system] = info
-        for name, res in per_dataset.items():
+        for name, res in measure(runners, live, warmup, say, system).items():
             result["results"][name][system] = res
 
     if "servelm" in cfg.systems:
-        say("running servelm ...")
-        spec_llm = LLM(model, speculative_config=cfg.speculative_config, **engine)
-        pair = (ServelmRunner(plain, cfg.max_tokens), ServelmRunner(spec_llm, cfg.max_tokens))
-        record("servelm", measure(pair, live, warmup, say, "servelm"),
-               {"speculative_config": cfg.speculative_config})
-        del spec_llm, pair
+        base = ServelmRunner(plain, cfg.max_tokens)
+        for proposer, sc in specs.items():  # one speculative LLM at a time, to save memory
+            spec_llm = LLM(model, speculative_config=sc, **engine)
+            record(system_name("servelm", proposer),
+                   (base, ServelmRunner(spec_llm, cfg.max_tokens)), {"speculative_config": sc})
+            del spec_llm
+            gc.collect()
+        del base
     del plain
+    gc.collect()
     if "transformers" in cfg.systems:
-        from servelm.bench.hf_peer import load_hf_model
-
-        say("loading transformers model ...")
-        hf = load_hf_model(model, dtype)
-        say("running transformers ...")
-        pair = (HFRunner(hf, cfg.max_tokens), HFRunner(hf, cfg.max_tokens, k, ngram))
-        record("transformers", measure(pair, live, warmup, say, "transformers"),
-               {"attn_implementation": hf.config._attn_implementation,
-                "prompt_lookup_num_tokens": k, "max_matching_ngram_size": ngram})
-        del hf, pair
+        _run_transformers(model, dtype, cfg.max_tokens, specs, record, say)
     if "llama.cpp" in cfg.systems:
-        why = lcp.unavailable_reason(model)
-        if why is not None:
-            say(why)
-            result["systems"]["llama.cpp"] = {"skipped": why}
-        else:
-            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-            say("loading llama.cpp models ...")
-            threads = lcp.default_threads(engine)
-            lms = (lcp.load_llamacpp(model, threads, longest, cfg.seed),
-                   lcp.load_llamacpp(model, threads, longest, cfg.seed, LlamaPromptLookupDecoding(
-                       max_ngram_size=ngram, num_pred_tokens=k)))
-            say(f"running llama.cpp ({threads} threads) ...")
-            pair = (LlamaCppRunner(lms[0], cfg.max_tokens), LlamaCppRunner(lms[1], cfg.max_tokens))
-            record("llama.cpp", measure(pair, live, warmup, say, "llama.cpp"),
-                   {**lms[0].settings(), "draft_model": f"LlamaPromptLookupDecoding("
-                    f"max_ngram_size={ngram}, num_pred_tokens={k})"})
-            del lms, pair
-    result["vs_servelm"] = _vs_servelm(result)
+        longest = max(len(p) for d in live for p in d.prompts) + cfg.max_tokens
+        _run_llamacpp(model, engine, cfg, specs, longest, record, say, result["systems"])
+    result["vs_servelm"] = vs_servelm(result)
     write_result(result, result_path(cfg.result_file, "spec"))
     if not cfg.quiet:
         print_table(result)
     return result
 
 
-def _vs_servelm(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """servelm decode tok/s / each peer's, per dataset and variant (above 1: servelm faster)."""
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
-    for name, per_system in result["results"].items():
-        sv = per_system.get("servelm")
-        if sv is None:
-            continue
-        for peer in SYSTEMS[1:]:
-            if peer not in per_system:
-                continue
-            out.setdefault(name, {})[peer] = {
-                v: (sv[v]["decode_tok_s"] / p if (p := per_system[peer][v]["decode_tok_s"])
-                    and sv[v]["decode_tok_s"] else None) for v in ("baseline", "speculative")}
-    return out
+def _run_transformers(model: str | None, dtype: str, max_tokens: int,
+                      specs: dict[str, dict[str, Any]], record: Callable[..., None],
+                      say: Callable[..., None]) -> None:
+    """One plain transformers runner against a speculative one per proposer."""
+    from servelm.bench.hf_peer import load_hf_model
+    from servelm.bench.spec_runners import HF_NO_TREE, HFRunner, hf_spec_settings
+
+    say("loading transformers model ...")
+    hf = load_hf_model(model, dtype)
+    base = HFRunner(hf, max_tokens)
+    for proposer, sc in specs.items():
+        settings = hf_spec_settings(sc)
+        info: dict[str, Any] = {"attn_implementation": hf.config._attn_implementation, **settings}
+        assistant = None
+        if proposer == "draft_model":
+            say("loading the draft in transformers ...")
+            assistant = load_hf_model(sc["model"], dtype)
+            info["assistant_model"] = sc["model"]
+        if sc.get("tree"):
+            info["token_tree"] = HF_NO_TREE
+        record(system_name("transformers", proposer),
+               (base, HFRunner(hf, max_tokens, settings, assistant)), info)
+        del assistant
+        gc.collect()
 
 
-def print_table(result: dict[str, Any]) -> None:
-    """One row per dataset and system, then cross-system ratios and notes."""
-    cfg = result["config"]
-    cols = ["dataset", "system", "req", "out tok", "TTFT med ms", "decode tok/s",
-            "spec TTFT med ms", "spec decode tok/s", "speedup", "accept", "tok/step",
-            "identical"]
+def _run_llamacpp(model: str | None, engine: dict[str, Any], cfg: SpecBenchConfig,
+                  specs: dict[str, dict[str, Any]], longest: int, record: Callable[..., None],
+                  say: Callable[..., None], systems: dict[str, Any]) -> None:
+    """llama.cpp's prompt lookup against ngram; a recorded skip for the other proposers."""
+    from servelm.bench import llamacpp_peer as lcp
+    from servelm.bench.spec_runners import LlamaCppRunner
 
-    def ms(stats: dict[str, float] | None) -> str:
-        return "-" if stats is None else f"{stats['median'] * 1e3:.1f}"
+    for proposer in specs:
+        if proposer != "ngram":
+            systems[system_name("llama.cpp", proposer)] = {
+                "skipped": LLAMACPP_ONLY_NGRAM.format(proposer)}
+    if "ngram" not in specs:
+        return
+    why = lcp.unavailable_reason(model)
+    if why is not None:
+        say(why)
+        systems["llama.cpp"] = {"skipped": why}
+        return
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    rows = []
-    for name, per_system in result["results"].items():
-        for system in SYSTEMS:
-            r = per_system.get(system)
-            if r is None:
-                continue
-            a, b = r["baseline"], r["speculative"]
-            rows.append([name, system, str(a["num_requests"]),
-                         f"{a['output_tokens']}/{b['output_tokens']}", ms(a["ttft_s"]),
-                         _num(a["decode_tok_s"]), ms(b["ttft_s"]), _num(b["decode_tok_s"]),
-                         "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-                         _num(b.get("acceptance_rate"), ".0%"), _num(b["tokens_per_step"], ".2f"),
-                         f"{r['identical_fraction']:.0%}"])
-    notes = ["speedup: speculative decode tok/s / the same system's without speculation; "
-             "decode = tokens after the first / time after the first token; out tok: "
-             "plain/speculative; identical: requests whose speculative output ids equal the "
-             "plain ones"]
-    for name, peers in result.get("vs_servelm", {}).items():
-        parts = [f"{peer} {_num(r['baseline'], '.2f')}x plain, {_num(r['speculative'], '.2f')}x "
-                 f"speculative" for peer, r in peers.items()]
-        notes.append(f"{name}: servelm / peer decode tok/s (>1 = servelm faster): "
-                     + "; ".join(parts))
-    for name, per_system in result["results"].items():
-        if (sv := per_system.get("servelm")) and sv["differing_requests"]:
-            notes.append(f"WARNING {name}: servelm's speculative output differs from its plain "
-                         f"one for requests {sv['differing_requests']} (verification should be "
-                         "lossless)")
-    notes += [d["skipped"] for d in result["datasets"].values() if "skipped" in d]
-    notes += [s["skipped"] for s in result["systems"].values() if "skipped" in s]
-    notes.append(f"results: {result['result_file']}")
-    sc = cfg["speculative_config"]
-    title = (f"spec: batch 1, up to {cfg['max_tokens']} output tokens, k="
-             f"{sc['num_speculative_tokens']}, n-grams {sc['prompt_lookup_min']}-"
-             f"{sc['prompt_lookup_max']}")
-    print_report([make_table(title, cols, rows)], notes)
+    k, ngram = specs["ngram"]["num_speculative_tokens"], specs["ngram"]["prompt_lookup_max"]
+    say("loading llama.cpp models ...")
+    threads = lcp.default_threads(engine)
+    lms = (lcp.load_llamacpp(model, threads, longest, cfg.seed),
+           lcp.load_llamacpp(model, threads, longest, cfg.seed, LlamaPromptLookupDecoding(
+               max_ngram_size=ngram, num_pred_tokens=k)))
+    record("llama.cpp", (LlamaCppRunner(lms[0], cfg.max_tokens),
+                         LlamaCppRunner(lms[1], cfg.max_tokens)),
+           {**lms[0].settings(), "threads": threads, "draft_model": f"LlamaPromptLookupDecoding("
+            f"max_ngram_size={ngram}, num_pred_tokens={k})"})

@@ -1,4 +1,4 @@
-"""One request at a time through each system, with and without prompt-lookup speculation.
+"""One request at a time through each system, with and without speculation.
 
 A runner takes prompt token ids and returns a `Trace`: the output ids (greedy, at most
 `max_tokens`, ending with the model's end-of-generation token when it writes one), time to
@@ -10,18 +10,28 @@ per step is measured the same way for every system instead of derived from accep
 - servelm: `LLM.generate` of one prompt; times from `RequestOutput.metrics`, drafts and
   acceptances from the output, steps from the engine's `num_steps` counter minus the
   prefill steps.
-- transformers: `generate`, greedy; the speculative variant sets `prompt_lookup_num_tokens`
-  (HF's prompt lookup decoding) with `max_matching_ngram_size` = prompt_lookup_max. A
-  stopping criterion that never stops notes the time and length after each step. HF's first
-  step already verifies drafts copied from the prompt, so tokens accepted there arrive with
-  the first token: they count toward TTFT, and decode starts after that step.
+- transformers: `generate`, greedy; the speculative variant drafts like servelm's proposer
+  (`hf_spec_settings`): ngram -> prompt lookup decoding (`prompt_lookup_num_tokens` = k,
+  `max_matching_ngram_size` = prompt_lookup_max); layer_skip -> `assistant_early_exit` = L
+  (the model's first L layers, final norm and LM head draft, with a KV cache of their own);
+  draft_model -> assisted generation with `assistant_model` = the same draft folder loaded
+  by transformers. Assisted drafting is pinned to k tokens a step like servelm's:
+  `num_assistant_tokens` = k, schedule "constant" and `assistant_confidence_threshold` 0
+  (transformers reads these from the drafting model's own generation_config, so they are
+  set there too). transformers has no token trees: with a tree it drafts a chain of
+  len(tree) tokens. A stopping criterion that never stops notes the time and length after
+  each step. HF's first step already verifies drafts (copied from the prompt or drafted
+  after the prompt), so tokens accepted there arrive with the first token: they count
+  toward TTFT, and decode starts after that step.
 - llama.cpp: `Llama.generate` token by token, stopping at an end-of-generation token; the
   speculative variant is a second `Llama` loaded with `LlamaPromptLookupDecoding` (llama-cpp-
   python fixes the draft model at load, and with it keeps logits of every position, prompt
   included, which slows its prefill). Steps are counted by wrapping `Llama.eval`.
+  llama-cpp-python drafts only by prompt lookup, so layer_skip and draft_model have no
+  llama.cpp peer (recorded as skipped).
 
-All three search n-grams from prompt_lookup_max down to 1; HF and llama.cpp take the earliest
-match in the context, servelm the latest.
+For prompt lookup, all three search n-grams from prompt_lookup_max down to 1; HF and llama.cpp
+take the earliest match in the context, servelm the latest.
 """
 
 from __future__ import annotations
@@ -82,20 +92,46 @@ class _StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-class HFRunner:
-    """transformers `generate`, greedy, EOS honoured; `k` > 0 turns on prompt lookup."""
+# Assisted drafting fixed at k tokens a step (no schedule, no stopping on low confidence).
+HF_ASSISTED = {"num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.0}
+HF_DRAFTER_KEYS = {"num_assistant_tokens", *HF_ASSISTED}
+HF_NO_TREE = ("transformers has no token trees: it drafts a chain of len(tree) tokens "
+              "(one candidate per depth)")
 
-    def __init__(self, model: Any, max_tokens: int, k: int = 0, max_ngram: int = 3) -> None:
+
+def hf_spec_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """transformers `generate` settings drafting like servelm's `speculative_config` `spec`
+    (draft_model also needs `assistant_model=`, the draft loaded by transformers)."""
+    k = spec.get("num_speculative_tokens") or len(spec["tree"])
+    if spec["method"] == "ngram":
+        return {"prompt_lookup_num_tokens": k,
+                "max_matching_ngram_size": spec.get("prompt_lookup_max", 4)}
+    assisted = {"num_assistant_tokens": k, **HF_ASSISTED}
+    if spec["method"] == "layer_skip":
+        return {"assistant_early_exit": spec["num_layers"], **assisted}
+    if spec["method"] == "draft_model":
+        return assisted
+    raise ValueError(f"no transformers peer for speculative method {spec['method']!r}")
+
+
+class HFRunner:
+    """transformers `generate`, greedy, EOS honoured; `settings` (see `hf_spec_settings`)
+    turn on speculation, with `assistant` the draft model of assisted generation."""
+
+    def __init__(self, model: Any, max_tokens: int, settings: dict[str, Any] | None = None,
+                 assistant: Any = None) -> None:
         from transformers import GenerationConfig
 
         from servelm.bench.hf_peer import _pad_id
 
         gen = model.generation_config
-        lookup = {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": max_ngram} if k else {}
-        self.model = model
+        self.model, self.assistant, self.settings = model, assistant, dict(settings or {})
         self.config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, num_beams=1,
                                        pad_token_id=_pad_id(model), eos_token_id=gen.eos_token_id,
-                                       bos_token_id=gen.bos_token_id, **lookup)
+                                       bos_token_id=gen.bos_token_id, **self.settings)
+        # The model that drafts: transformers takes its drafting settings from its config.
+        self.drafter = assistant if assistant is not None else (
+            model if "assistant_early_exit" in self.settings else None)
         eos = gen.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
@@ -104,12 +140,16 @@ class HFRunner:
         from transformers import StoppingCriteriaList
 
         ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+        if self.drafter is not None:  # set per call: the layer-skip drafter is the model itself
+            for key in HF_DRAFTER_KEYS & self.settings.keys():
+                setattr(self.drafter.generation_config, key, self.settings[key])
+        extra = {"assistant_model": self.assistant} if self.assistant is not None else {}
         clock = _StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       generation_config=self.config,
-                                      stopping_criteria=StoppingCriteriaList([clock]))
+                                      stopping_criteria=StoppingCriteriaList([clock]), **extra)
         new = until_stop(out[0, len(prompt):].tolist(), self.stop_ids)
         (t0, n0), (t1, _) = clock.steps[0], clock.steps[-1]
         first = min(len(new), n0 - len(prompt))  # tokens the first step produced

@@ -1,4 +1,5 @@
-"""`servelm bench spec` on tiny random models: datasets, figures, lossless servelm, the peers."""
+"""`servelm bench spec` on tiny random models: datasets, figures, lossless servelm, the peers,
+every proposer (ngram, layer_skip, draft_model) and the pruned drafts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from servelm.bench import llamacpp_peer
 from servelm.bench.spec import SpecBenchConfig, compare
 from servelm.bench.spec_datasets import GROUNDED_INSTRUCTION, build_dataset
-from servelm.bench.spec_runners import Trace, until_stop
+from servelm.bench.spec_drafts import write_pruned_draft
+from servelm.bench.spec_report import split_system, system_name, vs_servelm
+from servelm.bench.spec_runners import HF_NO_TREE, Trace, hf_spec_settings, until_stop
 from servelm.cli import main
 
 # Inputs that repeat themselves, so prompt lookup finds n-grams to copy even on random weights.
@@ -72,7 +75,7 @@ def test_spec_cli_servelm_and_transformers(tmp_path, tiny_model_dir, capsys):
     res = _run(tmp_path, tiny_model_dir("llama"), "--max-num-batched-tokens", "64")
     assert res["benchmark"] == "spec" and res["machine"]["torch_threads"] == 1
     assert {"date", "command", "servelm_revision", "config", "datasets", "systems"} <= set(res)
-    assert res["config"]["speculative_config"]["num_speculative_tokens"] == 4
+    assert res["config"]["speculative_config"]["ngram"]["num_speculative_tokens"] == 4
     assert res["datasets"]["grounded"]["num_prompts"] == 2
     sv = res["results"]["grounded"]["servelm"]
     assert sv["identical_fraction"] == 1.0 and sv["differing_requests"] == []  # lossless
@@ -115,12 +118,156 @@ def test_spec_skips_missing_dataset_and_llamacpp(tmp_path, tiny_gguf_path, monke
     assert res["results"]["humaneval"]["servelm"]["identical_fraction"] == 1.0
 
 
-def test_spec_llamacpp_on_tiny_gguf(tmp_path, tiny_gguf_path):
+def test_spec_llamacpp_on_tiny_gguf(tmp_path, tiny_gguf_path, monkeypatch):
     pytest.importorskip("llama_cpp")
-    res = _run(tmp_path, tiny_gguf_path, "--systems", "llama.cpp,servelm", "--quiet")
+    monkeypatch.setenv("SERVELM_CACHE_DIR", str(tmp_path / "cache"))  # the pruned draft
+    res = _run(tmp_path, tiny_gguf_path, "--systems", "llama.cpp,servelm", "--quiet",
+               "--proposers", "ngram,draft_model", "--draft-num-layers", "2")
     lc = res["results"]["grounded"]["llama.cpp"]
+    assert "prompt lookup" in res["systems"]["llama.cpp-draft_model"]["skipped"]
+    assert "llama.cpp-draft_model" not in res["results"]["grounded"]
+    assert res["results"]["grounded"]["servelm-draft_model"]["identical_fraction"] == 1.0
     assert "skipped" not in res["systems"]["llama.cpp"]
     assert "LlamaPromptLookupDecoding" in res["systems"]["llama.cpp"]["draft_model"]
     assert lc["baseline"]["tokens_per_step"] == 1.0
     assert lc["speculative"]["decode_tok_s"] > 0 and 0.0 <= lc["identical_fraction"] <= 1.0
     assert res["results"]["grounded"]["servelm"]["identical_fraction"] == 1.0
+
+
+# ---- proposers ------------------------------------------------------------------------------
+
+def test_proposer_config_validation():
+    ok = SpecBenchConfig(proposers=["ngram", "layer_skip", "draft_model"], spec_num_layers=1,
+                         draft_num_layers=1, spec_tree=[2, 1])
+    sc = ok.speculative_configs("/d")
+    assert sc["ngram"]["num_speculative_tokens"] == 4  # ngram keeps k; the tree sets the others'
+    assert sc["layer_skip"] == {"method": "layer_skip", "num_layers": 1,
+                                "num_speculative_tokens": 2, "tree": [2, 1]}
+    assert sc["draft_model"]["model"] == "/d" and sc["draft_model"]["tree"] == [2, 1]
+    bad = [({"proposers": ["medusa"]}, "proposers"),
+           ({"proposers": ["ngram", "ngram"]}, "proposers"),
+           ({"proposers": ["layer_skip"]}, "--spec-num-layers"),
+           ({"proposers": ["layer_skip"], "spec_num_layers": 0}, "spec_num_layers"),
+           ({"spec_num_layers": 1}, "spec_num_layers"),  # layer_skip not listed
+           ({"proposers": ["draft_model"]}, "draft_num_layers"),
+           ({"proposers": ["draft_model"], "draft_model": "/d", "draft_num_layers": 1},
+            "draft_model"),
+           ({"draft_model": "/d"}, "draft_model"),
+           ({"spec_tree": [2]}, "spec_tree"),  # ngram takes no tree
+           ({"proposers": ["layer_skip"], "spec_num_layers": 1, "spec_tree": [0]}, "spec_tree"),
+           ({"proposers": ["layer_skip"], "spec_num_layers": 1, "spec_tree": [8, 8]},
+            "spec_tree")]  # 72 nodes, over servelm's limit
+    for kwargs, field in bad:
+        with pytest.raises(ValueError, match=field):
+            SpecBenchConfig(**kwargs)
+
+
+def test_peer_settings_and_row_names():
+    assert hf_spec_settings({"method": "ngram", "num_speculative_tokens": 3,
+                             "prompt_lookup_max": 2}) == {"prompt_lookup_num_tokens": 3,
+                                                          "max_matching_ngram_size": 2}
+    ls = hf_spec_settings({"method": "layer_skip", "num_layers": 2, "tree": [3, 1]})
+    assert ls["assistant_early_exit"] == 2 and ls["num_assistant_tokens"] == 2
+    assert ls["num_assistant_tokens_schedule"] == "constant"
+    dm = hf_spec_settings({"method": "draft_model", "model": "/d", "num_speculative_tokens": 5})
+    assert dm["num_assistant_tokens"] == 5 and "assistant_early_exit" not in dm
+    assert system_name("servelm", "ngram") == "servelm"
+    assert system_name("transformers", "draft_model") == "transformers-draft_model"
+    assert split_system("llama.cpp") == ("llama.cpp", "ngram")
+    assert split_system("servelm-layer_skip") == ("servelm", "layer_skip")
+    rate = {"baseline": {"decode_tok_s": 10.0}, "speculative": {"decode_tok_s": 20.0}}
+    half = {"baseline": {"decode_tok_s": 5.0}, "speculative": {"decode_tok_s": 40.0}}
+    ratios = vs_servelm({"results": {"d": {"servelm": rate, "transformers": half,
+                                           "servelm-layer_skip": half,
+                                           "transformers-layer_skip": rate,
+                                           "transformers-draft_model": rate}}})
+    assert ratios["d"]["transformers"] == {"baseline": 2.0, "speculative": 0.5}
+    assert ratios["d"]["transformers-layer_skip"] == {"baseline": 0.5, "speculative": 2.0}
+    assert "transformers-draft_model" not in ratios["d"]  # no servelm row to compare with
+
+
+def test_pruned_draft_round_trip(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from servelm.llm import LLM
+    from servelm.model.loader import load_model
+    from servelm.sampling_params import SamplingParams
+
+    target = tiny_model_dir("llama", tie_word_embeddings=True)
+    folder = write_pruned_draft(str(target), 2, tmp_path, torch.float32)
+    assert write_pruned_draft(str(target), 2, tmp_path, "float32") == folder  # cached
+    loaded = load_model(str(folder))
+    assert loaded.arch.num_layers == 2 and loaded.arch.tie_word_embeddings
+    assert loaded.arch.eos_token_ids == load_model(str(target)).arch.eos_token_ids
+    prompt = tiny_tokenizer.encode("the cat sat on the mat and the dog")
+    llm = LLM(str(folder), num_kv_blocks=16, num_threads=1)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+                .outputs[0].token_ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert hf.config.num_hidden_layers == 2
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                             min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert ours == theirs[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="below the target's 3 layers"):
+        write_pruned_draft(str(target), 3, tmp_path, torch.float32)
+
+
+@pytest.mark.parametrize("tree", [None, "2,1"])
+def test_spec_cli_every_proposer(tmp_path, tiny_model_dir, monkeypatch, tree):
+    monkeypatch.setenv("SERVELM_CACHE_DIR", str(tmp_path / "cache"))  # the pruned draft
+    extra = ["--spec-tree", tree] if tree else []
+    res = _run(tmp_path, tiny_model_dir("llama"), "--proposers", "ngram,layer_skip,draft_model",
+               "--spec-num-layers", "1", "--draft-num-layers", "1", "--systems",
+               "servelm,transformers,llama.cpp", "--num-prompts", "1", "--quiet", *extra)
+    rows = res["results"]["grounded"]
+    kinds = ("", "-layer_skip", "-draft_model")
+    assert set(rows) == {s + k for s in ("servelm", "transformers") for k in kinds}
+    k = 2 if tree else 4
+    draft = res["config"]["speculative_config"]["draft_model"]["model"]
+    assert str(tmp_path / "cache" / "drafts") in draft
+    for kind in kinds:
+        sv = rows["servelm" + kind]
+        assert sv["identical_fraction"] == 1.0 and sv["differing_requests"] == []  # lossless
+        assert sv["speculative"]["spec_proposed_tokens"] >= 0
+        assert rows["transformers" + kind]["speculative"]["decode_tok_s"] > 0
+        assert set(res["vs_servelm"]["grounded"]["transformers" + kind]) == {
+            "baseline", "speculative"}
+    assert rows["servelm-layer_skip"]["speculative"]["spec_proposed_tokens"] > 0
+    systems = res["systems"]
+    ls, dm = systems["servelm-layer_skip"], systems["servelm-draft_model"]
+    assert ls["speculative_config"]["num_layers"] == 1
+    assert ls["speculative_config"]["num_speculative_tokens"] == k
+    assert dm["speculative_config"]["model"] == draft
+    assert systems["servelm"]["speculative_config"]["num_speculative_tokens"] == 4
+    assert systems["transformers"]["prompt_lookup_num_tokens"] == 4
+    tl, td = systems["transformers-layer_skip"], systems["transformers-draft_model"]
+    assert tl["assistant_early_exit"] == 1 and tl["num_assistant_tokens"] == k
+    assert td["assistant_model"] == draft and td["num_assistant_tokens"] == k
+    assert td["num_assistant_tokens_schedule"] == "constant"
+    assert (tl.get("token_tree") == HF_NO_TREE) == bool(tree)
+    assert "prompt lookup" in systems["llama.cpp-layer_skip"]["skipped"]
+    assert "skipped" in systems["llama.cpp-draft_model"]
+    if tree:
+        assert ls["speculative_config"]["tree"] == [2, 1]
+        assert "ngram" in res["config"]["speculative_config"]
+
+
+def test_spec_cli_proposer_errors(tmp_path, tiny_model_dir, capsys):
+    model = str(tiny_model_dir("llama"))
+    rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip", "--quiet"])
+    assert rc == 2 and "--spec-num-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "spec", "--model", model, "--proposers", "ngram,medusa"])
+    out = tmp_path / "x.json"
+    rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip",
+               "--spec-num-layers", "3", "--num-kv-blocks", "16", "--num-threads", "1",
+               "--quiet", "--result-file", str(out)])
+    assert rc == 2 and "below the target's 3 layers" in capsys.readouterr().err
+    assert not out.exists()
+    rc = main(["bench", "spec", "--model", model, "--proposers", "draft_model", "--draft-model",
+               str(tmp_path / "none"), "--quiet", "--result-file", str(out)])
+    assert rc == 2 and "--draft-model" in capsys.readouterr().err
