@@ -247,8 +247,12 @@ class LLMEngine:
         if isinstance(self.proposer, NgramProposer):
             for req, k in todo:
                 req.set_drafts(self.proposer.propose(req.all_token_ids, k))
-            return
-        # A draft model writes K/V for the nodes it feeds: give them slots first.
+        else:
+            self._draft_with_model(todo)
+
+    def _draft_with_model(self, todo: list[tuple[Request, int]]) -> None:
+        """A draft model writes K/V for the nodes it feeds: give them slots first (skipping
+        requests whose slots do not fit), save the prefix blocks that evicted, then draft."""
         ready = []
         for req, k in todo:
             need = req.num_tokens + self.proposer.slots_written(k)
@@ -257,9 +261,9 @@ class LLMEngine:
                 ready.append((req, k))
         if not ready:
             return
-        saves, restores = self.kv.take_tier_copies()  # prefix blocks those slots evicted
-        if saves or restores:
-            self.runner.move_kv([], saves, [], restores)
+        saves, _ = self.kv.take_tier_copies()
+        if saves:
+            self.runner.move_kv([], saves, [], [])
         self.proposer.propose([r for r, _ in ready], [k for _, k in ready],
                               [self.kv.block_table(r.request_id) for r, _ in ready])
 

@@ -1,19 +1,24 @@
-"""A server started with --speculative-config answers exactly like one without it (greedy,
-checked with the official openai client), counts drafts in /metrics, and takes the
-per-request num_speculative_tokens field."""
+"""A server started with --speculative-config (prompt lookup, or a layer-skip token tree)
+answers exactly like one without it (greedy, checked with the official openai client),
+counts drafts in /metrics, and takes the per-request num_speculative_tokens field."""
 
 from __future__ import annotations
 
 import urllib.request
 
 import openai
+import pytest
 from test_edges import post
 
 PROMPT = "the cat sat on the mat and the cat sat on the mat and the cat sat on the"
 
 
-def test_speculative_server_matches_plain_server(make_server, server):
-    spec = make_server(speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+@pytest.mark.parametrize("config", [
+    {"method": "ngram", "num_speculative_tokens": 3},
+    {"method": "layer_skip", "num_layers": 1, "tree": [2, 1]},
+], ids=lambda c: c["method"])
+def test_speculative_server_matches_plain_server(make_server, server, config):
+    spec = make_server(speculative_config=config)
     texts = []
     for live in (spec, server):
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
