@@ -33,6 +33,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="who runs first when not everyone fits (see servelm/engine/policies.py)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization at load: int8 per output channel, int4 in "
+                        "groups (default: the model dtype)")
+    g.add_argument("--quantization-group-size", type=int, default=128, choices=[32, 64, 128],
+                   help="int4: input columns per scale")
     g.add_argument("--length-predictor", default=None, metavar="FILE",
                    help="sjf: output-length predictor from `servelm length-predictor train` "
                         "(default: rank by max_tokens)")
@@ -46,7 +51,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enable_prefix_caching=args.enable_prefix_caching,
                 preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
                 cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy,
-                length_predictor=args.length_predictor, speculative_config=args.speculative_config)
+                length_predictor=args.length_predictor, speculative_config=args.speculative_config,
+                quantization=args.quantization,
+                quantization_group_size=args.quantization_group_size)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from servelm.engine.policies import POLICIES
+from servelm.ops.quant import GROUP_SIZES
+from servelm.ops.quant import METHODS as QUANT_METHODS
 from servelm.spec.config import SpecConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,6 +41,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
     length_predictor: str | None = None  # sjf: a file from `servelm length-predictor train`
     speculative_config: dict | str | None = None  # see servelm/spec/config.py; None: off
+    quantization: str | None = None  # "int8" or "int4" weight-only, at load (ops/quant.py)
+    quantization_group_size: int = 128  # int4: input columns per scale (32, 64 or 128)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -67,6 +71,12 @@ class EngineConfig:
         if not self.cpu_offload_gb >= 0:
             raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb!r}")
         SpecConfig.parse(self.speculative_config)  # raises on a bad one
+        if self.quantization not in (None, *QUANT_METHODS):
+            raise ValueError(f"quantization must be one of {QUANT_METHODS} or None, "
+                             f"got {self.quantization!r}")
+        if self.quantization_group_size not in GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {GROUP_SIZES}, "
+                             f"got {self.quantization_group_size!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
 

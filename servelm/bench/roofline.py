@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from servelm.model.arch import ModelArch
+from servelm.ops.quant import Int4Weight, Int8Weight
 
 # ---- the machine's ceilings ----------------------------------------------------------------
 
@@ -125,6 +126,9 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     def add(t: Any) -> None:
         if isinstance(t, torch.Tensor):
             seen[(t.data_ptr(), t.nbytes)] = t.nbytes
+        elif isinstance(t, (Int8Weight, Int4Weight)):  # quantized: its packed tensors
+            for part in vars(t).values():
+                add(part)
 
     for layer in model.layers:
         for m in layer.modules():

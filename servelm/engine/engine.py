@@ -332,6 +332,8 @@ class LLMEngine:
     # ---- introspection -----------------------------------------------------------------
     def get_metrics(self) -> dict[str, float]:
         return {
+            "model_weight_bytes": self.runner.model.weight_bytes(),
+            "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             "kv_blocks_total": self.kv.num_blocks,
             "kv_blocks_free": self.kv.num_free_blocks,
             "kv_cache_usage": self.kv.usage,

@@ -14,6 +14,7 @@ from torch import nn
 from servelm.model.arch import ModelArch
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
 from servelm.ops.attention import AttentionBackend, current_attention_metadata
+from servelm.ops.quant import QuantWeight, embedding, linear, quantize, quantize_int8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +42,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, current_attention_metadata(), self.scale)
-        return F.linear(o.reshape(t, self.q_size), self.o_weight)
+        return linear(o.reshape(t, self.q_size), self.o_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -68,9 +69,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin)
-        h = F.linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
+        h = linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
         gate, up = h.split(self.intermediate, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        return x + linear(F.silu(gate) * up, self.down_weight)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -88,14 +89,50 @@ class LlamaForCausalLM(nn.Module):
                 num_layers: int | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]. `num_layers`
         runs only the first layers (early exit, for layer-skip drafting)."""
-        x = F.embedding(input_ids, self.embed)
+        x = embedding(input_ids, self.embed)
         cos, sin = self.rope.lookup(positions)
         for layer in self.layers[:num_layers]:
             x = layer(x, cos, sin)
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()
+
+    def quantize(self, method: str, group_size: int) -> None:
+        """Quantize every matmul weight and the embedding table (int8 rows: a lookup
+        scales one row). A tied LM head shares the int8 table; under int4 it gets a
+        4-bit copy of its own, since the packed 4-bit layout has no cheap row lookup."""
+        for layer in self.layers:
+            a = layer.attn
+            a.qkv_weight = quantize(a.qkv_weight, method, group_size)
+            a.o_weight = quantize(a.o_weight, method, group_size)
+            layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size)
+            layer.down_weight = quantize(layer.down_weight, method, group_size)
+        tied = self.lm_head is self.embed
+        self.embed = quantize_int8(self.embed)
+        if tied and method == "int8":
+            self.lm_head = self.embed
+        else:
+            self.lm_head = quantize(self.lm_head, method, group_size)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the model holds (a tied LM head counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for w in [self.embed, self.final_norm, self.lm_head, *self._layer_weights()]:
+            if w is None or id(w) in seen:
+                continue
+            seen.add(id(w))
+            total += w.nbytes
+        return total
+
+    def _layer_weights(self) -> list[torch.Tensor | QuantWeight | None]:
+        out: list[torch.Tensor | QuantWeight | None] = []
+        for layer in self.layers:
+            a = layer.attn
+            out += [a.qkv_weight, a.qkv_bias, a.o_weight, a.q_norm, a.k_norm, layer.input_norm,
+                    layer.post_attn_norm, layer.gate_up_weight, layer.down_weight]
+        return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors, fusing q/k/v and gate/up. Consumes `weights`."""

@@ -72,6 +72,8 @@ class DraftProposer:
         arch = draft.arch
         backend = select_backend(runner.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
         model = build_model(arch, draft.weights, backend, runner.dtype, runner.max_model_len)
+        if runner.config.quantization:
+            model.quantize(runner.config.quantization, runner.config.quantization_group_size)
         slots = runner.num_kv_blocks * runner.block_size
         cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=runner.dtype)
         for i, layer in enumerate(model.layers):

@@ -76,6 +76,9 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or model_limit, cache_tokens)
         self.attention = select_backend(self.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
         self.model = build_model(arch, weights, self.attention, self.dtype, self.max_model_len)
+        if config.quantization:
+            self.model.quantize(config.quantization, config.quantization_group_size)
+        self.kv_bytes_per_token = per_block // config.block_size
         slots = self.num_kv_blocks * config.block_size
         self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
         for i, layer in enumerate(self.model.layers):
