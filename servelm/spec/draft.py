@@ -35,11 +35,19 @@ def load_draft(spec: SpecConfig, target: LoadedModel, dtype: torch.dtype) -> Loa
     if spec.method != "draft_model":
         return None
     draft = load_model(spec.model, dtype)
-    if (draft.arch.vocab_size != target.arch.vocab_size
-            or draft.tokenizer.get_vocab() != target.tokenizer.get_vocab()):
-        raise ValueError(f"speculative_config.model {spec.model!r} must use the target model's "
-                         f"tokenizer (vocab {target.arch.vocab_size}), got one with vocab "
-                         f"{draft.arch.vocab_size}")
+    vocab = target.arch.vocab_size
+    if draft.arch.vocab_size != vocab:
+        raise ValueError(f"speculative_config.model {spec.model!r} must share the target's "
+                         f"vocabulary of {vocab} tokens, got {draft.arch.vocab_size}")
+    # Tokens past the model's vocab (some converted tokenizers add one) are never sampled.
+    theirs = {t: i for t, i in draft.tokenizer.get_vocab().items() if i < vocab}
+    mismatch = [(t, i) for t, i in target.tokenizer.get_vocab().items()
+                if i < vocab and theirs.get(t) != i]
+    if mismatch:
+        t, i = mismatch[0]
+        raise ValueError(f"speculative_config.model {spec.model!r} must use the target's "
+                         f"tokenizer: {len(mismatch)} token ids differ, e.g. {t!r} is {i} in "
+                         f"the target and {theirs.get(t)} in the draft")
     return draft
 
 

@@ -104,13 +104,25 @@ def test_a_tree_accepts_more_per_step_than_its_first_chain(tiny_model_dir, make_
             > chain.get_metrics()["spec_mean_accepted_length"])
 
 
+def test_a_gguf_target_takes_the_hf_draft_it_was_converted_from(tiny_gguf_path, tiny_model_dir,
+                                                               make_llm):
+    """The GGUF's rebuilt tokenizer has an extra token past the vocabulary; the ids that
+    can be sampled agree, so the draft is accepted, and the output is unchanged."""
+    spec = {"method": "draft_model", "model": str(tiny_model_dir("llama")),
+            "num_speculative_tokens": 3}
+    prompts, params = random_prompts(3), greedy(3)
+    outs = make_llm(tiny_gguf_path, speculative_config=spec).generate(prompts, params, use_tqdm=False)
+    same(tokens_and_logprobs(outs), tokens_and_logprobs(
+        make_llm(tiny_gguf_path).generate(prompts, params, use_tqdm=False)))
+
+
 def test_bad_draft_configs_are_rejected_naming_the_key(tiny_model_dir, make_llm):
     path = tiny_model_dir("llama")
     other_vocab = tiny_model_dir("llama", vocab_size=300)
     cases = [
         ({"method": "draft_model", "num_speculative_tokens": 2}, "speculative_config.model"),
         ({"method": "draft_model", "model": str(other_vocab), "num_speculative_tokens": 2},
-         "tokenizer"),
+         "vocabulary"),
         ({"method": "layer_skip", "num_layers": 3, "num_speculative_tokens": 2}, "num_layers"),
         ({"method": "layer_skip", "num_speculative_tokens": 2}, "num_layers"),
         ({"method": "ngram", "tree": [2, 1]}, "tree"),
