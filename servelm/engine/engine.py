@@ -51,7 +51,7 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
         t0 = time.monotonic()
-        loaded = load_model(config.model, config.torch_dtype)
+        loaded = load_model(config.model, config.torch_dtype, keep_int4=config.quantization == "int4")
         self.model_source = loaded.source
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer

@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import cache_root
+from servelm.ops.quant import Int4Groups
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +203,28 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def _int4_groups(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int4Groups:
+    """A Q4_0/Q4_1 tensor's own 4-bit values and per-block scale and min. A block holds 32
+    weights: an fp16 scale d, for Q4_1 an fp16 min m, then 16 bytes whose low nibbles are
+    weights 0-15 and high nibbles 16-31; w = q * d + m (Q4_0: w = (q - 8) * d)."""
+    n, k = shape
+    blocks = np.ascontiguousarray(data).reshape(n, k // 32, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == _T.Q4_1:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:20]
+    else:
+        m = -8 * d
+        qs = blocks[..., 2:18]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+    return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+
+
 def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
-                      path: Path) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor into HF names and layout, cast to `dtype`."""
-    weights: dict[str, torch.Tensor] = {}
+                      path: Path, keep_int4: bool = False) -> dict[str, torch.Tensor | Int4Groups]:
+    """Dequantize every tensor into HF names and layout, cast to `dtype`; with `keep_int4`,
+    Q4_0/Q4_1 matmul weights keep their 4-bit values instead (for int4 quantization)."""
+    weights: dict[str, torch.Tensor | Int4Groups] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue
@@ -217,19 +236,26 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
             raise ValueError(
                 f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; servelm dequantizes {allowed}"
             )
+        # GGUF lists dims fastest-first (ne[0] = columns); torch wants them slowest-first.
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        permute = arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name)
+        heads = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
+        if (keep_int4 and t.tensor_type in (_T.Q4_0, _T.Q4_1) and hf.startswith("model.layers.")
+                and hf.endswith("proj.weight")):
+            groups = _int4_groups(t.data, t.tensor_type, shape)
+            if permute:
+                groups = Int4Groups(*(_reverse_llama_permute(getattr(groups, f), heads)
+                                      for f in ("q", "scales", "mins")))
+            weights[hf] = groups
+            continue
         try:
             data = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(f"{path}: cannot decode tensor {t.name!r}: {e}") from None
-        # GGUF lists dims fastest-first (ne[0] = columns); torch wants them slowest-first.
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if not data.flags.writeable:  # F32 comes back as a read-only view of the file
             data = data.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(data).reshape(shape)).to(dtype)
-        if arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
-            heads = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
-            tensor = _reverse_llama_permute(tensor, heads)
-        weights[hf] = tensor
+        weights[hf] = _reverse_llama_permute(tensor, heads) if permute else tensor
     return weights
 
 
@@ -281,11 +307,12 @@ def _save_atomically(tok: Any, target: Path) -> None:
             logger.warning("could not cache tokenizer at %s: %s", target, e)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype) -> tuple[ModelArch, dict[str, torch.Tensor], Any]:
+def load_gguf(path: str | Path, dtype: torch.dtype,
+              keep_int4: bool = False) -> tuple[ModelArch, dict[str, torch.Tensor | Int4Groups], Any]:
     """Read a GGUF file into (arch, HF-named weights, tokenizer)."""
     path = Path(path)
     reader = open_gguf(path)
     arch = ModelArch.from_hf_config(gguf_config(reader, path))
-    weights = load_gguf_weights(reader, arch, dtype, path)
+    weights = load_gguf_weights(reader, arch, dtype, path, keep_int4)
     tokenizer = load_gguf_tokenizer(reader, path)
     return arch, weights, tokenizer

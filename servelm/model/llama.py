@@ -14,7 +14,7 @@ from torch import nn
 from servelm.model.arch import ModelArch
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
 from servelm.ops.attention import AttentionBackend, current_attention_metadata
-from servelm.ops.quant import QuantWeight, embedding, linear, quantize, quantize_int8
+from servelm.ops.quant import QuantWeight, cat_rows, embedding, linear, quantize, quantize_int8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,6 +80,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        self.dtype = dtype
         self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype)
         self.embed: torch.Tensor
         self.final_norm: torch.Tensor
@@ -104,10 +105,10 @@ class LlamaForCausalLM(nn.Module):
         4-bit copy of its own, since the packed 4-bit layout has no cheap row lookup."""
         for layer in self.layers:
             a = layer.attn
-            a.qkv_weight = quantize(a.qkv_weight, method, group_size)
-            a.o_weight = quantize(a.o_weight, method, group_size)
-            layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size)
-            layer.down_weight = quantize(layer.down_weight, method, group_size)
+            a.qkv_weight = quantize(a.qkv_weight, method, group_size, self.dtype)
+            a.o_weight = quantize(a.o_weight, method, group_size, self.dtype)
+            layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size, self.dtype)
+            layer.down_weight = quantize(layer.down_weight, method, group_size, self.dtype)
         tied = self.lm_head is self.embed
         self.embed = quantize_int8(self.embed)
         if tied and method == "int8":
@@ -143,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.attn
-            a.qkv_weight = torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            a.qkv_weight = cat_rows([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"], self.dtype)
             if self.arch.qkv_bias:
                 a.qkv_bias = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             a.o_weight = w.pop(p + "self_attn.o_proj.weight")
@@ -152,5 +153,6 @@ class LlamaForCausalLM(nn.Module):
                 a.k_norm = w.pop(p + "self_attn.k_norm.weight")
             layer.input_norm = w.pop(p + "input_layernorm.weight")
             layer.post_attn_norm = w.pop(p + "post_attention_layernorm.weight")
-            layer.gate_up_weight = torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")])
+            layer.gate_up_weight = cat_rows([w.pop(p + "mlp.gate_proj.weight"),
+                                             w.pop(p + "mlp.up_proj.weight")], self.dtype)
             layer.down_weight = w.pop(p + "mlp.down_proj.weight")

@@ -38,8 +38,11 @@ class LoadedModel:
     source: str
 
 
-def load_model(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str | None, dtype: torch.dtype = torch.float32,
+               keep_int4: bool = False) -> LoadedModel:
     """Load `model`: None (the default GGUF), an HF folder, a folder with one .gguf, or a .gguf.
+    `keep_int4`: a GGUF's Q4_0/Q4_1 matmul weights stay 4-bit (`ops.quant.Int4Groups`), to be
+    packed by int4 quantization without rounding twice.
 
     Raises FileNotFoundError for a path that does not exist and ValueError for anything else
     that servelm cannot load (bad config, damaged or incomplete weights, unsupported types).
@@ -53,7 +56,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedM
     start = time.perf_counter()
     gguf = _gguf_in(path)
     if gguf is not None:
-        arch, weights, tokenizer = load_gguf(gguf, dtype)
+        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_int4)
         source = gguf
     else:
         arch = load_hf_arch(path)

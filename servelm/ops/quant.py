@@ -57,6 +57,40 @@ class Int4Weight:
 QuantWeight = Int8Weight | Int4Weight
 
 
+@dataclass
+class Int4Groups:
+    """4-bit values already quantized elsewhere (a GGUF's Q4_0/Q4_1 tensors): w = q * s + m
+    per group of 32 input columns. Kept as is until packed, so int4 runs the file's exact
+    values instead of rounding its dequantized floats a second time."""
+
+    q: Tensor  # [N, K] uint8 in [0, 15]
+    scales: Tensor  # [N, K / 32] float32
+    mins: Tensor  # [N, K / 32] float32
+    group_size: int = 32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        g = self.q.float().reshape(self.q.shape[0], -1, self.group_size)
+        return (g * self.scales[..., None] + self.mins[..., None]).reshape(self.q.shape).to(dtype)
+
+    def pack(self, dtype: torch.dtype) -> Int4Weight:
+        n, k = self.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
+        sz = torch.stack([self.scales.t(), (self.mins + 8 * self.scales).t()], dim=-1)
+        return Int4Weight(packed, self.group_size, sz.to(dtype).contiguous(), (n, k))
+
+
+def cat_rows(parts: list[Tensor | Int4Groups], dtype: torch.dtype) -> Tensor | Int4Groups:
+    """Stack weights along their output rows (fusing q/k/v or gate/up); 4-bit groups stay
+    4-bit only when every part is."""
+    if all(isinstance(p, Int4Groups) for p in parts):
+        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "mins")))
+    return torch.cat([p.dequantize(dtype) if isinstance(p, Int4Groups) else p for p in parts])
+
+
 def quantize_int8(w: Tensor) -> Int8Weight:
     wf = w.float()
     scales = wf.abs().amax(dim=1).clamp_min(1e-8) / 127
@@ -83,9 +117,15 @@ def quantize_int4(w: Tensor, group_size: int) -> Int4Weight:
     return Int4Weight(packed, group_size, sz, (n, k))
 
 
-def quantize(w: Tensor, method: str, group_size: int) -> Tensor | QuantWeight:
+def quantize(w: Tensor | Int4Groups, method: str, group_size: int,
+             dtype: torch.dtype | None = None) -> Tensor | QuantWeight:
     """`w` quantized by `method`; int4 falls back to the largest group size that divides the
-    input dimension, and leaves a weight it cannot take (rows not a multiple of 16) as is."""
+    input dimension, and leaves a weight it cannot take (rows not a multiple of 16) as is.
+    4-bit groups from a file are packed as they are under int4 (`dtype`: the scales')."""
+    if isinstance(w, Int4Groups):
+        if method == "int4" and w.shape[0] % 16 == 0:
+            return w.pack(dtype)
+        w = w.dequantize(dtype)
     if method == "int8":
         return quantize_int8(w)
     for g in (group_size, *sorted((s for s in GROUP_SIZES if s < group_size), reverse=True)):

@@ -59,3 +59,22 @@ def test_int4_falls_back_to_a_group_that_divides_and_skips_odd_shapes():
     assert q.group_size == 32
     odd = weights(n=40)  # rows not a multiple of 16
     assert quantize(odd, "int4", 32) is odd
+
+
+def test_gguf_q4_tensors_keep_their_own_4bit_values(tiny_gguf_path):
+    """Under int4 a GGUF's Q4_0/Q4_1 weights are packed as stored, not rounded again: the
+    kernel's matmul equals one with the file's dequantized weights."""
+    from servelm.model.gguf_loader import load_gguf
+    from servelm.ops.quant import Int4Groups
+
+    _, kept, _ = load_gguf(tiny_gguf_path, torch.float32, keep_int4=True)
+    _, floats, _ = load_gguf(tiny_gguf_path, torch.float32)
+    groups = {k: v for k, v in kept.items() if isinstance(v, Int4Groups)}
+    assert groups, "the fixture stores some tensors as Q4_0/Q4_1"
+    for name, g in groups.items():
+        torch.testing.assert_close(g.dequantize(torch.float32), floats[name], rtol=0, atol=1e-6)
+        packed = quantize(g, "int4", 128, torch.float32)
+        if g.shape[0] % 16 == 0:
+            assert packed.group_size == 32
+        x = torch.randn(3, g.shape[1])
+        torch.testing.assert_close(linear(x, packed), x @ floats[name].t(), rtol=1e-5, atol=1e-5)
