@@ -1,0 +1,143 @@
+"""`servelm eval perplexity`: what a compression setting costs in accuracy.
+
+The text (a JSONL prompt set's string fields, or a plain .txt file) is tokenized and cut
+into windows of `--context-len` tokens. Every window runs through servelm twice, as one
+prompt with `prompt_logprobs=1`: once as configured (e.g. `--quantization int4`) and once
+without quantization as the reference. Reported per setting: perplexity (exp of the mean
+negative log-likelihood of each token given the window before it) and the top-1
+agreement, the fraction of positions where both settings predict the same next token.
+transformers scores the same windows on the unquantized weights as an independent check
+of the reference (`--skip-hf` to leave it out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from servelm.bench.datasets import default_dataset_path
+
+
+def add_eval_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    ev = sub.add_parser("eval", help="accuracy of a model setting")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    p = esub.add_parser("perplexity", help="perplexity and top-1 agreement vs the unquantized model")
+    p.add_argument("--dataset-path", default=None,
+                   help="a .txt file, or JSONL whose string fields are joined (default: the "
+                        "self-instruct set)")
+    p.add_argument("--context-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--num-windows", type=int, default=16, help="windows scored (from the start)")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers reference")
+    p.add_argument("--result-file", default=None, help="default: bench-results/eval-<date>.json")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_perplexity)
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset-path: file {str(path)!r} does not exist")
+    if path.suffix != ".jsonl":
+        return path.read_text(encoding="utf-8")
+    parts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            parts.append("\n".join(v for v in row.values() if isinstance(v, str)))
+    return "\n\n".join(parts)
+
+
+def windows(token_ids: list[int], context_len: int, num_windows: int) -> list[list[int]]:
+    if context_len < 2 or num_windows < 1:
+        raise ValueError("context_len must be >= 2 and num_windows >= 1, got "
+                         f"{context_len} and {num_windows}")
+    out = [token_ids[i:i + context_len] for i in range(0, len(token_ids) - context_len + 1, context_len)]
+    if not out:
+        raise ValueError(f"the text has {len(token_ids)} tokens, fewer than one window of "
+                         f"{context_len}")
+    return out[:num_windows]
+
+
+def score(llm: Any, wins: list[list[int]]) -> tuple[list[float], list[int]]:
+    """Log-likelihood of every token after the first of each window, and the top-1 token
+    predicted at each of those positions."""
+    from servelm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": w} for w in wins], params, use_tqdm=False)
+    lls, top = [], []
+    for w, out in zip(wins, outs):
+        for token, position in zip(w[1:], out.prompt_logprobs[1:]):
+            lls.append(position[token].logprob)
+            top.append(max(position, key=lambda t: position[t].logprob))
+    return lls, top
+
+
+def hf_log_likelihoods(model: str | None, dtype: str, wins: list[list[int]]) -> list[float]:
+    import torch
+
+    from servelm.bench.hf_peer import load_hf_model
+
+    hf = load_hf_model(model, dtype)
+    lls: list[float] = []
+    with torch.inference_mode():
+        for w in wins:
+            logp = hf(torch.tensor([w])).logits[0, :-1].float().log_softmax(-1)
+            lls += logp.gather(1, torch.tensor(w[1:])[:, None])[:, 0].tolist()
+    return lls
+
+
+def perplexity(lls: list[float]) -> float:
+    return math.exp(-sum(lls) / len(lls))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from servelm.bench.results import result_header, result_path, write_result
+    from servelm.cli import engine_kwargs
+    from servelm.llm import LLM
+    from servelm.model.loader import load_tokenizer
+
+    engine = engine_kwargs(args)
+    path = Path(args.dataset_path) if args.dataset_path else default_dataset_path()
+    if path is None:
+        raise FileNotFoundError("no --dataset-path given and the self-instruct set is not there")
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    tokens = load_tokenizer(args.model).encode(read_text(path))
+    wins = windows(tokens, args.context_len, args.num_windows)
+    say(f"eval perplexity: {len(wins)} windows of {args.context_len} tokens from {path}")
+    ref = "reference (no quantization)"
+    settings = {ref: {**engine, "quantization": None}}
+    if engine.get("quantization"):
+        settings[f"quantization={engine['quantization']}"] = engine
+    results: dict[str, Any] = {}
+    tops: dict[str, list[int]] = {}
+    for name, options in settings.items():
+        say(f"{name} ...")
+        llm = LLM(args.model, **options)
+        lls, tops[name] = score(llm, wins)
+        results[name] = {"perplexity": perplexity(lls), "tokens": len(lls),
+                         "model_weight_bytes": llm.get_metrics()["model_weight_bytes"]}
+        del llm
+    for name, r in results.items():
+        r["top1_agreement_with_reference"] = (
+            sum(a == b for a, b in zip(tops[name], tops[ref])) / len(tops[ref]))
+        r["perplexity_vs_reference"] = r["perplexity"] / results[ref]["perplexity"]
+    if not args.skip_hf:
+        say("transformers ...")
+        hf = perplexity(hf_log_likelihoods(args.model, engine["dtype"], wins))
+        results["transformers (no quantization)"] = {
+            "perplexity": hf, "perplexity_vs_reference": hf / results[ref]["perplexity"]}
+    out = {**result_header("eval-perplexity", engine["dtype"]), "dataset": str(path),
+           "context_len": args.context_len, "num_windows": len(wins), "results": results}
+    write_result(out, result_path(args.result_file, "eval-perplexity"))
+    for name, r in results.items():
+        extra = (f", top-1 agreement {r['top1_agreement_with_reference']:.1%}"
+                 if "top1_agreement_with_reference" in r else "")
+        print(f"{name}: perplexity {r['perplexity']:.3f} "
+              f"({r['perplexity_vs_reference']:.4f}x the reference){extra}")
+    print(f"results: {out['result_file']}")
+    return 0
