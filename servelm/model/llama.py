@@ -101,8 +101,8 @@ class LlamaForCausalLM(nn.Module):
 
     def quantize(self, method: str, group_size: int) -> None:
         """Quantize every matmul weight and the embedding table (int8 rows: a lookup
-        scales one row). A tied LM head shares the int8 table; under int4 it gets a
-        4-bit copy of its own, since the packed 4-bit layout has no cheap row lookup."""
+        scales one row). A tied LM head shares the int8 table under int4 too, as llama.cpp
+        keeps a tied output at 8 bits: a 4-bit LM head costs perplexity out of proportion."""
         for layer in self.layers:
             a = layer.attn
             a.qkv_weight = quantize(a.qkv_weight, method, group_size, self.dtype)
@@ -111,10 +111,7 @@ class LlamaForCausalLM(nn.Module):
             layer.down_weight = quantize(layer.down_weight, method, group_size, self.dtype)
         tied = self.lm_head is self.embed
         self.embed = quantize_int8(self.embed)
-        if tied and method == "int8":
-            self.lm_head = self.embed
-        else:
-            self.lm_head = quantize(self.lm_head, method, group_size)
+        self.lm_head = self.embed if tied else quantize(self.lm_head, method, group_size)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight the model holds (a tied LM head counted once)."""
