@@ -14,17 +14,7 @@ from servelm.bench.datasets import DATASETS
 from servelm.bench.latency import add_latency_parser
 from servelm.bench.roofline import add_roofline_parser
 from servelm.bench.serve_cli import add_serve_parser
-from servelm.bench.spec import add_spec_parser
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+from servelm.bench.spec import add_spec_parser, positive_ints
 
 
 def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -44,7 +34,7 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
                    help="drop (self-instruct) or cap (synthetic, default 400) longer prompts")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("baseline")
-    g.add_argument("--hf-batch-sizes", type=_int_list, default=[8, 16, 32, 64],
+    g.add_argument("--hf-batch-sizes", type=positive_ints, default=[8, 16, 32, 64],
                    help="candidate static batch sizes for transformers (comma-separated)")
     g.add_argument("--hf-probe-batches", type=int, default=2,
                    help="batches per candidate size when picking the best one")

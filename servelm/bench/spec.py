@@ -189,7 +189,8 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _ints(text: str) -> list[int]:
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -231,7 +232,7 @@ def add_spec_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParse
     g.add_argument("--draft-num-layers", type=int, default=None,
                    help="draft_model without --draft-model: a draft of the target's first L "
                         "layers, saved once under the servelm cache")
-    g.add_argument("--spec-tree", type=_ints, default=None,
+    g.add_argument("--spec-tree", type=positive_ints, default=None,
                    help="layer_skip, draft_model: token tree, children per depth (e.g. 3,2,1)")
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_names(SYSTEMS), default=list(SYSTEMS),
