@@ -38,16 +38,12 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.q.nbytes + self.scales.nbytes
 
-    def dequantize(self) -> Tensor:
-        return self.q.float() * self.scales.float()[:, None]
-
 
 @dataclass
 class Int4Weight:
     packed: Tensor  # the kernel's packed layout of [N, K] 4-bit values
     group_size: int
     scales_and_zeros: Tensor  # [K / group_size, N, 2]: s and z = m + 8 s, activation dtype
-    shape: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
@@ -59,13 +55,13 @@ QuantWeight = Int8Weight | Int4Weight
 
 @dataclass
 class Int4Groups:
-    """4-bit values already quantized elsewhere (a GGUF's Q4_0/Q4_1 tensors): w = q * s + m
-    per group of 32 input columns. Kept as is until packed, so int4 runs the file's exact
-    values instead of rounding its dequantized floats a second time."""
+    """4-bit values before packing: w = q * s + m per group of input columns. A GGUF's
+    Q4_0/Q4_1 tensors load as these, so int4 runs the file's exact values instead of
+    rounding its dequantized floats a second time."""
 
     q: Tensor  # [N, K] uint8 in [0, 15]
-    scales: Tensor  # [N, K / 32] float32
-    mins: Tensor  # [N, K / 32] float32
+    scales: Tensor  # [N, K / group_size] float32
+    mins: Tensor  # [N, K / group_size] float32
     group_size: int = 32
 
     @property
@@ -77,17 +73,17 @@ class Int4Groups:
         return (g * self.scales[..., None] + self.mins[..., None]).reshape(self.q.shape).to(dtype)
 
     def pack(self, dtype: torch.dtype) -> Int4Weight:
-        n, k = self.shape
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
         sz = torch.stack([self.scales.t(), (self.mins + 8 * self.scales).t()], dim=-1)
-        return Int4Weight(packed, self.group_size, sz.to(dtype).contiguous(), (n, k))
+        return Int4Weight(packed, self.group_size, sz.to(dtype).contiguous())
 
 
 def cat_rows(parts: list[Tensor | Int4Groups], dtype: torch.dtype) -> Tensor | Int4Groups:
     """Stack weights along their output rows (fusing q/k/v or gate/up); 4-bit groups stay
     4-bit only when every part is."""
     if all(isinstance(p, Int4Groups) for p in parts):
-        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "mins")))
+        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "mins")),
+                          group_size=parts[0].group_size)
     return torch.cat([p.dequantize(dtype) if isinstance(p, Int4Groups) else p for p in parts])
 
 
@@ -111,10 +107,8 @@ def quantize_int4(w: Tensor, group_size: int) -> Int4Weight:
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = ((hi - lo) / 15).clamp_min(1e-8)
-    q = ((groups - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1)
-    sz = torch.stack([scales.t(), (lo + 8 * scales).t()], dim=-1).to(w.dtype).contiguous()
-    return Int4Weight(packed, group_size, sz, (n, k))
+    q = ((groups - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return Int4Groups(q.reshape(n, k), scales, lo, group_size).pack(w.dtype)
 
 
 def quantize(w: Tensor | Int4Groups, method: str, group_size: int,
