@@ -38,6 +38,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "groups (default: the model dtype)")
     g.add_argument("--quantization-group-size", type=int, default=128, choices=[32, 64, 128],
                    help="int4: input columns per scale")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="KV cache storage: the model dtype, or 8 bits (int8, or fp8 e4m3) with a "
+                        "scale per token and head; about twice the tokens per GB")
+    g.add_argument("--kv-compression", default=None, metavar="JSON",
+                   help='bound every request\'s KV cache, e.g. \'{"method": "streamingllm", '
+                        '"budget": 512}\' (methods: streamingllm, h2o, snapkv; see '
+                        'servelm/kv/compression.py)')
     g.add_argument("--length-predictor", default=None, metavar="FILE",
                    help="sjf: output-length predictor from `servelm length-predictor train` "
                         "(default: rank by max_tokens)")
@@ -53,7 +60,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy,
                 length_predictor=args.length_predictor, speculative_config=args.speculative_config,
                 quantization=args.quantization,
-                quantization_group_size=args.quantization_group_size)
+                quantization_group_size=args.quantization_group_size,
+                kv_cache_dtype=args.kv_cache_dtype, kv_compression=args.kv_compression)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

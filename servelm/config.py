@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from servelm.engine.policies import POLICIES
+from servelm.kv.compression import CompressionConfig
+from servelm.ops.kv_quant import KV_CACHE_DTYPES
 from servelm.ops.quant import GROUP_SIZES
 from servelm.ops.quant import METHODS as QUANT_METHODS
 from servelm.spec.config import SpecConfig
@@ -43,6 +45,10 @@ class EngineConfig:
     speculative_config: dict | str | None = None  # see servelm/spec/config.py; None: off
     quantization: str | None = None  # "int8" or "int4" weight-only, at load (ops/quant.py)
     quantization_group_size: int = 128  # int4: input columns per scale (32, 64 or 128)
+    kv_cache_dtype: str = "auto"  # "auto" (= dtype), "int8" or "fp8" (e4m3), ops/kv_quant.py
+    # Per-request KV budget for long contexts, e.g. {"method": "h2o", "budget": 512}; None:
+    # off. See servelm/kv/compression.py. Turns the prefix cache off.
+    kv_compression: dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -77,12 +83,23 @@ class EngineConfig:
         if self.quantization_group_size not in GROUP_SIZES:
             raise ValueError(f"quantization_group_size must be one of {GROUP_SIZES}, "
                              f"got {self.quantization_group_size!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if CompressionConfig.parse(self.kv_compression) is not None:
+            if self.spec is not None:
+                raise ValueError("kv_compression cannot be combined with speculative_config")
+            # A compacted block no longer holds the tokens its hash names.
+            self.enable_prefix_caching = False
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
 
     @property
     def spec(self) -> SpecConfig | None:
         return SpecConfig.parse(self.speculative_config)
+
+    @property
+    def compression(self) -> CompressionConfig | None:
+        return CompressionConfig.parse(self.kv_compression)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -237,7 +237,7 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     decode_s = m.finished_time - m.first_token_time
     steps = len(outs[0].outputs[0].token_ids) - 1  # the first token comes from the prefill
     weights = weight_bytes_per_step(runner.model)
-    kv_elem = runner.kv_cache.element_size()
+    kv_elem = runner.kv.values.element_size()
     per_step = decode_bytes_per_step(weights, arch, kv_elem, cfg.input_len, cfg.output_len)
     decode = {
         "prompt_tokens": cfg.input_len, "output_tokens": steps + 1, "decode_steps": steps,

@@ -59,10 +59,11 @@ class LLMEngine:
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         )
         self.spec = config.spec
+        self.compression = config.compression
         draft = load_draft(self.spec, loaded, config.torch_dtype) if self.spec else None
-        self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids,
-                                  kv_bytes_per_block(draft.arch, config.block_size, config.torch_dtype)
-                                  if draft else 0)
+        draft_per_block = (kv_bytes_per_block(draft.arch, config.block_size, config.torch_dtype,
+                                              config.kv_cache_dtype) if draft else 0)
+        self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids, draft_per_block)
         self.max_model_len = self.runner.max_model_len
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size,
                                  config.enable_prefix_caching, self.runner.num_swap_blocks,
@@ -80,7 +81,7 @@ class LLMEngine:
         self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0,
                           "num_steps": 0, "requests_finished_total": 0,
                           "spec_proposed_tokens": 0, "spec_accepted_tokens": 0,
-                          "spec_num_drafts": 0}
+                          "spec_num_drafts": 0, "kv_evicted_tokens": 0}
         logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
                     time.monotonic() - t0, loaded.source, self.kv.num_blocks, config.block_size,
                     self.max_model_len)
@@ -177,6 +178,7 @@ class LLMEngine:
         self._counters["num_steps"] += 1
         now = time.monotonic()
         touched: dict[str, _Group] = {}
+        computed_before = [r.num_computed_tokens for r in sched.requests]
         for i, req in enumerate(sched.requests):
             first_position = req.num_computed_tokens + 1  # of this step's prompt logprobs
             tokens = result.sampled[i]
@@ -219,6 +221,8 @@ class LLMEngine:
                 continue
             if req.is_finished:
                 self.scheduler.finish(req, req.status)
+        if self.compression is not None:
+            self._compress(sched.requests, computed_before)
         outputs = []
         for group in touched.values():
             if group.finished:
@@ -227,6 +231,19 @@ class LLMEngine:
             elif group.stream:
                 outputs.append(self._make_output(group))
         return outputs
+
+    def _compress(self, reqs: list[Request], computed_before: list[int]) -> None:
+        """Bring every running request that passed its KV budget back to it; the blocks
+        past the budget return to the pool."""
+        comp = self.compression
+        for req, before in zip(reqs, computed_before):
+            kv_len = req.num_kv_tokens
+            if req.is_finished or not comp.due(kv_len, before, req.num_computed_tokens, req.num_prompt_tokens):
+                continue
+            self.runner.compress(self.kv.block_table(req.request_id), kv_len)
+            req.num_evicted_tokens += kv_len - comp.budget
+            self._counters["kv_evicted_tokens"] += kv_len - comp.budget
+            self.kv.trim(req.request_id, comp.budget)
 
     def _propose(self) -> None:
         """Draft tokens for every decoding request that speculates, within what it may

@@ -54,6 +54,7 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.num_evicted_tokens = 0  # computed tokens whose K/V KV compression dropped
         self.block_hashes: list[bytes] = []  # of full blocks, filled by the KV manager
         self.wait_for: Request | None = None  # n > 1: the sample whose prompt blocks we reuse
         self.priority = 0  # lower runs first under the priority policy
@@ -94,6 +95,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens whose K/V the cache holds: the request's cache index of the next one."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

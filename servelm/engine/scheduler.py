@@ -86,7 +86,7 @@ class Scheduler:
                     req.request_id, req.num_tokens + len(req.spec_token_ids)):
                 req.clear_drafts()
             n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
-            total = req.num_computed_tokens + n
+            total = req.num_kv_tokens + n  # slots needed
             while not self.kv.can_allocate(req.request_id, total):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -128,10 +128,10 @@ class Scheduler:
         """Bring a swapped-out request back (its KV copied in); returns its new tokens, or 0
         when its blocks do not fit."""
         n = min(req.num_tokens - req.num_computed_tokens, budget)
-        if not self.kv.can_swap_in(req.request_id, req.num_computed_tokens + n):
+        if not self.kv.can_swap_in(req.request_id, req.num_kv_tokens + n):
             return 0
         self.swapped.remove(req)
-        out.swap_in.extend(self.kv.swap_in(req.request_id, req.num_computed_tokens + n))
+        out.swap_in.extend(self.kv.swap_in(req.request_id, req.num_kv_tokens + n))
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         self._add(out, req, n)
@@ -216,7 +216,7 @@ class Scheduler:
             return
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_evicted_tokens = 0
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Remove a request from whichever queue holds it and release its blocks."""

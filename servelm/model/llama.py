@@ -14,6 +14,8 @@ from torch import nn
 from servelm.model.arch import ModelArch
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
 from servelm.ops.attention import AttentionBackend, current_attention_metadata
+from servelm.ops.attention_scores import accumulate_attention
+from servelm.ops.kv_quant import QuantizedKV
 from servelm.ops.quant import QuantWeight, cat_rows, embedding, linear, quantize, quantize_int8
 
 
@@ -38,7 +40,8 @@ class Attention(nn.Module):
         self.q_norm: torch.Tensor | None = None
         self.k_norm: torch.Tensor | None = None
         self.backend = backend
-        self.kv_cache: torch.Tensor | None = None  # [2, num_slots, KV, D], bound by the runner
+        self.kv_cache: torch.Tensor | QuantizedKV | None = None  # [2, num_slots, KV, D], bound by the runner
+        self.scores: torch.Tensor | None = None  # [num_slots, KV]: H2O/SnapKV attention, bound by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -52,7 +55,10 @@ class Attention(nn.Module):
             k = rms_norm(k, self.k_norm, self.eps)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, current_attention_metadata(), self.scale)
+        meta = current_attention_metadata()
+        o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
+        if meta.scored and self.scores is not None:
+            accumulate_attention(q, self.kv_cache, self.scores, meta, self.scale)
         return linear(o.reshape(t, self.q_size), self.o_weight)
 
 

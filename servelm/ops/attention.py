@@ -2,7 +2,8 @@
 
 The model never sees requests: the model runner builds one `AttentionMetadata` per step
 and installs it with `attention_context(...)`; each attention layer reads it from there.
-A backend is anything with `forward(q, k, v, kv_cache, meta, scale)`. On CPU,
+A backend is anything with `forward(q, k, v, kv_cache, meta, scale)`; `kv_cache` is a
+tensor, or a `QuantizedKV` for an 8-bit cache (ops/kv_quant.py). On CPU,
 `CPUKernelPagedAttention` (C decode kernel) is used when a C compiler is available and
 `TorchPagedAttention` (plain torch) otherwise; GPU kernels plug in behind the same call.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from servelm.ops import cpu_kernels
+from servelm.ops.kv_quant import QuantizedKV, dequantize_kv, storage_dtype
 
 
 @dataclass
@@ -43,6 +45,17 @@ class DecodeGroup:
 
 
 @dataclass
+class ScoredRows:
+    """Consecutive rows of one request whose attention probabilities KV compression
+    accumulates per cached token (ops/attention_scores.py)."""
+
+    start: int  # first row in the flat token batch
+    num: int
+    first_index: int  # cache index of the first row; row i attends indices <= first_index + i
+    block_table: torch.Tensor  # the request's blocks
+
+
+@dataclass
 class AttentionMetadata:
     """Built once per step. Rows are ordered decode groups first, then prefill chunks."""
 
@@ -50,6 +63,7 @@ class AttentionMetadata:
     block_size: int
     decodes: list[DecodeGroup]
     prefills: list[PrefillSlice]
+    scored: list[ScoredRows] = field(default_factory=list)
 
 
 class AttentionBackend(Protocol):
@@ -58,7 +72,7 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, KV, D]
         v: torch.Tensor,  # [T, KV, D]
-        kv_cache: torch.Tensor,  # [2, num_slots, KV, D]
+        kv_cache: torch.Tensor | QuantizedKV,  # [2, num_slots, KV, D]
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor: ...  # [T, H, D]
@@ -100,8 +114,12 @@ class TorchPagedAttention:
         self._k_ws = torch.empty(0)
         self._v_ws = torch.empty(0)
 
-    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `blocks`, as [len(blocks) * block_size, KV, D] views into the workspace."""
+    def _gather(self, kv_cache: torch.Tensor | QuantizedKV, blocks: torch.Tensor, block_size: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `blocks`, as [len(blocks) * block_size, KV, D] in `dtype`: views into
+        the workspace, or for an 8-bit cache freshly dequantized tensors."""
+        if isinstance(kv_cache, QuantizedKV):
+            return self._gather_quantized(kv_cache, blocks, block_size, dtype)
         _, slots, num_kv, head_dim = kv_cache.shape
         row = block_size * num_kv * head_dim
         n = blocks.numel()
@@ -113,9 +131,23 @@ class TorchPagedAttention:
         shape = (n * block_size, num_kv, head_dim)
         return k.view(shape), v.view(shape)
 
+    @staticmethod
+    def _gather_quantized(kv: QuantizedKV, blocks: torch.Tensor, block_size: int,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, num_kv, head_dim = kv.data.shape
+        out = []
+        for c in range(2):
+            data = kv.data[c].view(-1, block_size * num_kv * head_dim).index_select(0, blocks)
+            scales = kv.scales[c].view(-1, block_size * num_kv).index_select(0, blocks)
+            out.append(dequantize_kv(data.view(-1, num_kv, head_dim), scales.view(-1, num_kv), dtype))
+        return out[0], out[1]
+
     def forward(self, q, k, v, kv_cache, meta, scale):
-        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+        if isinstance(kv_cache, QuantizedKV):
+            k, v = kv_cache.write(meta.slot_mapping, k, v)
+        else:
+            kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+            kv_cache[1].index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for g in meta.decodes:
             rows = slice(g.start, g.start + g.num)
@@ -127,8 +159,8 @@ class TorchPagedAttention:
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, g: DecodeGroup, block_size: int,
                 scale: float) -> torch.Tensor:
-        num_kv, head_dim = kv_cache.shape[2], kv_cache.shape[3]
-        kd, vd = self._gather(kv_cache, g.block_index, block_size)
+        kd, vd = self._gather(kv_cache, g.block_index, block_size, q.dtype)
+        num_kv, head_dim = kd.shape[1], kd.shape[2]
         o = F.scaled_dot_product_attention(
             q.view(g.num, num_kv, -1, head_dim),
             kd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
@@ -141,7 +173,7 @@ class TorchPagedAttention:
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  p: PrefillSlice, block_size: int, scale: float) -> torch.Tensor:
         if p.block_index is not None:
-            k, v = self._gather(kv_cache, p.block_index, block_size)
+            k, v = self._gather(kv_cache, p.block_index, block_size, q.dtype)
             k, v = k[: p.context_len], v[: p.context_len]
         if p.mask is not None:
             mask, causal = p.mask, False
@@ -171,12 +203,17 @@ class CPUKernelPagedAttention(TorchPagedAttention):
 
     def _decode(self, q, kv_cache, g, block_size, scale):
         tables = g.block_index.view(g.num, -1)
+        if isinstance(kv_cache, QuantizedKV):
+            return cpu_kernels.paged_attention(q, kv_cache.data, tables, torch.arange(g.num), g.context_lens,
+                                               block_size, scale, kv_scales=kv_cache.scales)
         return cpu_kernels.paged_attention(q, kv_cache, tables, torch.arange(g.num), g.context_lens,
                                            block_size, scale)
 
 
-def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:
-    if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim):
+def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                   kv_cache_dtype: str = "auto") -> AttentionBackend:
+    store = storage_dtype(kv_cache_dtype, dtype)
+    if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim, None if store == dtype else store):
         return CPUKernelPagedAttention()
     return TorchPagedAttention()
 

@@ -6,6 +6,10 @@ problems (a few query rows per KV head). The kernel in csrc/ reads K/V in place 
 the block table, each token's K and V row once. It needs only a C compiler with OpenMP (gcc); without
 one, `load()` returns None and the engine keeps the torch path. The shared object is
 cached per source hash and CPU, and shares torch's OpenMP runtime (and thread count).
+
+The cache is either in q's dtype (float32 / bfloat16) or quantized to one byte per value
+(int8 or fp8 e4m3) with a float32 scale per (slot, KV head); the quantized kernel decodes
+bytes through a 256-entry float table built here, so int8 and fp8 share one kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ logger = logging.getLogger("servelm")
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
+_QUANT_FUNCTIONS = {torch.float32: "paged_attention_q8_f32", torch.bfloat16: "paged_attention_q8_bf16"}
+_QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_float]
+_QUANT_ARGTYPES = _ARGTYPES + [ctypes.c_void_p] * 3  # + k_scales, v_scales, lut
 
 
 def _cache_dir() -> Path:
@@ -72,34 +79,64 @@ def load() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: concurrent builders race harmlessly
     lib = ctypes.CDLL(str(target))
-    for name in _FUNCTIONS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = _ARGTYPES
-        fn.restype = ctypes.c_int
+    for functions, argtypes in ((_FUNCTIONS, _ARGTYPES), (_QUANT_FUNCTIONS, _QUANT_ARGTYPES)):
+        for name in functions.values():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
     return lib
+
+
+@lru_cache(maxsize=4)
+def _byte_lut(kv_dtype: torch.dtype) -> torch.Tensor:
+    """float32 [256]: lut[b] is the value of the byte b read as kv_dtype (what .float() gives).
+    For fp8 e4m3fn the two NaN encodings map to NaN; quantized caches never hold them."""
+    return torch.arange(256, dtype=torch.uint8).view(kv_dtype).float().contiguous()
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     row_req: torch.Tensor, row_ctx: torch.Tensor, block_size: int,
-                    scale: float) -> torch.Tensor:
+                    scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, H, D]; kv_cache: [2, slots, KV, D]; block_tables: [R, max_blocks] int64;
-    row_req / row_ctx: [T] int64 (request row in block_tables, context length)."""
+    row_req / row_ctx: [T] int64 (request row in block_tables, context length).
+
+    Without kv_scales the cache has q's dtype. With kv_scales ([2, slots, KV] float32) the
+    cache is int8 or float8_e4m3fn and holds kv_cache.float() * kv_scales[..., None]. The
+    output has q's dtype either way."""
     lib = load()
-    assert lib is not None and q.dtype == kv_cache.dtype and q.dtype in _FUNCTIONS
+    assert lib is not None and q.dtype in _FUNCTIONS
     q = q.contiguous()
     out = torch.empty_like(q)
     num_rows, num_heads, head_dim = q.shape
-    rc = getattr(lib, _FUNCTIONS[q.dtype])(
-        q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(),
-        block_tables.data_ptr(), block_tables.shape[1], row_req.data_ptr(), row_ctx.data_ptr(),
-        num_rows, num_heads, kv_cache.shape[2], head_dim, block_size, scale,
-    )
+    num_kv = kv_cache.shape[2]
+    args = (block_tables.data_ptr(), block_tables.shape[1], row_req.data_ptr(), row_ctx.data_ptr(),
+            num_rows, num_heads, num_kv, head_dim, block_size, scale)
+    if kv_scales is None:
+        assert q.dtype == kv_cache.dtype
+        rc = getattr(lib, _FUNCTIONS[q.dtype])(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(), *args)
+    else:
+        assert kv_cache.dtype in _QUANT_KV_DTYPES and kv_cache.is_contiguous(), kv_cache.dtype
+        assert kv_scales.dtype == torch.float32 and kv_scales.is_contiguous()
+        assert kv_scales.shape == kv_cache.shape[:3], (kv_scales.shape, kv_cache.shape)
+        rc = getattr(lib, _QUANT_FUNCTIONS[q.dtype])(
+            q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(), *args,
+            kv_scales[0].data_ptr(), kv_scales[1].data_ptr(), _byte_lut(kv_cache.dtype).data_ptr())
     if rc != 0:
         raise ValueError(f"C attention kernel supports up to 64 heads and 4096 K/V values per "
-                         f"token, got {num_heads} heads and {kv_cache.shape[2] * head_dim}")
+                         f"token, got {num_heads} heads and {num_kv * head_dim}")
     return out
 
 
-def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    return (dtype in _FUNCTIONS and num_heads <= 64 and num_kv_heads * head_dim <= 4096
+def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+             kv_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernel runs with compute dtype `dtype` over a cache of `kv_dtype`
+    (None: the cache has `dtype`; int8 / float8_e4m3fn: the quantized kernel)."""
+    if kv_dtype is None or kv_dtype == dtype:
+        functions = _FUNCTIONS
+    elif kv_dtype in _QUANT_KV_DTYPES:
+        functions = _QUANT_FUNCTIONS
+    else:
+        return False
+    return (dtype in functions and num_heads <= 64 and num_kv_heads * head_dim <= 4096
             and num_heads * head_dim <= 8192 and load() is not None)

@@ -26,6 +26,7 @@ from servelm.spec.config import SpecConfig
 from servelm.spec.tree import DraftTree
 from servelm.spec.verify import distribution
 from servelm.worker.batch import SeqChunk, build_step_batch
+from servelm.worker.kv_cache import KVTensors
 from servelm.worker.model_runner import ModelRunner
 
 
@@ -78,14 +79,15 @@ class DraftProposer:
             return cls(forward, model.compute_logits, runner, branching, True,
                        runner.attention.pads_decodes)
         arch = draft.arch
-        backend = select_backend(runner.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        backend = select_backend(runner.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                 runner.config.kv_cache_dtype)
         model = build_model(arch, draft.weights, backend, runner.dtype, runner.max_model_len)
         if runner.config.quantization:
             model.quantize(runner.config.quantization, runner.config.quantization_group_size)
         slots = runner.num_kv_blocks * runner.block_size
-        cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=runner.dtype)
+        cache = KVTensors(arch, slots, runner.dtype, runner.config.kv_cache_dtype)
         for i, layer in enumerate(model.layers):
-            layer.attn.kv_cache = cache[i]
+            layer.attn.kv_cache = cache.layer(i)
         return cls(model, model.compute_logits, runner, branching, False, backend.pads_decodes)
 
     def tree(self, depth: int) -> DraftTree:

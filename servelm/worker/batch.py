@@ -17,14 +17,15 @@ from servelm.ops.attention import AttentionMetadata, DecodeGroup, PrefillSlice
 
 @dataclass
 class SeqChunk:
-    """One sequence's new tokens this pass. Row j's K/V goes to cache slot `start + j` and
-    attends to every earlier slot, unless `tree_mask` says otherwise."""
+    """One sequence's new tokens this pass. Row j's K/V goes to cache index `start + j` and
+    attends to every earlier index, unless `tree_mask` says otherwise."""
 
     token_ids: list[int]
     start: int  # tokens of this sequence whose K/V is already in the cache
-    # Draft-tree rows: their RoPE positions (a node sits at its depth, not at its slot) and
-    # which of the `start + len(token_ids)` slots each row may attend to.
+    # RoPE positions when they differ from the cache indices: draft-tree rows (a node sits
+    # at its depth, not at its slot) and requests whose KV compression dropped tokens.
     positions: list[int] | None = None
+    # Draft-tree rows: which of the `start + len(token_ids)` slots each row may attend to.
     tree_mask: torch.Tensor | None = None  # [len(token_ids), start + len(token_ids)] bool
 
     @property
@@ -95,7 +96,8 @@ def build_step_batch(
         starts = [chunks[i].start for i in decodes]
         ids.extend(chunks[i].token_ids[0] for i in decodes)
         pos = torch.tensor(starts, dtype=torch.long)
-        positions.append(pos)
+        positions.append(torch.tensor([chunks[i].positions[0] if chunks[i].positions else chunks[i].start
+                                       for i in decodes], dtype=torch.long))
         first = 0
         for size in _split_by_length(starts) if split_decodes else [len(decodes)]:
             rows = slice(first, first + size)

@@ -10,11 +10,12 @@ from servelm.config import EngineConfig
 from servelm.engine.request import Request
 from servelm.model.arch import ModelArch
 from servelm.model.registry import build_model
-from servelm.ops.attention import attention_context, select_backend
+from servelm.ops.attention import ScoredRows, attention_context, select_backend
 from servelm.outputs import PositionLogprobs
 from servelm.spec.verify import verify
-from servelm.worker.batch import SeqChunk, build_step_batch
+from servelm.worker.batch import SeqChunk, StepBatch, build_step_batch
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
+from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.sampler import Sampler, SamplingMetadata
 
@@ -31,10 +32,13 @@ class RunnerOutput:
 
 
 def _chunk(req: Request, n: int) -> SeqChunk:
-    """Request `req`'s `n` new tokens this step; a draft tree, when verified, with its
+    """Request `req`'s `n` new tokens this step: after the K/V its cache holds, at their
+    true positions when KV compression dropped some; a draft tree, when verified, with its
     positions and attention mask."""
     start = req.num_computed_tokens
-    chunk = SeqChunk(req.step_token_ids(start, n), start)
+    chunk = SeqChunk(req.step_token_ids(start, n), req.num_kv_tokens)
+    if req.num_evicted_tokens:
+        chunk.positions = list(range(start, start + n))
     tree = req.spec_tree
     if tree is not None and start + n == req.num_tokens + tree.size:
         nodes = range(tree.size + 1)  # the root (the last real token, at `start`) and the tree
@@ -42,9 +46,8 @@ def _chunk(req: Request, n: int) -> SeqChunk:
     return chunk
 
 
-def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+def kv_bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    return block_size * kv_bytes_per_token(arch, dtype, kv_cache_dtype)
 
 
 class ModelRunner:
@@ -57,7 +60,7 @@ class ModelRunner:
         keep_freed_memory_in_heap()
         self.block_size = config.block_size
         self.dtype = config.torch_dtype
-        per_block = kv_bytes_per_block(arch, config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(arch, config.block_size, self.dtype, config.kv_cache_dtype)
         self.num_kv_blocks = config.num_kv_blocks or max(
             1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_kv_bytes_per_block))
         cache_tokens = self.num_kv_blocks * config.block_size
@@ -74,29 +77,32 @@ class ModelRunner:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context "
                              f"length ({model_limit})")
         self.max_model_len = min(config.max_model_len or model_limit, cache_tokens)
-        self.attention = select_backend(self.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.attention = select_backend(self.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                        config.kv_cache_dtype)
         self.model = build_model(arch, weights, self.attention, self.dtype, self.max_model_len)
         if config.quantization:
             self.model.quantize(config.quantization, config.quantization_group_size)
-        self.kv_bytes_per_token = per_block // config.block_size
-        slots = self.num_kv_blocks * config.block_size
-        self.kv_cache = torch.zeros(arch.num_layers, 2, slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype)
+        self.kv_bytes_per_token = per_block // config.block_size  # target model only
+        self.compression = config.compression
+        self.kv = self._kv_tensors(self.num_kv_blocks, host=False)
         for i, layer in enumerate(self.model.layers):
-            layer.attn.kv_cache = self.kv_cache[i]
+            layer.attn.kv_cache = self.kv.layer(i)
+            if self.kv.scores is not None:
+                layer.attn.scores = self.kv.scores[i, 0]
         # Host-memory pools in the same layout: swap space for preemption by swap, and the
         # CPU tier of the prefix cache. `empty`, so pages cost nothing until first written.
         self.num_swap_blocks = (int(config.swap_space_gb * 2**30) // per_block
                                 if config.preemption_mode == "swap" else 0)
         self.num_offload_blocks = (int(config.cpu_offload_gb * 2**30) // per_block
                                    if config.enable_prefix_caching else 0)
-        self.swap_space = self._host_blocks(self.num_swap_blocks)
-        self.offload_space = self._host_blocks(self.num_offload_blocks)
+        self.swap_space = self._kv_tensors(self.num_swap_blocks, host=True)
+        self.offload_space = self._kv_tensors(self.num_offload_blocks, host=True)
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)  # for min_tokens masking
 
-    def _host_blocks(self, n: int) -> torch.Tensor:
-        return torch.empty(self.arch.num_layers, 2, n * self.block_size, self.arch.num_kv_heads,
-                           self.arch.head_dim, dtype=self.dtype, pin_memory=torch.cuda.is_available())
+    def _kv_tensors(self, num_blocks: int, host: bool) -> KVTensors:
+        return KVTensors(self.arch, num_blocks * self.block_size, self.dtype, self.config.kv_cache_dtype,
+                         host, with_scores=self.compression is not None and self.compression.needs_scores)
 
     @torch.inference_mode()
     def move_kv(self, swap_out: list[tuple[int, int]], offload: list[tuple[int, int]],
@@ -107,24 +113,23 @@ class ModelRunner:
         Out goes first: a cache block a victim just left, or whose evicted prefix is being
         saved, may be where blocks coming back in land in the same step.
         """
-        for src, dst, pairs in ((self.kv_cache, self.swap_space, swap_out),
-                                (self.kv_cache, self.offload_space, offload),
-                                (self.swap_space, self.kv_cache, swap_in),
-                                (self.offload_space, self.kv_cache, restore)):
+        for src, dst, pairs in ((self.kv, self.swap_space, swap_out),
+                                (self.kv, self.offload_space, offload),
+                                (self.swap_space, self.kv, swap_in),
+                                (self.offload_space, self.kv, restore)):
             if pairs:
-                self._copy_blocks(src, dst, pairs)
-
-    def _copy_blocks(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
-        offsets = torch.arange(self.block_size)
-        src_slots = (torch.tensor([s for s, _ in pairs])[:, None] * self.block_size + offsets).flatten()
-        dst_slots = (torch.tensor([d for _, d in pairs])[:, None] * self.block_size + offsets).flatten()
-        dst.index_copy_(2, dst_slots, src.index_select(2, src_slots))
+                offsets = torch.arange(self.block_size)
+                src_slots = (torch.tensor([s for s, _ in pairs])[:, None] * self.block_size + offsets).flatten()
+                dst_slots = (torch.tensor([d for _, d in pairs])[:, None] * self.block_size + offsets).flatten()
+                src.copy_slots(dst, src_slots, dst_slots)
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new: list[int], block_tables: list[list[int]]) -> RunnerOutput:
         chunks = [_chunk(req, n) for req, n in zip(requests, num_new)]
         batch = build_step_batch(chunks, block_tables, self.block_size, self.dtype,
                                  split_decodes=self.attention.pads_decodes)
+        if self.kv.scores is not None:
+            self._mark_scored(batch, requests, num_new, block_tables)
         with attention_context(batch.attn):
             hidden = self.model(batch.input_ids, batch.positions)
 
@@ -178,6 +183,35 @@ class ModelRunner:
             offset += count
         return out
 
+    def _mark_scored(self, batch: StepBatch, requests: list[Request], num_new: list[int],
+                     block_tables: list[list[int]]) -> None:
+        """Reset the scores of the slots written this step, and name the rows whose
+        attention the compression policy accumulates."""
+        self.kv.scores.index_fill_(2, batch.attn.slot_mapping, 0.0)
+        for b, i in enumerate(batch.order):
+            req = requests[i]
+            rows = self.compression.scored_rows(req.num_computed_tokens, num_new[i], req.num_prompt_tokens)
+            if rows:
+                offset, count = rows
+                batch.attn.scored.append(ScoredRows(batch.row_start[b] + offset, count,
+                                                    req.num_kv_tokens + offset, torch.tensor(block_tables[i])))
+
+    @torch.inference_mode()
+    def compress(self, table: list[int], kv_len: int) -> None:
+        """Keep the compression budget's worth of a request's `kv_len` cached tokens, per
+        layer and head as the policy picks, compacted into its first cache indices."""
+        bs = self.block_size
+        t = torch.tensor(table)
+
+        def slots(idx: torch.Tensor) -> torch.Tensor:
+            return t[idx // bs] * bs + idx % bs
+
+        scores = None
+        if self.kv.scores is not None:
+            scores = self.kv.scores[:, 0].index_select(1, slots(torch.arange(kv_len)))
+        keep = self.compression.select(kv_len, scores, self.arch.num_layers, self.arch.num_kv_heads)
+        self.kv.gather_per_head(slots(keep), slots(torch.arange(keep.shape[-1])))
+
     def _compact(self, table: list[int], root: int, path: list[int]) -> None:
         """Move the K/V of accepted tree nodes from their node slots (root + node) to the
         slots of their positions (root + depth), so the sequence reads as a plain one.
@@ -189,7 +223,7 @@ class ModelRunner:
         src, dst = (torch.tensor(x) for x in zip(*moves))
         bs = self.block_size
         src, dst = t[src // bs] * bs + src % bs, t[dst // bs] * bs + dst % bs
-        self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
+        self.kv.copy_slots(self.kv, src, dst)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], idx: list[int], out: RunnerOutput) -> None:
         meta = SamplingMetadata.build(

@@ -58,7 +58,7 @@ def test_weight_bytes_match_the_stored_model(tiny_model_dir):
             params += arch.num_layers * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
         assert weight_bytes_per_step(model) == params * 4  # float32; embedding only via lm_head
         assert model.embed.nbytes + 4 * params > weight_bytes_per_step(model)
-        assert llm.engine.runner.kv_cache.dtype == torch.float32
+        assert llm.engine.runner.kv.values.dtype == torch.float32
 
 
 def test_roofline_cli_end_to_end(tmp_path, tiny_model_dir, capsys):

@@ -6,6 +6,11 @@
  * heads, so each token's K and V rows (all KV heads, contiguous) are streamed once.
  * Softmax is computed online, in float32.
  *
+ * The cache is either in the compute dtype (float32 / bfloat16, same as q) or quantized:
+ * one byte per value (int8 or fp8 e4m3) plus a float32 scale per (slot, kv head). Quantized
+ * bytes are decoded through a 256-entry float table built by the caller, so one kernel
+ * serves every 8-bit format.
+ *
  * Built at first use by servelm/ops/cpu_kernels.py and called through ctypes.
  */
 #include <math.h>
@@ -35,11 +40,23 @@ static inline uint16_t bf16_round(float f) {
 static inline float f32_load(const float *p, int64_t i) { return p[i]; }
 #define F32_STORE(x) (x)
 
-#define DEFINE_PAGED_ATTENTION(NAME, T, LOAD, STORE)                                          \
-int NAME(const T *q, const T *k_cache, const T *v_cache, T *out,                               \
-         const int64_t *block_tables, int64_t max_blocks, const int64_t *row_req,              \
-         const int64_t *row_ctx, int64_t num_rows, int64_t num_heads, int64_t num_kv,          \
-         int64_t head_dim, int64_t block_size, float scale) {                                   \
+#define NO_SCALE(slot, kvh) 1.0f
+
+/* Quantized cache: bytes decode through `lut`; scales are [slots, num_kv] per K / V half. */
+#define LUT_LOAD(p, i) lut[(p)[i]]
+#define K_SCALE_AT(slot, kvh) k_scales[(slot) * num_kv + (kvh)]
+#define V_SCALE_AT(slot, kvh) v_scales[(slot) * num_kv + (kvh)]
+
+/* Shared body. T: q / out element type; KV_T: cache element type; KV_LOAD(p, i) gives the
+ * float value of p[i] before scaling; K_SCALE / V_SCALE(slot, kv_head) give that row's scale.
+ *
+ * A scale is constant over one (slot, kv head) row of head_dim values, so it factors out of
+ * the sums: q.(s_k * k) = s_k * (q.k) and p * (s_v * v) = (p * s_v) * v. Applying it once to
+ * the dot product and once to the probability costs 2 multiplies per (token, head) instead
+ * of 2 * head_dim, and keeps the per-element loops identical to the float cache's. The
+ * softmax denominator uses the unscaled probability; only the V accumulation sees s_v. */
+#define PAGED_ATTENTION_BODY(T, KV_T, LOAD, STORE, KV_LOAD, K_SCALE, V_SCALE)                   \
+{                                                                                               \
     const int64_t group = num_heads / num_kv, row_len = num_kv * head_dim;                      \
     if (num_heads > MAX_HEADS || row_len > MAX_ROW || num_heads * head_dim > MAX_Q) return -1;  \
     _Pragma("omp parallel for schedule(dynamic, 4)")                                            \
@@ -65,15 +82,15 @@ int NAME(const T *q, const T *k_cache, const T *v_cache, T *out,                
                 slot[j] = table[pos / block_size] * block_size + pos % block_size;              \
             }                                                                                   \
             for (int64_t j = 0; j < n; j++) {                                                   \
-                const T *krow = k_cache + slot[j] * row_len;                                    \
+                const KV_T *krow = k_cache + slot[j] * row_len;                                 \
                 _Pragma("omp simd")                                                             \
-                for (int64_t i = 0; i < row_len; i++) kv_row[i] = LOAD(krow, i);               \
+                for (int64_t i = 0; i < row_len; i++) kv_row[i] = KV_LOAD(krow, i);             \
                 for (int64_t h = 0; h < num_heads; h++) {                                       \
                     const float *qh = qf + h * head_dim, *kh = kv_row + (h / group) * head_dim; \
                     float dot = 0.0f;                                                           \
                     _Pragma("omp simd reduction(+:dot)")                                        \
                     for (int64_t i = 0; i < head_dim; i++) dot += qh[i] * kh[i];                \
-                    s[h][j] = dot;                                                              \
+                    s[h][j] = dot * K_SCALE(slot[j], h / group);                                \
                 }                                                                               \
             }                                                                                   \
             for (int64_t h = 0; h < num_heads; h++) {                                           \
@@ -91,11 +108,11 @@ int NAME(const T *q, const T *k_cache, const T *v_cache, T *out,                
                 row_max[h] = m;                                                                 \
             }                                                                                   \
             for (int64_t j = 0; j < n; j++) {                                                   \
-                const T *vrow = v_cache + slot[j] * row_len;                                    \
+                const KV_T *vrow = v_cache + slot[j] * row_len;                                 \
                 _Pragma("omp simd")                                                             \
-                for (int64_t i = 0; i < row_len; i++) kv_row[i] = LOAD(vrow, i);                \
+                for (int64_t i = 0; i < row_len; i++) kv_row[i] = KV_LOAD(vrow, i);             \
                 for (int64_t h = 0; h < num_heads; h++) {                                       \
-                    const float p = s[h][j];                                                    \
+                    const float p = s[h][j] * V_SCALE(slot[j], h / group);                      \
                     float *ah = acc + h * head_dim;                                             \
                     const float *vh = kv_row + (h / group) * head_dim;                          \
                     _Pragma("omp simd")                                                         \
@@ -113,5 +130,25 @@ int NAME(const T *q, const T *k_cache, const T *v_cache, T *out,                
     return 0;                                                                                   \
 }
 
+#define PAGED_ATTENTION_PARAMS(T, KV_T)                                                         \
+    const T *q, const KV_T *k_cache, const KV_T *v_cache, T *out,                               \
+    const int64_t *block_tables, int64_t max_blocks, const int64_t *row_req,                    \
+    const int64_t *row_ctx, int64_t num_rows, int64_t num_heads, int64_t num_kv,                \
+    int64_t head_dim, int64_t block_size, float scale
+
+/* Cache in the compute dtype. */
+#define DEFINE_PAGED_ATTENTION(NAME, T, LOAD, STORE)                                            \
+int NAME(PAGED_ATTENTION_PARAMS(T, T))                                                          \
+PAGED_ATTENTION_BODY(T, T, LOAD, STORE, LOAD, NO_SCALE, NO_SCALE)
+
+/* 8-bit cache: same arguments with uint8 K/V, plus the K and V scale halves ([slots, num_kv]
+ * float32 each) and the 256-entry byte -> float table. */
+#define DEFINE_PAGED_ATTENTION_QUANT(NAME, T, LOAD, STORE)                                      \
+int NAME(PAGED_ATTENTION_PARAMS(T, uint8_t), const float *k_scales, const float *v_scales,      \
+         const float *lut)                                                                      \
+PAGED_ATTENTION_BODY(T, uint8_t, LOAD, STORE, LUT_LOAD, K_SCALE_AT, V_SCALE_AT)
+
 DEFINE_PAGED_ATTENTION(paged_attention_f32, float, f32_load, F32_STORE)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16_load, bf16_round)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_q8_f32, float, f32_load, F32_STORE)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_q8_bf16, uint16_t, bf16_load, bf16_round)
