@@ -32,3 +32,24 @@ def test_perplexity_of_a_quantized_setting_against_the_reference(tiny_model_dir,
     short.write_text("too short")
     assert main(["eval", "perplexity", "--model", str(tiny_model_dir("llama")), "--dataset-path",
                  str(short), "--context-len", "48"]) == 2
+
+
+def test_kv_settings_are_scored_by_perplexity_and_greedy_agreement(tiny_model_dir, tmp_path):
+    text = tmp_path / "held-out.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "kv.json"
+    rc = main(["eval", "perplexity", "--model", str(tiny_model_dir("llama")), "--dataset-path",
+               str(text), "--context-len", "64", "--num-windows", "2", "--skip-hf",
+               "--kv-cache-dtype", "int8", "--max-num-batched-tokens", "16", "--greedy-tokens", "8",
+               "--kv-compression", '{"method": "streamingllm", "budget": 24}', "--result-file", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["prefill_chunk"] == 16 and result["greedy_tokens"] == 8
+    r = result["results"]
+    ref, kv = r["reference (no quantization)"], r["kv_cache_dtype=int8, kv_compression=streamingllm/24"]
+    assert ref["greedy_agreement_with_reference"] == 1.0 and ref["kv_evicted_tokens"] == 0
+    assert 0.0 <= kv["greedy_agreement_with_reference"] <= 1.0
+    assert kv["kv_evicted_tokens"] > 0
+    assert kv["kv_bytes_per_token"] < ref["kv_bytes_per_token"] / 3  # float32 -> int8 + scales
+    assert kv["perplexity_vs_reference"] != 1.0
+    assert kv["perplexity_past_budget"] > 0 and kv["reference_perplexity_past_budget"] > 0
