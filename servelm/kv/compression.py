@@ -22,16 +22,14 @@ prefix cache off: a compacted block no longer holds the tokens its hash names. P
 by swap keeps a compressed request exact; preemption by recompute prefills its generated
 tokens in chunks and compresses per chunk, so it may continue differently.
 
-This is the one kv/ module that touches tensors: the policies rank attention scores.
+This module decides when and what to score; which tokens stay is picked from the scores
+by worker/kv_selection.py, where the tensors live.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-
-import torch
-import torch.nn.functional as F
 
 METHODS = ("streamingllm", "h2o", "snapkv")
 
@@ -105,21 +103,3 @@ class CompressionConfig:
         if self.method == "snapkv":  # once, right after the prompt's last token
             return computed_before < prompt_len <= computed_after
         return True
-
-    def select(self, kv_len: int, scores: torch.Tensor | None, num_layers: int,
-               num_kv_heads: int) -> torch.Tensor:
-        """Cache indices to keep, [layers, KV heads, budget], ascending per head.
-        `scores` [layers, kv_len, KV heads]: accumulated attention (h2o, snapkv)."""
-        b = self.budget
-        if self.method == "streamingllm":
-            kept = torch.cat([torch.arange(self.sink_tokens),
-                              torch.arange(kv_len - (b - self.sink_tokens), kv_len)])
-            return kept.expand(num_layers, num_kv_heads, b)
-        recent = self.recent if self.method == "h2o" else self.window
-        s = scores.permute(0, 2, 1)[..., : kv_len - recent].float()  # [L, KV, candidates]
-        if self.method == "snapkv":
-            pad = self.pool_kernel // 2
-            s = F.max_pool1d(s.reshape(-1, 1, s.shape[-1]), self.pool_kernel, 1, pad).view_as(s)
-        hitters = s.topk(b - recent, dim=-1).indices
-        tail = torch.arange(kv_len - recent, kv_len).expand(num_layers, num_kv_heads, recent)
-        return torch.cat([hitters.sort(-1).values, tail], dim=-1)

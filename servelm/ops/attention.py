@@ -144,7 +144,9 @@ class TorchPagedAttention:
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         if isinstance(kv_cache, QuantizedKV):
-            k, v = kv_cache.write(meta.slot_mapping, k, v)
+            stored, scales = kv_cache.write(meta.slot_mapping, k, v)
+            if any(p.block_index is None for p in meta.prefills):  # they attend the fresh K/V
+                k, v = dequantize_kv(stored, scales, k.dtype).unbind(0)
         else:
             kv_cache[0].index_copy_(0, meta.slot_mapping, k)
             kv_cache[1].index_copy_(0, meta.slot_mapping, v)

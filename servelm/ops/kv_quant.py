@@ -33,14 +33,12 @@ class QuantizedKV:
     scales: torch.Tensor
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store K/V [T, KV, D] at `slots`; returns them as the cache will read them back."""
-        out = []
-        for c, x in enumerate((k, v)):
-            q, s = quantize_kv(x, self.data.dtype)
-            as_bytes(self.data[c]).index_copy_(0, slots, as_bytes(q))
-            self.scales[c].index_copy_(0, slots, s)
-            out.append(dequantize_kv(q, s, x.dtype))
-        return out[0], out[1]
+        """Store K/V [T, KV, D] at `slots`, K and V in one pass; returns what was stored,
+        ([2, T, KV, D] values, [2, T, KV] scales), for a caller that reads them back."""
+        q, s = quantize_kv(torch.stack((k, v)), self.data.dtype)
+        as_bytes(self.data).index_copy_(1, slots, as_bytes(q))
+        self.scales.index_copy_(1, slots, s)
+        return q, s
 
 
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

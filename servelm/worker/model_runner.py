@@ -16,6 +16,7 @@ from servelm.spec.verify import verify
 from servelm.worker.batch import SeqChunk, StepBatch, build_step_batch
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
+from servelm.worker.kv_selection import select_kept
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.sampler import Sampler, SamplingMetadata
 
@@ -209,7 +210,7 @@ class ModelRunner:
         scores = None
         if self.kv.scores is not None:
             scores = self.kv.scores[:, 0].index_select(1, slots(torch.arange(kv_len)))
-        keep = self.compression.select(kv_len, scores, self.arch.num_layers, self.arch.num_kv_heads)
+        keep = select_kept(self.compression, kv_len, scores, self.arch.num_layers, self.arch.num_kv_heads)
         self.kv.gather_per_head(slots(keep), slots(torch.arange(keep.shape[-1])))
 
     def _compact(self, table: list[int], root: int, path: list[int]) -> None:
