@@ -8,8 +8,8 @@ one, `load()` returns None and the engine keeps the torch path. The shared objec
 cached per source hash and CPU, and shares torch's OpenMP runtime (and thread count).
 
 The cache is either in q's dtype (float32 / bfloat16) or quantized to one byte per value
-(int8 or fp8 e4m3) with a float32 scale per (slot, KV head); the quantized kernel decodes
-bytes through a 256-entry float table built here, so int8 and fp8 share one kernel.
+(int8 or fp8 e4m3) with a float32 scale per (slot, KV head), one kernel per (compute,
+cache) dtype pair.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ logger = logging.getLogger("servelm")
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
-_QUANT_FUNCTIONS = {torch.float32: "paged_attention_q8_f32", torch.bfloat16: "paged_attention_q8_bf16"}
-_QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
+_QUANT_FUNCTIONS = {(q, kv): f"paged_attention_{kv_name}_{q_name}"
+                    for q, q_name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
+                    for kv, kv_name in ((torch.int8, "i8"), (torch.float8_e4m3fn, "fp8"))}
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_float]
-_QUANT_ARGTYPES = _ARGTYPES + [ctypes.c_void_p] * 3  # + k_scales, v_scales, lut
+_QUANT_ARGTYPES = _ARGTYPES + [ctypes.c_void_p] * 2  # + k_scales, v_scales
 
 
 def _cache_dir() -> Path:
@@ -87,13 +88,6 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-@lru_cache(maxsize=4)
-def _byte_lut(kv_dtype: torch.dtype) -> torch.Tensor:
-    """float32 [256]: lut[b] is the value of the byte b read as kv_dtype (what .float() gives).
-    For fp8 e4m3fn the two NaN encodings map to NaN; quantized caches never hold them."""
-    return torch.arange(256, dtype=torch.uint8).view(kv_dtype).float().contiguous()
-
-
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                     row_req: torch.Tensor, row_ctx: torch.Tensor, block_size: int,
                     scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,12 +110,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         rc = getattr(lib, _FUNCTIONS[q.dtype])(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(), *args)
     else:
-        assert kv_cache.dtype in _QUANT_KV_DTYPES and kv_cache.is_contiguous(), kv_cache.dtype
+        assert (q.dtype, kv_cache.dtype) in _QUANT_FUNCTIONS and kv_cache.is_contiguous(), kv_cache.dtype
         assert kv_scales.dtype == torch.float32 and kv_scales.is_contiguous()
         assert kv_scales.shape == kv_cache.shape[:3], (kv_scales.shape, kv_cache.shape)
-        rc = getattr(lib, _QUANT_FUNCTIONS[q.dtype])(
+        rc = getattr(lib, _QUANT_FUNCTIONS[q.dtype, kv_cache.dtype])(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(), *args,
-            kv_scales[0].data_ptr(), kv_scales[1].data_ptr(), _byte_lut(kv_cache.dtype).data_ptr())
+            kv_scales[0].data_ptr(), kv_scales[1].data_ptr())
     if rc != 0:
         raise ValueError(f"C attention kernel supports up to 64 heads and 4096 K/V values per "
                          f"token, got {num_heads} heads and {num_kv * head_dim}")
@@ -132,11 +126,6 @@ def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: in
              kv_dtype: torch.dtype | None = None) -> bool:
     """Whether the kernel runs with compute dtype `dtype` over a cache of `kv_dtype`
     (None: the cache has `dtype`; int8 / float8_e4m3fn: the quantized kernel)."""
-    if kv_dtype is None or kv_dtype == dtype:
-        functions = _FUNCTIONS
-    elif kv_dtype in _QUANT_KV_DTYPES:
-        functions = _QUANT_FUNCTIONS
-    else:
-        return False
-    return (dtype in functions and num_heads <= 64 and num_kv_heads * head_dim <= 4096
+    known = dtype in _FUNCTIONS if kv_dtype in (None, dtype) else (dtype, kv_dtype) in _QUANT_FUNCTIONS
+    return (known and num_heads <= 64 and num_kv_heads * head_dim <= 4096
             and num_heads * head_dim <= 8192 and load() is not None)

@@ -7,9 +7,10 @@
  * Softmax is computed online, in float32.
  *
  * The cache is either in the compute dtype (float32 / bfloat16, same as q) or quantized:
- * one byte per value (int8 or fp8 e4m3) plus a float32 scale per (slot, kv head). Quantized
- * bytes are decoded through a 256-entry float table built by the caller, so one kernel
- * serves every 8-bit format.
+ * one byte per value (int8 or fp8 e4m3) plus a float32 scale per (slot, kv head). Bytes
+ * decode with plain arithmetic (a sign-extending convert for int8, bit placement for fp8)
+ * rather than a lookup table, so the compiler can vectorize the row loads; a table lookup
+ * per value made the 8-bit kernel 1.6x slower than the bf16 one.
  *
  * Built at first use by servelm/ops/cpu_kernels.py and called through ctypes.
  */
@@ -42,8 +43,21 @@ static inline float f32_load(const float *p, int64_t i) { return p[i]; }
 
 #define NO_SCALE(slot, kvh) 1.0f
 
-/* Quantized cache: bytes decode through `lut`; scales are [slots, num_kv] per K / V half. */
-#define LUT_LOAD(p, i) lut[(p)[i]]
+static inline float i8_load(const int8_t *p, int64_t i) { return (float)p[i]; }
+
+/* fp8 e4m3fn: sign, 4 exponent bits e (bias 7), 3 mantissa bits m. The value is
+ * (m + 8 if e > 0) * 2^(max(e, 1) - 10): normal and subnormal codes in one branch-free
+ * formula of integer ops, an int-to-float convert and a multiply, which vectorizes. The
+ * NaN codes (0x7f, 0xff) never occur in the cache. */
+static inline float fp8_e4m3_load(const uint8_t *p, int64_t i) {
+    const uint32_t b = p[i], e = (b >> 3) & 15u, m = b & 7u;
+    const uint32_t pow2_bits = ((e > 0u ? e : 1u) + 117u) << 23; /* 2^(max(e,1) - 10) */
+    float pow2, mag = (float)(int32_t)(m | (e > 0u ? 8u : 0u));
+    memcpy(&pow2, &pow2_bits, sizeof pow2);
+    return (b & 0x80u) ? -(mag * pow2) : mag * pow2;
+}
+
+/* Quantized cache: scales are [slots, num_kv] per K / V half. */
 #define K_SCALE_AT(slot, kvh) k_scales[(slot) * num_kv + (kvh)]
 #define V_SCALE_AT(slot, kvh) v_scales[(slot) * num_kv + (kvh)]
 
@@ -141,14 +155,16 @@ static inline float f32_load(const float *p, int64_t i) { return p[i]; }
 int NAME(PAGED_ATTENTION_PARAMS(T, T))                                                          \
 PAGED_ATTENTION_BODY(T, T, LOAD, STORE, LOAD, NO_SCALE, NO_SCALE)
 
-/* 8-bit cache: same arguments with uint8 K/V, plus the K and V scale halves ([slots, num_kv]
- * float32 each) and the 256-entry byte -> float table. */
-#define DEFINE_PAGED_ATTENTION_QUANT(NAME, T, LOAD, STORE)                                      \
-int NAME(PAGED_ATTENTION_PARAMS(T, uint8_t), const float *k_scales, const float *v_scales,      \
-         const float *lut)                                                                      \
-PAGED_ATTENTION_BODY(T, uint8_t, LOAD, STORE, LUT_LOAD, K_SCALE_AT, V_SCALE_AT)
+/* 8-bit cache: same arguments with 8-bit K/V, plus the K and V scale halves ([slots, num_kv]
+ * float32 each). */
+#define DEFINE_PAGED_ATTENTION_QUANT(NAME, T, LOAD, STORE, KV_T, KV_LOAD)                        \
+int NAME(PAGED_ATTENTION_PARAMS(T, KV_T), const float *k_scales, const float *v_scales)         \
+PAGED_ATTENTION_BODY(T, KV_T, LOAD, STORE, KV_LOAD, K_SCALE_AT, V_SCALE_AT)
 
 DEFINE_PAGED_ATTENTION(paged_attention_f32, float, f32_load, F32_STORE)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16_load, bf16_round)
-DEFINE_PAGED_ATTENTION_QUANT(paged_attention_q8_f32, float, f32_load, F32_STORE)
-DEFINE_PAGED_ATTENTION_QUANT(paged_attention_q8_bf16, uint16_t, bf16_load, bf16_round)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_i8_f32, float, f32_load, F32_STORE, int8_t, i8_load)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_i8_bf16, uint16_t, bf16_load, bf16_round, int8_t, i8_load)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_fp8_f32, float, f32_load, F32_STORE, uint8_t, fp8_e4m3_load)
+DEFINE_PAGED_ATTENTION_QUANT(paged_attention_fp8_bf16, uint16_t, bf16_load, bf16_round, uint8_t,
+                             fp8_e4m3_load)
