@@ -42,8 +42,9 @@ class StepBatch:
     row_start: list[int]  # first flat row of each batch position
 
 
-def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    return table[positions // block_size] * block_size + positions % block_size
+def slots_of(table: torch.Tensor, indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slots of a sequence's cache indices, through its block table."""
+    return table[indices // block_size] * block_size + indices % block_size
 
 
 def _split_by_length(lengths: list[int]) -> list[int]:
@@ -117,7 +118,7 @@ def build_step_batch(
         table = torch.tensor(block_tables[i], dtype=torch.long)
         slot_pos = torch.arange(start, start + n)
         positions.append(slot_pos if chunk.positions is None else torch.tensor(chunk.positions, dtype=torch.long))
-        slots.append(_slots(table, slot_pos, block_size))
+        slots.append(slots_of(table, slot_pos, block_size))
         prefill_slices.append(PrefillSlice(row, n, start + n, table if start else None, chunk.tree_mask))
         row_start.append(row)
         row += n

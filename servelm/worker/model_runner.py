@@ -13,7 +13,7 @@ from servelm.model.registry import build_model
 from servelm.ops.attention import ScoredRows, attention_context, select_backend
 from servelm.outputs import PositionLogprobs
 from servelm.spec.verify import verify
-from servelm.worker.batch import SeqChunk, StepBatch, build_step_batch
+from servelm.worker.batch import SeqChunk, StepBatch, build_step_batch, slots_of
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
 from servelm.worker.kv_selection import select_kept
@@ -201,17 +201,12 @@ class ModelRunner:
     def compress(self, table: list[int], kv_len: int) -> None:
         """Keep the compression budget's worth of a request's `kv_len` cached tokens, per
         layer and head as the policy picks, compacted into its first cache indices."""
-        bs = self.block_size
-        t = torch.tensor(table)
-
-        def slots(idx: torch.Tensor) -> torch.Tensor:
-            return t[idx // bs] * bs + idx % bs
-
+        t, bs = torch.tensor(table), self.block_size
         scores = None
         if self.kv.scores is not None:
-            scores = self.kv.scores[:, 0].index_select(1, slots(torch.arange(kv_len)))
+            scores = self.kv.scores[:, 0].index_select(1, slots_of(t, torch.arange(kv_len), bs))
         keep = select_kept(self.compression, kv_len, scores, self.arch.num_layers, self.arch.num_kv_heads)
-        self.kv.gather_per_head(slots(keep), slots(torch.arange(keep.shape[-1])))
+        self.kv.gather_per_head(slots_of(t, keep, bs), slots_of(t, torch.arange(keep.shape[-1]), bs))
 
     def _compact(self, table: list[int], root: int, path: list[int]) -> None:
         """Move the K/V of accepted tree nodes from their node slots (root + node) to the
@@ -221,9 +216,7 @@ class ModelRunner:
         if not moves:
             return
         t = torch.tensor(table)
-        src, dst = (torch.tensor(x) for x in zip(*moves))
-        bs = self.block_size
-        src, dst = t[src // bs] * bs + src % bs, t[dst // bs] * bs + dst % bs
+        src, dst = (slots_of(t, torch.tensor(x), self.block_size) for x in zip(*moves))
         self.kv.copy_slots(self.kv, src, dst)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], idx: list[int], out: RunnerOutput) -> None:
