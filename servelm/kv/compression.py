@@ -28,8 +28,9 @@ by worker/kv_selection.py, where the tensors live.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
+
+from servelm.dict_option import parse_dict_option
 
 METHODS = ("streamingllm", "h2o", "snapkv")
 
@@ -46,19 +47,9 @@ class CompressionConfig:
     @classmethod
     def parse(cls, value: dict | str | None) -> CompressionConfig | None:
         """From `kv_compression` (a dict, or its JSON); None when off. Errors name the key."""
+        value = parse_dict_option("kv_compression", value, {f.name for f in fields(cls)})
         if value is None:
             return None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"kv_compression is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"kv_compression must be a dict, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"kv_compression: unknown keys {unknown}; allowed: {sorted(known)}")
         if value.get("method") not in METHODS:
             raise ValueError(f"kv_compression.method must be one of {METHODS}, got {value.get('method')!r}")
         for key in ("budget", "sink_tokens", "recent_tokens", "window", "pool_kernel"):

@@ -7,10 +7,10 @@ speculation off.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from servelm.dict_option import parse_dict_option
 from servelm.spec.tree import DraftTree
 
 METHODS = ("ngram", "draft_model", "layer_skip")
@@ -37,19 +37,9 @@ class SpecConfig:
 
     @classmethod
     def parse(cls, value: dict[str, Any] | str | None) -> SpecConfig | None:
+        value = parse_dict_option("speculative_config", value, _KEYS)
         if value is None:
             return None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
-        unknown = set(value) - _KEYS
-        if unknown:
-            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; "
-                             f"allowed {sorted(_KEYS)}")
         method = value.get("method")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {METHODS}, got {method!r}")
