@@ -6,62 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--num-threads", type=int, default=None)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV of cached prompt prefixes (default on)")
-    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
-                   help="what happens to a preempted request's KV: dropped and recomputed, or "
-                        "swapped to CPU memory and back")
-    g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU swap space for --preemption-mode swap")
-    g.add_argument("--cpu-offload-gb", type=float, default=0.0,
-                   help="CPU memory for prefix-cache KV blocks evicted from the KV cache, restored "
-                        "instead of recomputed on a later hit (0: off)")
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "sjf", "mlfq"],
-                   help="who runs first when not everyone fits (see servelm/engine/policies.py)")
-    g.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
-    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization at load: int8 per output channel, int4 in "
-                        "groups (default: the model dtype)")
-    g.add_argument("--quantization-group-size", type=int, default=128, choices=[32, 64, 128],
-                   help="int4: input columns per scale")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                   help="KV cache storage: the model dtype, or 8 bits (int8, or fp8 e4m3) with a "
-                        "scale per token and head; about twice the tokens per GB")
-    g.add_argument("--kv-compression", default=None, metavar="JSON",
-                   help='bound every request\'s KV cache, e.g. \'{"method": "streamingllm", '
-                        '"budget": 512}\' (methods: streamingllm, h2o, snapkv; see '
-                        'servelm/kv/compression.py)')
-    g.add_argument("--length-predictor", default=None, metavar="FILE",
-                   help="sjf: output-length predictor from `servelm length-predictor train` "
-                        "(default: rank by max_tokens)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(dtype=args.dtype, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                kv_cache_memory_gb=args.kv_cache_memory_gb,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                max_model_len=args.max_model_len, num_threads=args.num_threads,
-                enable_prefix_caching=args.enable_prefix_caching,
-                preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
-                cpu_offload_gb=args.cpu_offload_gb, scheduling_policy=args.scheduling_policy,
-                length_predictor=args.length_predictor, speculative_config=args.speculative_config,
-                quantization=args.quantization,
-                quantization_group_size=args.quantization_group_size,
-                kv_cache_dtype=args.kv_cache_dtype, kv_compression=args.kv_compression)
+from servelm.engine_args import add_engine_args, engine_kwargs
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -1,97 +1,108 @@
-"""Engine configuration: one dataclass, validated once at construction."""
+"""Engine configuration: one dataclass whose fields are the engine's options.
+
+Each field carries its help text and allowed values (`option(...)`), and everything else is
+derived from them: the `LLM(...)` keyword arguments are the fields, `servelm ... --flags`
+are generated from them (servelm/engine_args.py), and one validation pass turns a bad value
+into an error naming the field and what is allowed. Nothing here imports torch or the
+engine, so any part of servelm (and any process) can read a config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import typing
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from servelm.engine.policies import POLICIES
 from servelm.kv.compression import CompressionConfig
-from servelm.ops.kv_quant import KV_CACHE_DTYPES
-from servelm.ops.quant import GROUP_SIZES
-from servelm.ops.quant import METHODS as QUANT_METHODS
-from servelm.spec.config import SpecConfig
+from servelm.speculative.config import SpecConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")
 PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority", "sjf", "mlfq")
+QUANTIZATION_METHODS = ("int8", "int4")
+QUANTIZATION_GROUP_SIZES = (32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+           above: float | None = None, cli: bool = True, metavar: str | None = None) -> Any:
+    """A config field with what the CLI and validation need: `choices` (allowed values; None
+    is allowed too when it is the default), `minimum` (>=) or `above` (>) for numbers,
+    `cli=False` for options that get no command-line flag."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "above": above, "cli": cli,
+            "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs besides the weights.
 
-    `num_kv_blocks` wins over `kv_cache_memory_gb`; when neither is given the cache is
-    sized from a default memory budget. `max_model_len=None` means the model's own
-    context length, capped by what the KV cache can hold.
+    `num_kv_blocks` wins over `kv_cache_memory_gb`. `max_model_len=None` means the model's
+    own context length, capped by what the KV cache can hold.
     """
 
-    model: str | None = None
-    dtype: str = "float32"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 2.0
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
-    seed: int = 0
-    num_threads: int | None = None
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"  # or "swap": victims' KV goes to a CPU buffer
-    swap_space_gb: float = 4.0  # size of that buffer (used only with preemption_mode="swap")
-    cpu_offload_gb: float = 0.0  # CPU tier for evicted prefix-cache blocks (0: off); KV, not weights
-    scheduling_policy: str = "fcfs"  # or "priority", "sjf", "mlfq" (engine/policies.py)
-    length_predictor: str | None = None  # sjf: a file from `servelm length-predictor train`
-    speculative_config: dict | str | None = None  # see servelm/spec/config.py; None: off
-    quantization: str | None = None  # "int8" or "int4" weight-only, at load (ops/quant.py)
-    quantization_group_size: int = 128  # int4: input columns per scale (32, 64 or 128)
-    kv_cache_dtype: str = "auto"  # "auto" (= dtype), "int8" or "fp8" (e4m3), ops/kv_quant.py
-    # Per-request KV budget for long contexts, e.g. {"method": "h2o", "budget": 512}; None:
-    # off. See servelm/kv/compression.py. Turns the prefix cache off.
-    kv_compression: dict | str | None = None
+    model: str | None = option(None, "HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    dtype: str = option("float32", "compute dtype of weights and activations", choices=DTYPES)
+    block_size: int = option(16, "tokens per KV-cache block", minimum=1)
+    num_kv_blocks: int | None = option(None, "KV-cache blocks (default: from --kv-cache-memory-gb)",
+                                       minimum=1)
+    kv_cache_memory_gb: float = option(2.0, "memory for the KV cache, GiB", above=0)
+    max_num_batched_tokens: int = option(2048, "token budget of one step (prefill chunk size)",
+                                         minimum=1)
+    max_num_seqs: int = option(256, "requests running at once", minimum=1)
+    max_model_len: int | None = option(None, "context window (default: the model's, capped by "
+                                       "the KV cache)", minimum=2)
+    seed: int = option(0, "seed of torch's global generator", cli=False)
+    num_threads: int | None = option(None, "CPU threads (default: all cores)", minimum=1)
+    enable_prefix_caching: bool = option(True, "reuse the KV of cached prompt prefixes")
+    preemption_mode: str = option(
+        "recompute", "what happens to a preempted request's KV: dropped and recomputed, or "
+        "swapped to CPU memory and back", choices=PREEMPTION_MODES)
+    swap_space_gb: float = option(4.0, "CPU swap space for --preemption-mode swap, GiB", above=0)
+    cpu_offload_gb: float = option(
+        0.0, "CPU memory for prefix-cache KV blocks evicted from the KV cache, restored instead "
+        "of recomputed on a later hit (0: off); KV, not weights", minimum=0)
+    scheduling_policy: str = option("fcfs", "who runs first when not everyone fits (see "
+                                    "servelm/engine/policies.py)", choices=SCHEDULING_POLICIES)
+    length_predictor: str | None = option(
+        None, "sjf: output-length predictor from `servelm length-predictor train` (default: "
+        "rank by max_tokens)", metavar="FILE")
+    speculative_config: dict | str | None = option(
+        None, 'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        "(see servelm/speculative/config.py)", metavar="JSON")
+    quantization: str | None = option(
+        None, "weight-only quantization at load: int8 per output channel, int4 in groups "
+        "(default: the model dtype)", choices=QUANTIZATION_METHODS)
+    quantization_group_size: int = option(128, "int4: input columns per scale",
+                                          choices=QUANTIZATION_GROUP_SIZES)
+    kv_cache_dtype: str = option(
+        "auto", "KV cache storage: the model dtype, or 8 bits (int8, or fp8 e4m3) with a scale "
+        "per token and head; about twice the tokens per GB", choices=KV_CACHE_DTYPES)
+    kv_compression: dict | str | None = option(
+        None, 'bound every request\'s KV cache, e.g. \'{"method": "streamingllm", "budget": '
+        "512}' (methods: streamingllm, h2o, snapkv; see servelm/kv/compression.py); turns "
+        "prefix caching off", metavar="JSON")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
-            raise ValueError(f"num_kv_blocks must be an integer >= 1, got {self.num_kv_blocks!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        if not self.kv_cache_memory_gb > 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
-                             f"got {self.preemption_mode!r}")
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {POLICIES}, "
-                             f"got {self.scheduling_policy!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):  # model and length_predictor: paths are fine
+                value = os.fspath(value)
+                setattr(self, f.name, value)
+            _check_field(f, value)
         if self.length_predictor is not None and self.scheduling_policy != "sjf":
             raise ValueError("length_predictor is used only by scheduling_policy 'sjf', "
                              f"got scheduling_policy {self.scheduling_policy!r}")
-        if not self.swap_space_gb > 0:
-            raise ValueError(f"swap_space_gb must be > 0, got {self.swap_space_gb!r}")
-        if not self.cpu_offload_gb >= 0:
-            raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb!r}")
-        SpecConfig.parse(self.speculative_config)  # raises on a bad one
-        if self.quantization not in (None, *QUANT_METHODS):
-            raise ValueError(f"quantization must be one of {QUANT_METHODS} or None, "
-                             f"got {self.quantization!r}")
-        if self.quantization_group_size not in GROUP_SIZES:
-            raise ValueError(f"quantization_group_size must be one of {GROUP_SIZES}, "
-                             f"got {self.quantization_group_size!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        spec = SpecConfig.parse(self.speculative_config)  # raises on a bad one
         if CompressionConfig.parse(self.kv_compression) is not None:
-            if self.spec is not None:
+            if spec is not None:
                 raise ValueError("kv_compression cannot be combined with speculative_config")
             # A compacted block no longer holds the tokens its hash names.
             self.enable_prefix_caching = False
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
 
     @property
     def spec(self) -> SpecConfig | None:
@@ -101,6 +112,38 @@ class EngineConfig:
     def compression(self) -> CompressionConfig | None:
         return CompressionConfig.parse(self.kv_compression)
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+
+@functools.cache
+def field_types() -> dict[str, set[type]]:
+    """Each field's types, None left out: {int} for `int | None`, {dict, str} for a JSON option."""
+    return {name: set(typing.get_args(t) or (t,)) - {type(None)}
+            for name, t in typing.get_type_hints(EngineConfig).items()}
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """Validate one value against its field's type and metadata; the error names the field."""
+    meta, name = f.metadata, f.name
+    if value is None and f.default is None:
+        return
+    base = field_types()[name]
+    if base == {str} and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    if base == {bool} and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if base == {int} and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{name} must be an integer{_range(meta)}, got {value!r}")
+    if base == {float} and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise ValueError(f"{name} must be a number{_range(meta)}, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        extra = " or None" if f.default is None else ""
+        raise ValueError(f"{name} must be one of {meta['choices']}{extra}, got {value!r}")
+    if (meta["minimum"] is not None and value < meta["minimum"]) or (
+            meta["above"] is not None and not value > meta["above"]):
+        what = "an integer" if base == {int} else "a number"
+        raise ValueError(f"{name} must be {what}{_range(meta)}, got {value!r}")
+
+
+def _range(meta: dict[str, Any]) -> str:
+    if meta["minimum"] is not None:
+        return f" >= {meta['minimum']}"
+    return f" > {meta['above']}" if meta["above"] is not None else ""

@@ -142,7 +142,7 @@ def perplexity(lls: list[float]) -> float:
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from servelm.bench.results import result_header, result_path, write_result
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
     from servelm.llm import LLM
     from servelm.model.loader import load_tokenizer
 

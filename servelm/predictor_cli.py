@@ -61,7 +61,7 @@ def add_predictor_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
     from servelm.llm import LLM
     from servelm.sampling_params import SamplingParams
 

@@ -53,7 +53,7 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
 
 def cmd_throughput(args: argparse.Namespace) -> int:
     from servelm.bench.throughput import ThroughputConfig, run_throughput
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
 
     cfg = ThroughputConfig(
         engine={"model": args.model, **engine_kwargs(args)}, num_prompts=args.num_prompts,

@@ -20,7 +20,6 @@ import torch
 
 from servelm.bench.datasets import BenchRequest
 from servelm.bench.energy import EnergyMeter, EnergyReading
-from servelm.config import DTYPES
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -41,7 +40,7 @@ def load_hf_model(model: str | None, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if path.is_file():
         kwargs["gguf_file"] = path.name
         path = path.parent

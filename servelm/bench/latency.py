@@ -92,7 +92,7 @@ def add_latency_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentPa
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
 
     cfg = LatencyConfig(
         engine={"model": args.model, **engine_kwargs(args)}, input_len=args.input_len,

@@ -325,7 +325,7 @@ def add_roofline_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentP
 
 
 def cmd_roofline(args: argparse.Namespace) -> int:
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
 
     run_roofline(RooflineConfig(
         engine={"model": args.model, **engine_kwargs(args)}, num_prompts=args.num_prompts,

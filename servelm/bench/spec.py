@@ -137,7 +137,7 @@ class SpecBenchConfig:
                     or not all(_is_int(b) and b >= 1 for b in self.spec_tree)):
                 raise ValueError("spec_tree must be a non-empty list of integers >= 1 (children "
                                  f"per node at each depth), got {self.spec_tree!r}")
-        from servelm.spec.config import SpecConfig
+        from servelm.speculative.config import SpecConfig
 
         for proposer, sc in self.speculative_configs().items():
             try:
@@ -244,7 +244,7 @@ def add_spec_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParse
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
-    from servelm.cli import engine_kwargs
+    from servelm.engine_args import engine_kwargs
 
     if args.speculative_config is not None:
         raise ValueError("bench spec sets speculation itself: use --proposers and the flags of "

@@ -37,9 +37,8 @@ def write_pruned_draft(model: str | None, num_layers: int, out_dir: Path | None 
     """The folder of `model`'s first `num_layers` layers under `out_dir` (default
     `default_drafts_dir()`), written on first use and reused after."""
     from servelm.bench.hf_peer import resolve_model_path
-    from servelm.config import DTYPES
 
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
         raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     source = resolve_model_path(model)

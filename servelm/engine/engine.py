@@ -20,9 +20,9 @@ from servelm.kv.manager import KVCacheManager, cdiv
 from servelm.model.loader import load_model
 from servelm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from servelm.sampling_params import SamplingParams
-from servelm.spec.draft import DraftProposer, load_draft
-from servelm.spec.ngram import NgramProposer
-from servelm.spec.verify import speculation_allowed
+from servelm.speculative.draft import DraftProposer, load_draft
+from servelm.speculative.ngram import NgramProposer
+from servelm.speculative.verify import speculation_allowed
 from servelm.worker.model_runner import ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger("servelm")
@@ -51,7 +51,7 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
         t0 = time.monotonic()
-        loaded = load_model(config.model, config.torch_dtype, keep_int4=config.quantization == "int4")
+        loaded = load_model(config.model, getattr(torch, config.dtype), keep_int4=config.quantization == "int4")
         self.model_source = loaded.source
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
@@ -60,8 +60,8 @@ class LLMEngine:
         )
         self.spec = config.spec
         self.compression = config.compression
-        draft = load_draft(self.spec, loaded, config.torch_dtype) if self.spec else None
-        draft_per_block = (kv_bytes_per_block(draft.arch, config.block_size, config.torch_dtype,
+        draft = load_draft(self.spec, loaded, getattr(torch, config.dtype)) if self.spec else None
+        draft_per_block = (kv_bytes_per_block(draft.arch, config.block_size, getattr(torch, config.dtype),
                                               config.kv_cache_dtype) if draft else 0)
         self.runner = ModelRunner(config, loaded.arch, loaded.weights, self.eos_token_ids, draft_per_block)
         self.max_model_len = self.runner.max_model_len

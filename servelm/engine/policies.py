@@ -35,10 +35,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from servelm.config import SCHEDULING_POLICIES
 from servelm.engine.length_predictor import LengthPredictor
 from servelm.engine.request import Request
-
-POLICIES = ("fcfs", "priority", "sjf", "mlfq")
 
 
 @dataclass
@@ -53,8 +52,8 @@ class Policy:
     predictor: LengthPredictor | None = None  # sjf: learned output lengths (else max_tokens)
 
     def __post_init__(self) -> None:
-        if self.name not in POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {POLICIES}, got {self.name!r}")
+        if self.name not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.name!r}")
 
     @property
     def reorders(self) -> bool:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from servelm.engine.detokenizer import IncrementalDetokenizer
     from servelm.outputs import PositionLogprobs
     from servelm.sampling_params import SamplingParams
-    from servelm.spec.tree import DraftTree
+    from servelm.speculative.tree import DraftTree
 
 
 class RequestStatus(enum.Enum):

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 _TINY = 1e-12  # scale floor, so an all-zero row quantizes to zeros instead of NaN

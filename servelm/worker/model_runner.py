@@ -12,7 +12,7 @@ from servelm.model.arch import ModelArch
 from servelm.model.registry import build_model
 from servelm.ops.attention import ScoredRows, attention_context, select_backend
 from servelm.outputs import PositionLogprobs
-from servelm.spec.verify import verify
+from servelm.speculative.verify import verify
 from servelm.worker.batch import SeqChunk, StepBatch, build_step_batch, slots_of
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
@@ -60,7 +60,7 @@ class ModelRunner:
         self.arch = arch
         keep_freed_memory_in_heap()
         self.block_size = config.block_size
-        self.dtype = config.torch_dtype
+        self.dtype = getattr(torch, config.dtype)
         per_block = kv_bytes_per_block(arch, config.block_size, self.dtype, config.kv_cache_dtype)
         self.num_kv_blocks = config.num_kv_blocks or max(
             1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_kv_bytes_per_block))

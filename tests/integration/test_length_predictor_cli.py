@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from servelm.cli import add_engine_args
 from servelm.engine.length_predictor import LengthPredictor
+from servelm.engine_args import add_engine_args
 from servelm.predictor_cli import add_predictor_parser
 from servelm.sampling_params import SamplingParams
 

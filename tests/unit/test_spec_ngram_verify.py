@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from servelm.sampling_params import SamplingParams
-from servelm.spec.config import SpecConfig
-from servelm.spec.ngram import NgramProposer
-from servelm.spec.verify import verify
+from servelm.speculative.config import SpecConfig
+from servelm.speculative.ngram import NgramProposer
+from servelm.speculative.verify import verify
 
 
 def test_ngram_copies_the_continuation_of_the_latest_longest_match():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from servelm.sampling_params import SamplingParams
-from servelm.spec.tree import DraftTree
-from servelm.spec.verify import distribution, verify
+from servelm.speculative.tree import DraftTree
+from servelm.speculative.verify import distribution, verify
 
 
 def test_static_tree_layout():

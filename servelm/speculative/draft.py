@@ -22,9 +22,9 @@ from servelm.engine.request import Request
 from servelm.model.loader import LoadedModel, load_model
 from servelm.model.registry import build_model
 from servelm.ops.attention import attention_context, select_backend
-from servelm.spec.config import SpecConfig
-from servelm.spec.tree import DraftTree
-from servelm.spec.verify import distribution
+from servelm.speculative.config import SpecConfig
+from servelm.speculative.tree import DraftTree
+from servelm.speculative.verify import distribution
 from servelm.worker.batch import SeqChunk, build_step_batch
 from servelm.worker.kv_cache import KVTensors
 from servelm.worker.model_runner import ModelRunner

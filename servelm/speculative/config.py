@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.dict_option import parse_dict_option
-from servelm.spec.tree import DraftTree
 
 METHODS = ("ngram", "draft_model", "layer_skip")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
@@ -68,7 +67,7 @@ class SpecConfig:
             if k != len(tree):
                 raise ValueError(f"speculative_config.num_speculative_tokens ({k}) must equal the "
                                  f"depth of speculative_config.tree ({len(tree)})")
-            nodes = DraftTree.static(tree, len(tree)).size
+            nodes = num_tree_nodes(tree, len(tree))
             if nodes > MAX_TREE_NODES:
                 raise ValueError(f"speculative_config.tree {list(tree)} has {nodes} nodes; "
                                  f"at most {MAX_TREE_NODES} are allowed")
@@ -78,6 +77,15 @@ class SpecConfig:
         if method == "layer_skip":
             _check_positive("num_layers", cfg.num_layers)
         return cfg
+
+
+def num_tree_nodes(branching: tuple[int, ...], depth: int) -> int:
+    """Draft nodes of the static tree `branching` cut at `depth` levels (a chain: depth)."""
+    total, width = 0, 1
+    for b in branching[:depth]:
+        width *= b
+        total += width
+    return total
 
 
 def _check_positive(name: str, v: Any) -> None:

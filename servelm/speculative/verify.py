@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from servelm.sampling_params import SamplingParams
-from servelm.spec.tree import DraftTree
+from servelm.speculative.tree import DraftTree
 from servelm.worker.sampler import SamplingMetadata, target_probs
 
 if TYPE_CHECKING:
