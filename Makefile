@@ -21,6 +21,7 @@ run: setup
 
 lint: setup
 	$(VENV)/bin/ruff check servelm tests
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest

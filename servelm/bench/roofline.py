@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 from servelm.model.arch import ModelArch
-from servelm.ops.quant import Int4Weight, Int8Weight
 
 # ---- the machine's ceilings ----------------------------------------------------------------
 
@@ -109,47 +108,14 @@ def request_flops(arch: ModelArch, prompt_len: int, output_len: int) -> dict[str
     return {**parts, "total": sum(parts.values())}
 
 
-def kv_bytes_per_token(arch: ModelArch, element_size: int) -> int:
-    """K and V of one token across all layers."""
-    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * element_size
-
-
-def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of the weights every forward step reads in full, as servelm stores them.
-
-    That is every tensor of the decoder layers, the final norm and lm_head. The embedding
-    table is only gathered (a row per token), so it counts only through lm_head when tied.
-    KV cache views (`kv_cache`) are not weights; RoPE tables are gathered, not read in full.
-    """
-    seen: dict[tuple[int, int], int] = {}
-
-    def add(t: Any) -> None:
-        if isinstance(t, torch.Tensor):
-            seen[(t.data_ptr(), t.nbytes)] = t.nbytes
-        elif isinstance(t, (Int8Weight, Int4Weight)):  # quantized: its packed tensors
-            for part in vars(t).values():
-                add(part)
-
-    for layer in model.layers:
-        for m in layer.modules():
-            for name, v in vars(m).items():
-                if name != "kv_cache":
-                    add(v)
-            for t in [*m._parameters.values(), *m._buffers.values()]:
-                add(t)
-    add(model.final_norm)
-    add(model.lm_head)
-    return sum(seen.values())
-
-
-def decode_bytes_per_step(weight_bytes: int, arch: ModelArch, kv_element_size: int,
-                          prompt_len: int, output_len: int) -> float:
+def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, prompt_len: int,
+                          output_len: int) -> float:
     """Average bytes one batch-1 decode step reads: all weights plus the KV cache so far.
 
     Decode step j (1..O-1) feeds position P + j - 1 and attends over P + j keys, so the mean
     context is P + O/2 tokens.
     """
-    return weight_bytes + kv_bytes_per_token(arch, kv_element_size) * (prompt_len + output_len / 2)
+    return weight_bytes + kv_bytes_per_token * (prompt_len + output_len / 2)
 
 
 # ---- running it --------------------------------------------------------------------------
@@ -201,14 +167,15 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     say: Callable[..., None] = ((lambda *a: None) if cfg.quiet
                                 else (lambda *a: print(*a, file=sys.stderr, flush=True)))
     llm = LLM(model, **engine)  # sets torch's thread count, which the probes below then use
-    runner, arch, source = llm.engine.runner, llm.engine.arch, llm.engine.model_source
+    info = llm.engine.worker_info  # the model's shape and sizes, from the worker
+    arch, source, torch_dtype = info.arch, info.model_source, getattr(torch, dtype)
     say(f"measuring peak {dtype} matmul FLOP/s and memory bandwidth "
         f"({torch.get_num_threads()} threads) ...")
     if cfg.quick:
-        peak = measure_peak_flops(runner.dtype, (128, 256), 0.02)
+        peak = measure_peak_flops(torch_dtype, (128, 256), 0.02)
         bw = measure_bandwidth(64 * 2**20, 2)
     else:
-        peak, bw = measure_peak_flops(runner.dtype), measure_bandwidth()
+        peak, bw = measure_peak_flops(torch_dtype), measure_bandwidth()
 
     tok = llm.get_tokenizer()
     prompts = fixed_prompts(tok, cfg.num_prompts + 1, cfg.input_len, cfg.seed)
@@ -236,14 +203,13 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     m = outs[0].metrics
     decode_s = m.finished_time - m.first_token_time
     steps = len(outs[0].outputs[0].token_ids) - 1  # the first token comes from the prefill
-    weights = weight_bytes_per_step(runner.model)
-    kv_elem = runner.kv.values.element_size()
-    per_step = decode_bytes_per_step(weights, arch, kv_elem, cfg.input_len, cfg.output_len)
+    weights, kv_per_token = info.decode_weight_bytes, info.kv_bytes_per_token
+    per_step = decode_bytes_per_step(weights, kv_per_token, cfg.input_len, cfg.output_len)
     decode = {
         "prompt_tokens": cfg.input_len, "output_tokens": steps + 1, "decode_steps": steps,
         "ttft_s": m.first_token_time - m.arrival_time, "decode_s": decode_s,
         "tok_s": steps / decode_s, "weight_bytes": weights,
-        "kv_bytes_per_token": kv_bytes_per_token(arch, kv_elem), "bytes_per_step": per_step,
+        "kv_bytes_per_token": kv_per_token, "bytes_per_step": per_step,
         "achieved_bandwidth": per_step * steps / decode_s,
         "mbu": per_step * steps / decode_s / bw["bytes_per_s"],
     }

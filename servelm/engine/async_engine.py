@@ -94,6 +94,7 @@ class AsyncLLM:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception, last: bool = False) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """One sequence being generated: the unit the scheduler moves toward completion.
 
 An `n > 1` request becomes n of these (one per sample), grouped again by the engine
-when outputs are reported.
+when outputs are reported. The scheduler owns these objects and is the only writer of
+their progress (tokens, computed count, status); the worker keeps a copy of what it needs,
+sent as plain data (servelm/step_io.py).
 """
 
 from __future__ import annotations
@@ -10,13 +12,10 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
     from servelm.engine.detokenizer import IncrementalDetokenizer
     from servelm.outputs import PositionLogprobs
     from servelm.sampling_params import SamplingParams
-    from servelm.speculative.tree import DraftTree
 
 
 class RequestStatus(enum.Enum):
@@ -55,18 +54,14 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_evicted_tokens = 0  # computed tokens whose K/V KV compression dropped
-        self.block_hashes: list[bytes] = []  # of full blocks, filled by the KV manager
         self.wait_for: Request | None = None  # n > 1: the sample whose prompt blocks we reuse
         self.priority = 0  # lower runs first under the priority policy
+        self.sample_index = 0  # which of the request's n samples this is
         self.arrival_step = 0  # scheduler step it arrived at: priority and sjf aging
         self.last_scheduled_step = 0  # scheduler step it last ran (or arrived): mlfq promotion
         self.mlfq_join_level = 0  # mlfq: queue it joined (or was promoted to)
         self.mlfq_base_tokens = 0  # mlfq: output tokens it had when it joined that queue
         self.predicted_output_len = 0.0  # sjf: output tokens it is expected to generate
-        self.spec_token_ids: list[int] = []  # draft tokens to verify in the next step
-        self.spec_tree: DraftTree | None = None  # their shape; None: a chain
-        self.spec_draft_probs: torch.Tensor | None = None  # [drafts, vocab] q; None: one-hot
-        self.draft_num_computed = 0  # tokens whose K/V a draft model's own cache holds
         self.spec_proposed = 0  # draft tokens verified, cumulative
         self.spec_accepted = 0  # of which accepted
         self.spec_drafts = 0  # steps that verified drafts
@@ -77,9 +72,11 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed  # the worker's generator for this sequence starts from it
+        self.error: str | None = None  # why it failed (FINISHED_ERROR)
+        # What the worker's copy holds: tokens (0: it has not seen the request yet), blocks.
+        self.num_synced_tokens = 0
+        self.num_synced_blocks = 0
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
@@ -122,32 +119,6 @@ class Request:
     def is_decoding(self) -> bool:
         """Prompt done: each step computes the last token (and verifies any drafts)."""
         return self.num_output_tokens > 0 and self.num_computed_tokens == self.num_tokens - 1
-
-    def step_token_ids(self, start: int, n: int) -> list[int]:
-        """The `n` input tokens from position `start`, draft tokens after the real ones."""
-        ids = self.all_token_ids[start:start + n]
-        if len(ids) < n:
-            ids = ids + self.spec_token_ids[:n - len(ids)]
-        return ids
-
-    def set_drafts(self, token_ids: list[int], tree: DraftTree | None = None,
-                   probs: torch.Tensor | None = None) -> None:
-        self.spec_token_ids = token_ids
-        self.spec_tree = tree if tree is not None and not tree.is_chain else None
-        self.spec_draft_probs = probs
-
-    def keep_drafts(self, n: int) -> None:
-        """Keep the first `n` drafts (level order: still a tree)."""
-        if n >= len(self.spec_token_ids):
-            return
-        self.spec_token_ids = self.spec_token_ids[:n]
-        if self.spec_tree is not None:
-            self.spec_tree = self.spec_tree.truncated(n)
-        if self.spec_draft_probs is not None:
-            self.spec_draft_probs = self.spec_draft_probs[:n]
-
-    def clear_drafts(self) -> None:
-        self.set_drafts([])
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -1,64 +1,62 @@
-"""One token-budget loop over running then waiting requests.
+"""The owner of every request's state and of the KV cache manager: one token-budget loop
+over running then waiting requests (`schedule`), and the bookkeeping after each step
+(`update_from_output`).
 
 There is no prefill or decode phase: each step every scheduled request gets some number of
-new tokens (a whole prompt, a prefill chunk, or one decode token) and the blocks that back
-them. A request being admitted first takes the longest prefix the KV cache already holds
-(prefix caching) and computes only the rest. When blocks run out, the most recently
-admitted (under a policy: the worst-ranked) running request is preempted, by recompute (its
-blocks are freed, their cached contents findable until evicted, and it goes back to the
-front of the waiting queue) or by swap (its KV is copied to CPU swap space and back).
+new tokens (a whole prompt, a prefill chunk, one decode token, or one plus drafts) and the
+blocks that back them. A request being admitted first takes the longest prefix the KV
+cache already holds (prefix caching) and computes only the rest. When blocks run out, the
+most recently admitted (under a policy: the worst-ranked) running request is preempted, by
+recompute (its blocks are freed, their cached contents findable until evicted, and it goes
+back to the front of the waiting queue) or by swap (its KV is copied to CPU swap space and
+back). What the worker must do is described in a plain `SchedulerOutput`
+(engine/step_builder.py); what it did comes back as a `ModelRunnerOutput`, from which this
+class appends tokens, checks stops, and finishes, frees or caches blocks.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
+from servelm.engine.step_builder import StepBuilder
+from servelm.engine.stop import append_tokens
 from servelm.kv.manager import KVCacheManager
+from servelm.speculative.config import SpecConfig
+from servelm.step_io import ModelRunnerOutput, SchedulerOutput
 
+logger = logging.getLogger("servelm")
 
-@dataclass
-class SchedulerOutput:
-    """Requests to run this step, in batch order, with their new-token counts."""
-
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (cache block, swap block)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, cache block)
-    offload: list[tuple[int, int]] = field(default_factory=list)  # (cache block, CPU-tier slot)
-    restore: list[tuple[int, int]] = field(default_factory=list)  # (CPU-tier slot, cache block)
-
-    @property
-    def moves_kv(self) -> bool:
-        return bool(self.swap_out or self.swap_in or self.offload or self.restore)
+COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "spec_proposed_tokens",
+            "spec_accepted_tokens", "spec_num_drafts", "kv_evicted_tokens")
 
 
 class Scheduler:
-    def __init__(
-        self,
-        kv: KVCacheManager,
-        max_num_batched_tokens: int,
-        max_num_seqs: int,
-        preemption_mode: str = "recompute",
-        policy: Policy | None = None,
-    ) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 preemption_mode: str = "recompute", policy: Policy | None = None,
+                 spec: SpecConfig | None = None, max_model_len: int | None = None) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.preemption_mode = preemption_mode
         self.policy = policy or Policy()
+        self.spec = spec
+        self.max_model_len = max_model_len
         self.step_count = 0
+        self.requests: dict[str, Request] = {}  # every request not finished yet
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()  # preempted by swap, resumed before new admissions
+        self.builder = StepBuilder(kv)
+        self._preempted = False  # this step had to preempt for memory
         self.num_preemptions = 0  # for lack of KV blocks
         self.num_policy_preemptions = 0  # to run a request the policy ranks higher
         self.prefix_cache_query_tokens = 0  # tokens of admitted requests looked up
         self.prefix_cache_hit_tokens = 0  # of which found in the cache
+        self.counters = dict.fromkeys(COUNTERS, 0)
 
     def add(self, request: Request) -> None:
         request.arrival_step = request.last_scheduled_step = self.step_count
@@ -66,12 +64,17 @@ class Scheduler:
             request.mlfq_join_level = self.policy.join_level(request)
         elif self.policy.name == "sjf":
             request.predicted_output_len = self.policy.predict_output_len(request)
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = self.builder.start()
         budget = self.max_num_batched_tokens
         self.step_count += 1
+        self._preempted = False
+        # No drafts while the batch is big: it is compute-bound, and rejected drafts only
+        # add work to it.
+        speculating = self.spec is not None and len(self.running) <= self.spec.disable_by_batch_size
         if self.policy.reorders:
             self._order_by_policy(out)
 
@@ -81,11 +84,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            req.keep_drafts(max(0, budget - 1))
-            if req.spec_token_ids and not self.kv.can_allocate(
-                    req.request_id, req.num_tokens + len(req.spec_token_ids)):
-                req.clear_drafts()
-            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            drafts = self._num_drafts(req, budget) if speculating else 0
+            if drafts and not self.kv.can_allocate(req.request_id, req.num_tokens + drafts):
+                drafts = 0
+            n = min(req.num_tokens + drafts - req.num_computed_tokens, budget)
             total = req.num_kv_tokens + n  # slots needed
             while not self.kv.can_allocate(req.request_id, total):
                 victim = self.running[-1]
@@ -95,23 +97,95 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: nothing after it can run either
             self.kv.allocate(req.request_id, total)
-            self._add(out, req, n)
+            self._add(req, n, drafts)
             budget -= n
             i += 1
 
         # 2. Queued requests: swapped-out ones resume (KV copied back in), waiting ones are
         # admitted, best first, unless this step already had to preempt for memory.
-        while budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        while budget > 0 and not self._preempted and len(self.running) < self.max_num_seqs:
             req = self._next_queued()
             if req is None:
                 break
             n = (self._resume(req, out, budget) if req.status is RequestStatus.SWAPPED
-                 else self._admit(req, out, budget))
+                 else self._admit(req, budget))
             if not n:
                 break
             budget -= n
         out.offload, out.restore = self.kv.take_tier_copies()
         return out
+
+    def update_from_output(self, step: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+        """Apply what the worker did: count the computed tokens, free the slots of rejected
+        drafts and of K/V that compression dropped, make new full blocks findable, append
+        the new tokens (checking stop tokens, stop strings and length), and finish requests
+        that are done. Returns the requests that got tokens this step."""
+        now = time.monotonic()
+        progressed = []
+        for i, sched in enumerate(step.scheduled):
+            req = self.requests.get(sched.req_id)
+            if req is None:
+                continue  # aborted during the step
+            accepted = result.num_accepted_tokens[i]
+            req.num_computed_tokens += sched.num_new_tokens - sched.num_draft_tokens + accepted
+            if sched.num_draft_tokens:
+                self._count_drafts(req, result.num_draft_tokens[i], accepted)
+                # The KV of rejected drafts is garbage: uncount it, free emptied blocks.
+                self._trim(req, req.num_computed_tokens + 1)
+            self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if result.prompt_logprobs[i] is not None:
+                req.prompt_logprobs.extend(result.prompt_logprobs[i])
+            tokens = result.sampled_token_ids[i]
+            if tokens:
+                progressed.append(req)
+                try:
+                    self._append(req, tokens, result.logprobs[i], now)
+                except Exception as exc:  # fail this request only; the batch goes on
+                    logger.exception("request %s failed", req.request_id)
+                    req.error = f"{type(exc).__name__}: {exc}"
+                    self.finish(req, RequestStatus.FINISHED_ERROR)
+                    continue
+                if req.is_finished:
+                    self.finish(req, req.status)
+                    continue
+            evicted = result.num_evicted_tokens[i]
+            if evicted:
+                req.num_evicted_tokens += evicted
+                self.counters["kv_evicted_tokens"] += evicted
+                self._trim(req, req.num_kv_tokens)  # the blocks past the budget
+        return progressed
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a request from whichever queue holds it and release its blocks; the
+        worker learns it is gone with the next step."""
+        if not req.is_finished:
+            req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.swapped:
+            self.swapped.remove(req)
+        self.kv.forget(req.request_id)
+        self.requests.pop(req.request_id, None)
+        self.builder.finished(req.request_id)
+        req.finished_time = time.monotonic()
+
+    # ---- the budget loop's parts -------------------------------------------------------
+    def _num_drafts(self, req: Request, budget: int) -> int:
+        """Draft tokens a decoding request may verify this step: its speculative depth
+        within what it may still generate (the verified step adds a token of its own), as
+        tree nodes, within the budget. None for requests whose logits depend on the tokens
+        before each position (penalties, a min_tokens ban still in force)."""
+        p = req.params
+        if (not req.is_decoding or p.presence_penalty != 0 or p.frequency_penalty != 0
+                or p.repetition_penalty != 1 or req.num_output_tokens < p.min_tokens):
+            return 0
+        k = self.spec.num_speculative_tokens
+        k = k if p.num_speculative_tokens is None else min(k, p.num_speculative_tokens)
+        room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+        depth = min(k, room)
+        return min(self.spec.num_nodes(depth), budget - 1) if depth > 0 else 0
 
     def _next_queued(self) -> Request | None:
         """The queued request to run next: under FCFS swapped requests always come back
@@ -134,15 +208,16 @@ class Scheduler:
         out.swap_in.extend(self.kv.swap_in(req.request_id, req.num_kv_tokens + n))
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        self._add(out, req, n)
+        self._add(req, n)
         return n
 
-    def _admit(self, req: Request, out: SchedulerOutput, budget: int) -> int:
+    def _admit(self, req: Request, budget: int) -> int:
         """Start a waiting request from its longest cached prefix; returns its new tokens,
         or 0 when it cannot start yet."""
         if req.wait_for is not None and not self._prompt_done(req.wait_for):
             return 0  # n > 1: let the first sample fill the prompt blocks the others share
-        cached = self.kv.find_cached(req)
+        # A request that wants prompt logprobs computes its whole prompt.
+        cached = [] if req.wants_prompt_logprobs else self.kv.find_cached(req.request_id, req.all_token_ids)
         num_cached = len(cached) * self.kv.block_size
         n = min(req.num_tokens - num_cached, budget)
         if not self.kv.can_allocate(req.request_id, num_cached + n, cached):
@@ -156,7 +231,7 @@ class Scheduler:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
         self.running.append(req)
-        self._add(out, req, n)
+        self._add(req, n)
         return n
 
     def _order_by_policy(self, out: SchedulerOutput) -> None:
@@ -190,17 +265,16 @@ class Scheduler:
     def _prompt_done(req: Request) -> bool:
         return req.is_finished or req.num_computed_tokens >= req.num_prompt_tokens
 
-    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+    def _add(self, req: Request, n: int, drafts: int = 0) -> None:
         req.last_scheduled_step = self.step_count
-        out.requests.append(req)
-        out.num_new_tokens.append(n)
+        self.builder.add(req, n, drafts)
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Preempt for lack of blocks: park the victim at the front of its queue."""
         self.running.remove(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted.append(req)
+        self._preempted = True
         self._park(req, out)
         (self.swapped if req.status is RequestStatus.SWAPPED else self.waiting).appendleft(req)
 
@@ -208,8 +282,7 @@ class Scheduler:
         """Swap a preempted request's KV out when that mode is on and swap space has room;
         else free its blocks (their cached contents stay findable) so it is recomputed from
         its tokens when admitted again. The caller queues it by its new status."""
-        req.clear_drafts()
-        req.draft_num_computed = 0  # a draft model's cache follows the blocks, which go
+        req.num_synced_blocks = 0  # it comes back with a new block table either way
         if self.preemption_mode == "swap" and self.kv.can_swap_out(req.request_id):
             out.swap_out.extend(self.kv.swap_out(req.request_id))
             req.status = RequestStatus.SWAPPED
@@ -218,15 +291,27 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = req.num_evicted_tokens = 0
 
-    def finish(self, req: Request, status: RequestStatus) -> None:
-        """Remove a request from whichever queue holds it and release its blocks."""
-        if not req.is_finished:
-            req.status = status
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        elif req in self.swapped:
-            self.swapped.remove(req)
-        self.kv.free(req.request_id)
-        req.finished_time = time.monotonic()
+    # ---- after a step ------------------------------------------------------------------
+    def _trim(self, req: Request, num_tokens: int) -> None:
+        """Free the request's blocks past what `num_tokens` tokens need."""
+        self.kv.trim(req.request_id, num_tokens)
+        req.num_synced_blocks = min(req.num_synced_blocks, len(self.kv.block_table(req.request_id)))
+
+    def _count_drafts(self, req: Request, proposed: int, accepted: int) -> None:
+        if not proposed:
+            return
+        req.spec_proposed += proposed
+        req.spec_accepted += accepted
+        req.spec_drafts += 1
+        self.counters["spec_num_drafts"] += 1
+        self.counters["spec_proposed_tokens"] += proposed
+        self.counters["spec_accepted_tokens"] += accepted
+
+    def _append(self, req: Request, tokens: list[int], logprobs: list | None, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+            if req.sample_index == 0:  # n samples share one prompt
+                self.counters["prompt_tokens_total"] += req.num_prompt_tokens
+        before = req.num_output_tokens
+        append_tokens(req, tokens, logprobs)
+        self.counters["generation_tokens_total"] += req.num_output_tokens - before

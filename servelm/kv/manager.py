@@ -1,9 +1,10 @@
 """Per-request block tables on top of the block pool, with automatic prefix caching.
 
 The scheduler speaks to this class in paired calls — `find_cached` + `can_allocate` then
-`allocate`, and `free` — and never sees a block's refcount. The worker reads `block_table`
-to build slot mappings; the engine calls `cache_blocks` after each step so blocks that just
-became full are findable by later requests.
+`allocate`, and `free` — and never sees a block's refcount; it sends the worker the block
+ids `block_table` lists, and calls `cache_blocks` after each step so blocks that just
+became full are findable by later requests. Requests are named by id and token ids only:
+this module knows nothing of the engine.
 
 A full block's identity is a hash chained over its parent's hash and its own token ids, so
 equal hashes mean equal prefixes and equal KV (nothing else in servelm changes the KV of a
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from servelm.kv.block_pool import BlockPool
-
-if TYPE_CHECKING:
-    from servelm.engine.request import Request
 
 ROOT_HASH = b"servelm-prefix-root"
 
@@ -68,6 +67,7 @@ class KVCacheManager:
         self.num_offloaded_blocks = 0  # cumulative saves to the CPU tier
         self.num_restored_blocks = 0  # cumulative restores from it
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # request -> hashes of its full blocks so far
         self._num_cached: dict[str, int] = {}  # leading blocks of a table already in the cache
         self._swapped: dict[str, list[int]] = {}  # request -> its blocks in swap space
         self.num_swap_outs = 0  # blocks copied out, cumulative
@@ -85,26 +85,24 @@ class KVCacheManager:
         """Fraction of blocks held by requests, 0..1 (cached free blocks count as free)."""
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
-    def block_hashes(self, req: Request, num_blocks: int) -> list[bytes]:
-        """Hashes of the request's first `num_blocks` full blocks, extended incrementally."""
-        hashes, bs = req.block_hashes, self.block_size
+    def block_hashes(self, request_id: str, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
+        """Hashes of the request's first `num_blocks` full blocks, extended incrementally
+        (kept until `forget`: a preempted request's tokens only grow, so they stay valid)."""
+        hashes, bs = self._hashes.setdefault(request_id, []), self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else ROOT_HASH
-            hashes.append(block_hash(parent, req.all_token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(block_hash(parent, token_ids[i * bs:(i + 1) * bs]))
         return hashes[:num_blocks]
 
-    def find_cached(self, req: Request) -> list[CachedBlock]:
+    def find_cached(self, request_id: str, token_ids: Sequence[int]) -> list[CachedBlock]:
         """The request's longest cached prefix (full blocks only), each block found in the KV
-        cache or, failing that, in the CPU tier.
-
-        The last token is always left to compute, since its logits pick the next token; a
-        request that wants prompt logprobs computes everything.
-        """
-        if not self.enable_prefix_caching or req.wants_prompt_logprobs:
+        cache or, failing that, in the CPU tier. The last token is always left to compute,
+        since its logits pick the next token."""
+        if not self.enable_prefix_caching:
             return []
         blocks: list[CachedBlock] = []
-        for h in self.block_hashes(req, (req.num_tokens - 1) // self.block_size):
+        for h in self.block_hashes(request_id, token_ids, (len(token_ids) - 1) // self.block_size):
             b = self.pool.lookup(h)
             if b is None and self.host_pool is not None:
                 slot = self.host_pool.lookup(h)
@@ -146,21 +144,21 @@ class KVCacheManager:
             self.pool.free(table[keep:][::-1])
             del table[keep:]
 
-    def cache_blocks(self, req: Request) -> None:
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Make the request's newly completed full blocks findable by later requests."""
         if not self.enable_prefix_caching:
             return
-        table = self._tables.get(req.request_id)
+        table = self._tables.get(request_id)
         if not table:
             return
         # Accepted draft tokens count as computed a moment before they are appended: hash
         # only blocks whose token ids are all known.
-        full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(table))
-        done = self._num_cached.get(req.request_id, 0)
+        full = min(min(num_computed, len(token_ids)) // self.block_size, len(table))
+        done = self._num_cached.get(request_id, 0)
         if full > done:
-            for b, h in zip(table[done:full], self.block_hashes(req, full)[done:]):
+            for b, h in zip(table[done:full], self.block_hashes(request_id, token_ids, full)[done:]):
                 self.pool.cache(b, h)
-            self._num_cached[req.request_id] = full
+            self._num_cached[request_id] = full
 
     # ---- the CPU tier under the prefix cache ----------------------------------------------
     def _take_cached(self, cached: list[CachedBlock]) -> list[int]:
@@ -252,6 +250,11 @@ class KVCacheManager:
         if swapped:
             self.swap_pool.free(swapped)
         self._free_table(request_id)
+
+    def forget(self, request_id: str) -> None:
+        """The request is done: free what it holds and drop its block hashes."""
+        self.free(request_id)
+        self._hashes.pop(request_id, None)
 
     def _free_table(self, request_id: str) -> None:
         table = self._tables.pop(request_id, None)

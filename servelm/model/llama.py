@@ -130,6 +130,11 @@ class LlamaForCausalLM(nn.Module):
             total += w.nbytes
         return total
 
+    def decode_weight_bytes(self) -> int:
+        """Bytes one decode step reads in full: every weight but the embedding table, of
+        which a step gathers only its tokens' rows (a tied LM head still reads all of it)."""
+        return self.weight_bytes() - (0 if self.lm_head is self.embed else self.embed.nbytes)
+
     def _layer_weights(self) -> list[torch.Tensor | QuantWeight | None]:
         out: list[torch.Tensor | QuantWeight | None] = []
         for layer in self.layers:

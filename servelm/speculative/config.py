@@ -34,6 +34,10 @@ class SpecConfig:
     # [3, 2, 1] drafts 3 + 6 + 6 nodes; None: a chain of num_speculative_tokens.
     tree: tuple[int, ...] | None = None
 
+    def num_nodes(self, depth: int) -> int:
+        """Draft tokens `depth` levels of drafting verify: a chain's depth, or a tree's nodes."""
+        return num_tree_nodes(self.tree, depth) if self.tree else depth
+
     @classmethod
     def parse(cls, value: dict[str, Any] | str | None) -> SpecConfig | None:
         value = parse_dict_option("speculative_config", value, _KEYS)

@@ -18,16 +18,13 @@ from collections.abc import Callable
 
 import torch
 
-from servelm.engine.request import Request
+from servelm.model.batch import SeqChunk, build_step_batch
 from servelm.model.loader import LoadedModel, load_model
-from servelm.model.registry import build_model
-from servelm.ops.attention import attention_context, select_backend
+from servelm.ops.attention import attention_context
 from servelm.speculative.config import SpecConfig
+from servelm.speculative.proposer import Draft, DraftRequest
 from servelm.speculative.tree import DraftTree
 from servelm.speculative.verify import distribution
-from servelm.worker.batch import SeqChunk, build_step_batch
-from servelm.worker.kv_cache import KVTensors
-from servelm.worker.model_runner import ModelRunner
 
 
 def load_draft(spec: SpecConfig, target: LoadedModel, dtype: torch.dtype) -> LoadedModel | None:
@@ -52,82 +49,87 @@ def load_draft(spec: SpecConfig, target: LoadedModel, dtype: torch.dtype) -> Loa
     return draft
 
 
-class DraftProposer:
+class ModelDrafter:
+    """A `Proposer` that runs a model: `forward(ids, positions) -> hidden` over the paged
+    cache the draft writes, `compute_logits(hidden)`. `shares_target_cache`: the layer-skip
+    draft, whose cache the target's verification brings up to date."""
+
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 compute_logits: Callable[[torch.Tensor], torch.Tensor], runner: ModelRunner,
-                 branching: tuple[int, ...], shares_target_cache: bool,
+                 compute_logits: Callable[[torch.Tensor], torch.Tensor], block_size: int,
+                 dtype: torch.dtype, branching: tuple[int, ...], shares_target_cache: bool,
                  split_decodes: bool) -> None:
         self.forward, self.compute_logits = forward, compute_logits
-        self.block_size, self.dtype = runner.block_size, runner.dtype
+        self.block_size, self.dtype = block_size, dtype
         self.branching = branching
         self.shares_target_cache = shares_target_cache
         self.split_decodes = split_decodes
         self._trees: dict[int, DraftTree] = {}
-
-    @classmethod
-    def build(cls, spec: SpecConfig, runner: ModelRunner, draft: LoadedModel | None) -> DraftProposer:
-        branching = spec.tree or (1,) * spec.num_speculative_tokens
-        if spec.method == "layer_skip":
-            model = runner.model
-            if spec.num_layers >= len(model.layers):
-                raise ValueError(f"speculative_config.num_layers must be below the target's "
-                                 f"{len(model.layers)} layers, got {spec.num_layers}")
-
-            def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                return model(ids, pos, num_layers=spec.num_layers)
-
-            return cls(forward, model.compute_logits, runner, branching, True,
-                       runner.attention.pads_decodes)
-        arch = draft.arch
-        backend = select_backend(runner.dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                 runner.config.kv_cache_dtype)
-        model = build_model(arch, draft.weights, backend, runner.dtype, runner.max_model_len)
-        if runner.config.quantization:
-            model.quantize(runner.config.quantization, runner.config.quantization_group_size)
-        slots = runner.num_kv_blocks * runner.block_size
-        cache = KVTensors(arch, slots, runner.dtype, runner.config.kv_cache_dtype)
-        for i, layer in enumerate(model.layers):
-            layer.attn.kv_cache = cache.layer(i)
-        return cls(model, model.compute_logits, runner, branching, False, backend.pads_decodes)
+        self._seen: dict[str, int] = {}  # tokens whose K/V the draft's own cache holds
+        self._fed_levels: dict[str, int] = {}  # tree levels the last step wrote K/V for
 
     def tree(self, depth: int) -> DraftTree:
         if depth not in self._trees:
             self._trees[depth] = DraftTree.static(self.branching, depth)
         return self._trees[depth]
 
-    def slots_written(self, depth: int) -> int:
-        """Slots past the root that drafting `depth` levels writes (the last level is not fed)."""
-        return self.tree(depth - 1).size
+    def depth_for(self, max_drafts: int) -> int:
+        """The shallowest tree with at least `max_drafts` nodes (cut to that many after)."""
+        depth = 1
+        while depth < len(self.branching) and self.tree(depth).size < max_drafts:
+            depth += 1
+        return depth
+
+    def reset(self, req_id: str) -> None:
+        self._seen.pop(req_id, None)
+        self._fed_levels.pop(req_id, None)
+
+    def accepted(self, req_id: str, path: list[int]) -> None:
+        """A draft model's K/V of accepted nodes already sits at the right slots when they
+        form the tree's first chain (node i at depth i) and were fed: no need to feed
+        those tokens again next step."""
+        if self.shares_target_cache or req_id not in self._seen:
+            return
+        valid = 0
+        while valid < min(len(path), self._fed_levels[req_id]) and path[valid] == valid + 1:
+            valid += 1
+        self._seen[req_id] += valid
 
     @torch.inference_mode()
-    def propose(self, reqs: list[Request], depths: list[int], tables: list[list[int]]) -> None:
-        """Draft a tree of `depths[i]` levels for each request; its block table must already
-        cover `slots_written` slots past the root."""
-        trees = [self.tree(d) for d in depths]
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """A tree of up to `max_drafts` nodes for each request; its block table covers the
+        slots of every node."""
+        trees = [self.tree(self.depth_for(r.max_drafts)) for r in requests]
         chunks = []
-        for req in reqs:
-            seen = req.num_computed_tokens if self.shares_target_cache else req.draft_num_computed
-            start = min(seen, req.num_tokens - 1)  # the root at least, for its logits
-            chunks.append(SeqChunk(req.all_token_ids[start:], start))
-            req.draft_num_computed = req.num_tokens
+        for req, tree in zip(requests, trees):
+            root = len(req.token_ids) - 1
+            seen = req.num_computed_tokens if self.shares_target_cache else self._seen.get(req.req_id, 0)
+            start = min(seen, root)  # the root at least, for its logits
+            chunks.append(SeqChunk(req.token_ids[start:], start))
+            self._seen[req.req_id] = root + 1
+            self._fed_levels[req.req_id] = len(tree.levels) - 1  # the last level is not fed
+        tables = [r.block_table for r in requests]
         parent_logits = self._run(chunks, tables, last_only=True)
-        tokens: list[list[int]] = [[] for _ in reqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
-        for depth in range(1, max(depths) + 1):
+        tokens: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        for depth in range(1, max(len(t.levels) for t in trees) + 1):
             active = [i for i, t in enumerate(trees) if len(t.levels) >= depth]
             for i in active:
-                self._grow(reqs[i], parent_logits[i], self.branching[depth - 1], tokens[i], probs[i])
+                self._grow(requests[i], parent_logits[i], self.branching[depth - 1], tokens[i], probs[i])
             fed = [i for i in active if len(trees[i].levels) > depth]
             if not fed:
                 break
-            chunks = [self._level(reqs[i], trees[i], depth, tokens[i]) for i in fed]
+            chunks = [self._level(requests[i], trees[i], depth, tokens[i]) for i in fed]
             for i, rows in zip(fed, self._run(chunks, [tables[i] for i in fed])):
                 parent_logits[i] = rows
-        for req, tree, toks, q in zip(reqs, trees, tokens, probs):
-            req.set_drafts(toks, tree, torch.stack(q) if q else None)
+        drafts = []
+        for req, tree, toks, q in zip(requests, trees, tokens, probs):
+            n = req.max_drafts
+            drafts.append(Draft(toks[:n], tree.truncated(n), torch.stack(q[:n]) if q else None))
+        return drafts
 
     @staticmethod
-    def _grow(req: Request, logits: torch.Tensor, b: int, tokens: list[int], probs: list[torch.Tensor]) -> None:
+    def _grow(req: DraftRequest, logits: torch.Tensor, b: int, tokens: list[int],
+              probs: list[torch.Tensor]) -> None:
         """`b` children for each parent row of `logits`, appended in level order."""
         if req.params.greedy:
             tokens.extend(logits.topk(b, dim=-1).indices.flatten().tolist())
@@ -137,9 +139,9 @@ class DraftProposer:
         probs.extend(row for row in q for _ in range(b))
 
     @staticmethod
-    def _level(req: Request, tree: DraftTree, depth: int, tokens: list[int]) -> SeqChunk:
+    def _level(req: DraftRequest, tree: DraftTree, depth: int, tokens: list[int]) -> SeqChunk:
         """The nodes of one depth as a chunk: each at slot root + node, position root + depth."""
-        nodes, root = tree.levels[depth - 1], req.num_tokens - 1
+        nodes, root = tree.levels[depth - 1], len(req.token_ids) - 1
         ids = [tokens[n - 1] for n in nodes]
         if tree.is_chain:  # one node per level: slot and position agree, a plain decode
             return SeqChunk(ids, root + nodes.start)

@@ -12,12 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from servelm.speculative.proposer import Draft, DraftRequest
+
 
 class NgramProposer:
+    """A `Proposer` that keeps no per-request state: the token ids are all it reads."""
+
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        return [Draft(self.lookup(r.token_ids, r.max_drafts)) for r in requests]
+
+    def accepted(self, req_id: str, path: list[int]) -> None:
+        pass  # lookup depends on the tokens only
+
+    def reset(self, req_id: str) -> None:
+        pass
+
+    def lookup(self, token_ids: list[int], k: int) -> list[int]:
         """Up to `k` draft tokens following the latest earlier match of the longest suffix
         n-gram (max_n down to min_n); [] when nothing matches."""
         if k < 1 or len(token_ids) < self.min_n + 1:

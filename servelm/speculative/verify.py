@@ -20,25 +20,12 @@ whose every node has one child. Verification walks down from the root:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
+from servelm.ops.sampler import SamplingMetadata, target_probs
 from servelm.sampling_params import SamplingParams
 from servelm.speculative.tree import DraftTree
-from servelm.worker.sampler import SamplingMetadata, target_probs
-
-if TYPE_CHECKING:
-    from servelm.engine.request import Request
-
-
-def speculation_allowed(params: SamplingParams, req: Request) -> bool:
-    """Verification scores every draft position with the target's plain distribution, so
-    requests whose logits depend on the tokens before each position (penalties, a
-    min_tokens ban still in force) decode one token at a time."""
-    return (params.presence_penalty == 0 and params.frequency_penalty == 0
-            and params.repetition_penalty == 1 and req.num_output_tokens >= params.min_tokens)
 
 
 def distribution(logits: Tensor, params: SamplingParams) -> Tensor:

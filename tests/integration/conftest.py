@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from leaks import assert_no_leaks
 
 from servelm import LLM
 
@@ -21,8 +22,4 @@ def make_llm() -> Iterator[Callable[..., LLM]]:
 
     yield make
     for llm in built:
-        kv = llm.engine.kv
-        kv.check_invariants()
-        assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked after the test"
-        assert kv.num_swapped_blocks == 0, "swap blocks leaked after the test"
-        assert not llm.engine.has_unfinished_requests()
+        assert_no_leaks(llm.engine)

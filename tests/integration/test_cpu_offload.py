@@ -51,7 +51,7 @@ def test_evicted_prefixes_are_restored_from_cpu(tiny_model_dir, make_llm, chunk)
 
 
 def test_cpu_offload_option_is_validated(tiny_model_dir, make_llm):
-    with pytest.raises(ValueError, match="cpu_offload_gb must be >= 0"):
+    with pytest.raises(ValueError, match="cpu_offload_gb must be a number >= 0"):
         make_llm(tiny_model_dir("llama"), cpu_offload_gb=-1)
 
 

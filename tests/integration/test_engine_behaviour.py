@@ -136,7 +136,7 @@ def test_abort_frees_blocks(llm):
     eng.add_request("drop", "goodbye world", greedy(max_tokens=50))
     eng.step()
     eng.step()
-    assert eng.kv.num_free_blocks < eng.kv.num_blocks
+    assert eng.scheduler.kv.num_free_blocks < eng.scheduler.kv.num_blocks
     eng.abort_request("drop")
     finished = []
     while eng.has_unfinished_requests():
@@ -167,7 +167,7 @@ def test_a_failing_request_does_not_take_others_down(llm):
     eng = llm.engine
     eng.add_request("good", "hello world", greedy(max_tokens=6))
     eng.add_request("bad", "goodbye world", greedy(max_tokens=6))
-    bad = eng._groups["bad"].seqs[0]
+    bad = eng.outputs.groups["bad"].seqs[0]
 
     def explode(_tokens):
         raise RuntimeError("detokenizer broke")

@@ -20,7 +20,7 @@ def test_an_8bit_cache_holds_more_blocks_in_the_same_memory(tiny_model_dir, make
     small = make_llm(path, block_size=BS, kv_cache_memory_gb=0.001, kv_cache_dtype=kv_dtype)
     assert full.get_metrics()["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 4
     assert small.get_metrics()["kv_bytes_per_token"] == 2 * 3 * 2 * (16 + 4)  # values + a scale per head
-    assert small.engine.kv.num_blocks / full.engine.kv.num_blocks == pytest.approx(ratio / 4, rel=0.01)
+    assert small.engine.scheduler.kv.num_blocks / full.engine.scheduler.kv.num_blocks == pytest.approx(ratio / 4, rel=0.01)
 
 
 @pytest.mark.parametrize("kv_dtype, tol", [("int8", 0.05), ("fp8", 0.2)])

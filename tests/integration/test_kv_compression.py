@@ -88,17 +88,17 @@ def test_each_policy_keeps_exactly_its_budget_and_the_right_tokens(tiny_model_di
         e.step()  # the whole prompt in one chunk, then compression
     req = eng.scheduler.running[0]
     assert req.num_kv_tokens == BUDGET and req.num_evicted_tokens == len(PROMPT) - BUDGET
-    table = eng.kv.block_table(req.request_id)
+    table = eng.scheduler.kv.block_table(req.request_id)
     assert len(table) == BUDGET // BS  # the rest went back to the pool
-    assert eng.kv.num_free_blocks == 64 - BUDGET // BS
-    eng.kv.check_invariants()
+    assert eng.scheduler.kv.num_free_blocks == 64 - BUDGET // BS
+    eng.scheduler.kv.check_invariants()
 
     def keys(e, blocks, n):  # [layers, n, KV, D]: K of a request's first n cache indices
         idx = torch.arange(n)
         slots = torch.tensor(blocks)[idx // BS] * BS + idx % BS
-        return e.runner.kv.values[:, 0].index_select(1, slots)
+        return e.executor.worker.runner.cache.kv.values[:, 0].index_select(1, slots)
 
-    full = keys(ref, ref.kv.block_table(ref.scheduler.running[0].request_id), len(PROMPT))
+    full = keys(ref, ref.scheduler.kv.block_table(ref.scheduler.running[0].request_id), len(PROMPT))
     kept = keys(eng, table, BUDGET)
     # Which prompt token each kept (layer, head, index) holds: the one with identical K.
     dist = (kept[:, :, None] - full[:, None]).abs().sum(-1)  # [L, B, P, KV]
@@ -111,8 +111,8 @@ def test_each_policy_keeps_exactly_its_budget_and_the_right_tokens(tiny_model_di
 
     while eng.has_unfinished_requests():  # decoding after compression runs and frees all
         eng.step()
-    assert eng.kv.num_free_blocks == 64
-    eng.kv.check_invariants()
+    assert eng.scheduler.kv.num_free_blocks == 64
+    eng.scheduler.kv.check_invariants()
 
 
 def test_streamingllm_decoding_matches_transformers_with_a_sink_window_mask(tiny_model_dir, make_llm):

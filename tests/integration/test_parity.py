@@ -114,7 +114,7 @@ def test_torch_attention_fallback_matches_transformers(tiny_model_dir, make_llm,
     monkeypatch.setattr(attention.cpu_kernels, "supports", lambda *a, **k: False)
     path = tiny_model_dir("qwen2")
     llm = make_llm(path, block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8)
-    assert type(llm.engine.runner.attention) is attention.TorchPagedAttention
+    assert type(llm.engine.executor.worker.runner.attention) is attention.TorchPagedAttention
     prompts = random_prompts(llm.engine.arch.vocab_size, PROMPT_LENS)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

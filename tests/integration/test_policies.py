@@ -69,7 +69,7 @@ def test_mlfq_swaps_the_preempted_job_out_and_back(tiny_model_dir):
         outs = {}
         while eng.has_unfinished_requests():
             outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step() if o.finished})
-        eng.kv.check_invariants()
+        eng.scheduler.kv.check_invariants()
         return outs, eng.get_metrics()
 
     swapped, m = run("mlfq", preemption_mode="swap")
@@ -94,7 +94,7 @@ def test_same_outputs_as_fcfs(tiny_model_dir, policy, preemption_mode):
                 if o.finished:
                     got[o.request_id] = o.outputs[0].token_ids
         outs[name] = got
-        assert eng.kv.num_free_blocks == eng.kv.num_blocks
+        assert eng.scheduler.kv.num_free_blocks == eng.scheduler.kv.num_blocks
     assert outs[policy] == outs["fcfs"]
 
 

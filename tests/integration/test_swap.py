@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from servelm import SamplingParams
-from servelm.worker.model_runner import kv_bytes_per_block
 
 PROMPT_LENS = [3, 17, 40, 9, 25, 1, 33]
 BS = 4
@@ -34,7 +33,7 @@ def assert_same(a, b):
 
 
 def swap_gb(llm, blocks: int) -> float:
-    per_block = kv_bytes_per_block(llm.engine.arch, BS, torch.float32)
+    per_block = BS * llm.get_metrics()["kv_bytes_per_token"]
     return blocks * per_block / 2**30
 
 
@@ -57,7 +56,7 @@ def test_small_swap_space_falls_back_to_recompute(tiny_model_dir, make_llm):
     ref, _ = run(roomy)
     tight = make_llm(path, block_size=BS, num_kv_blocks=24, max_num_batched_tokens=16,
                      preemption_mode="swap", swap_space_gb=swap_gb(roomy, 3))
-    assert tight.engine.kv.swap_pool.num_blocks == 3
+    assert tight.engine.scheduler.kv.swap_pool.num_blocks == 3
     got, m = run(tight)
     assert_same(got, ref)
     assert m["num_preemptions"] > 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import uvicorn
+from leaks import assert_no_leaks
 
 from servelm.config import EngineConfig
 from servelm.engine.async_engine import AsyncLLM
@@ -68,9 +69,7 @@ def make_server(tiny_model_dir):
         srv.should_exit = True
         thread.join(timeout=10)
         live.llm.shutdown()
-        kv = live.llm.engine.kv
-        kv.check_invariants()
-        assert kv.num_free_blocks == kv.num_blocks
+        assert_no_leaks(live.llm.engine)
 
 
 @pytest.fixture

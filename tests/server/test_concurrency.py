@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import openai
+from leaks import assert_no_leaks
 
 
 async def _client_run(client: openai.AsyncOpenAI, i: int, disconnect: bool) -> tuple[str, str | None]:
@@ -48,9 +49,7 @@ def test_concurrent_streams_with_disconnects(server):
     deadline = time.monotonic() + 5  # aborts land within a step or two
     while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
-    kv = llm.engine.kv
-    assert kv.num_free_blocks == kv.num_blocks
-    assert not llm.engine.has_unfinished_requests()
+    assert_no_leaks(llm.engine)
 
 
 def test_event_loop_never_waits_for_an_engine_step(server, monkeypatch):

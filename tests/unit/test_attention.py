@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from servelm.model.batch import SeqChunk, _split_by_length, build_step_batch
 from servelm.ops import cpu_kernels
 from servelm.ops.attention import CPUKernelPagedAttention, TorchPagedAttention, attention_context
-from servelm.worker.batch import SeqChunk, _split_by_length, build_step_batch
 
 H, KV, D, BS = 6, 2, 8, 4
 

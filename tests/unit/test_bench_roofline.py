@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from servelm.bench.roofline import (
     decode_bytes_per_step,
     decoder_matmul_params,
-    kv_bytes_per_token,
     request_flops,
-    weight_bytes_per_step,
 )
 from servelm.cli import main
 from servelm.model.arch import ModelArch
@@ -39,10 +35,8 @@ def test_flops_per_request_by_hand():
 
 
 def test_decode_bytes_per_step_by_hand():
-    arch = _arch()
-    assert kv_bytes_per_token(arch, 2) == 2 * 2 * 2 * 2 * 2  # K+V x layers x kv heads x dim x bf16
     # P=10, O=5: steps attend to 11..14 keys, mean 12.5 = P + O/2
-    assert decode_bytes_per_step(1000, arch, 2, 10, 5) == 1000 + 32 * 12.5
+    assert decode_bytes_per_step(1000, 32, 10, 5) == 1000 + 32 * 12.5
 
 
 def test_weight_bytes_match_the_stored_model(tiny_model_dir):
@@ -51,14 +45,16 @@ def test_weight_bytes_match_the_stored_model(tiny_model_dir):
     for tied in (False, True):
         llm = LLM(str(tiny_model_dir("llama", tie_word_embeddings=tied)), num_kv_blocks=8,
                   num_threads=1)
-        arch, model = llm.engine.arch, llm.engine.runner.model
-        h = arch.hidden_size
+        info = llm.engine.worker_info
+        arch, h = info.arch, info.arch.hidden_size
         params = decoder_matmul_params(arch) + arch.num_layers * 2 * h + h + arch.vocab_size * h
         if arch.qkv_bias:
             params += arch.num_layers * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
-        assert weight_bytes_per_step(model) == params * 4  # float32; embedding only via lm_head
-        assert model.embed.nbytes + 4 * params > weight_bytes_per_step(model)
-        assert llm.engine.runner.kv.values.dtype == torch.float32
+        assert info.decode_weight_bytes == params * 4  # float32; embedding only via lm_head
+        embedding = 0 if tied else arch.vocab_size * h * 4
+        assert info.model_weight_bytes == params * 4 + embedding
+        # K and V x layers x KV heads x head_dim, float32
+        assert info.kv_bytes_per_token == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
 
 
 def test_roofline_cli_end_to_end(tmp_path, tiny_model_dir, capsys):

@@ -3,15 +3,14 @@ restored into fresh cache blocks on a later hit, with the copies ordered saves-f
 
 from __future__ import annotations
 
-from test_prefix_cache import BS, req, run_prefill
+from test_prefix_cache import BS, Seq, find, req, run_prefill
 
-from servelm.engine.request import Request
 from servelm.kv.manager import HostBlock, KVCacheManager
 
 
-def prefill(kv: KVCacheManager, r: Request) -> list:
+def prefill(kv: KVCacheManager, r: Seq) -> list:
     """Admit `r` as the scheduler does, pretend its prompt was computed; its cached prefix."""
-    cached = kv.find_cached(r)
+    cached = find(kv, r)
     run_prefill(kv, r)
     return cached
 
@@ -30,7 +29,7 @@ def test_evicted_prefix_is_saved_and_restored_instead_of_lost():
     kv.free("b")
 
     again = req("a2", list(range(9)))
-    cached = kv.find_cached(again)
+    cached = find(kv, again)
     assert [type(b) for b in cached] == [HostBlock, HostBlock]
     assert kv.blocks_needed("a2", 9, cached) == 3  # two restored, one new
     kv.allocate("a2", 9, cached)
@@ -42,7 +41,7 @@ def test_evicted_prefix_is_saved_and_restored_instead_of_lost():
     assert kv.num_restored_blocks == 2
     # Restored blocks are back in the KV cache: the next request shares them directly.
     third = req("a3", list(range(8)) + [55])
-    assert kv.find_cached(third) == kv.block_table("a2")[:2]
+    assert find(kv, third) == kv.block_table("a2")[:2]
     kv.free("a2")
     kv.check_invariants()
     assert kv.num_free_blocks == 3
@@ -56,10 +55,10 @@ def test_cpu_tier_is_lru_and_saves_each_content_once():
         kv.take_tier_copies()
     # The tier holds 2 blocks: the two most recently evicted prompts (r1, r2; r3 still on
     # the KV cache); r0's was evicted from the tier too.
-    assert kv.find_cached(req("x", [0] * BS + [9])) == []
-    assert isinstance(kv.find_cached(req("y", [1] * BS + [9]))[0], HostBlock)
-    assert isinstance(kv.find_cached(req("z", [2] * BS + [9]))[0], HostBlock)
-    assert isinstance(kv.find_cached(req("w", [3] * BS + [9]))[0], int)
+    assert find(kv, req("x", [0] * BS + [9])) == []
+    assert isinstance(find(kv, req("y", [1] * BS + [9]))[0], HostBlock)
+    assert isinstance(find(kv, req("z", [2] * BS + [9]))[0], HostBlock)
+    assert isinstance(find(kv, req("w", [3] * BS + [9]))[0], int)
     saved_before = kv.num_offloaded_blocks
     prefill(kv, req("r1b", [1] * BS + [9]))  # restore r1 (evicting r3's block to the tier)
     kv.free("r1b")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from servelm.model.batch import SeqChunk, build_step_batch
 from servelm.ops.attention import TorchPagedAttention
 from servelm.ops.kv_quant import QuantizedKV, dequantize_kv, quantize_kv
-from servelm.worker.batch import SeqChunk, build_step_batch
 
 
 def test_int8_round_trip_is_within_half_a_step():

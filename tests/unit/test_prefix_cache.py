@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
-from servelm.engine.request import Request
+from dataclasses import dataclass
+
 from servelm.kv.block_pool import BlockPool
 from servelm.kv.manager import ROOT_HASH, KVCacheManager, block_hash
-from servelm.sampling_params import SamplingParams
 
 BS = 4
 
 
-def req(rid: str, tokens: list[int], **params) -> Request:
-    return Request(rid, tokens, SamplingParams(**params), eos_token_ids=(), max_model_len=1000)
+@dataclass
+class Seq:
+    """What the KV manager knows of a request: its id and token ids."""
+
+    request_id: str
+    token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
-def run_prefill(kv: KVCacheManager, r: Request) -> int:
+def req(rid: str, tokens: list[int]) -> Seq:
+    return Seq(rid, list(tokens))
+
+
+def run_prefill(kv: KVCacheManager, r: Seq) -> int:
     """Admit `r` the way the scheduler does and pretend its whole prompt was computed."""
-    cached = kv.find_cached(r)
+    cached = kv.find_cached(r.request_id, r.token_ids)
     assert kv.can_allocate(r.request_id, r.num_tokens, cached)
     kv.allocate(r.request_id, r.num_tokens, cached)
-    r.num_computed_tokens = r.num_tokens
-    kv.cache_blocks(r)
+    kv.cache_blocks(r.request_id, r.token_ids, r.num_tokens)
     return len(cached)
+
+
+def find(kv: KVCacheManager, r: Seq) -> list:
+    return kv.find_cached(r.request_id, r.token_ids)
 
 
 def test_hash_is_chained_over_the_prefix():
@@ -59,7 +74,7 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     assert len(kv.pool.cached) == 4 and kv.num_free_blocks == 6
     # Revival takes a cached block out of the free list; can_allocate accounts for it.
     again = req("again", list(range(9)))
-    cached = kv.find_cached(again)
+    cached = find(kv, again)
     assert len(cached) == 2 and kv.blocks_needed("again", 9, cached) == 3
     kv.allocate("again", 9, cached)
     assert kv.num_free_blocks == 3
@@ -68,20 +83,19 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     # the 2nd block's content and keeps the 1st: a request's prefix outlives its tail.
     kv.allocate("fresh", 8)
     assert kv.pool.num_evicted == 1
-    assert len(kv.find_cached(req("new-again", list(range(100, 109))))) == 1
+    assert len(find(kv, req("new-again", list(range(100, 109))))) == 1
     kv.free("again")
     kv.free("fresh")
     kv.check_invariants()
 
 
-def test_disabled_cache_finds_nothing_and_prompt_logprobs_skip_lookup():
+def test_disabled_cache_finds_nothing():
     kv = KVCacheManager(8, BS, enable_prefix_caching=False)
     run_prefill(kv, req("a", list(range(9))))
-    assert kv.find_cached(req("b", list(range(9)))) == [] and not kv.pool.cached
+    assert find(kv, req("b", list(range(9)))) == [] and not kv.pool.cached
     on = KVCacheManager(8, BS)
     run_prefill(on, req("a", list(range(9))))
-    assert on.find_cached(req("b", list(range(9)), prompt_logprobs=1)) == []
-    assert len(on.find_cached(req("c", list(range(9))))) == 2
+    assert len(find(on, req("c", list(range(9))))) == 2
 
 
 def test_pool_revival_and_eviction_keep_invariants():
@@ -103,13 +117,12 @@ def test_pool_revival_and_eviction_keep_invariants():
 def test_blocks_are_hashed_only_once_all_their_tokens_are_known():
     """After a verification step the computed count runs ahead of the appended tokens."""
     kv = KVCacheManager(8, BS)
-    r = req("a", list(range(6)))
+    tokens = list(range(6))
     kv.allocate("a", 10)
-    r.num_computed_tokens = 9  # 6 known tokens + 3 accepted drafts not yet appended
-    kv.cache_blocks(r)
-    assert len(r.block_hashes) == 1  # block 1 (tokens 4..7) is not hashed from 2 tokens
-    for t in (6, 7, 8):
-        r.append_token(t)
-    kv.cache_blocks(r)
-    assert r.block_hashes[1] == block_hash(r.block_hashes[0], [4, 5, 6, 7])
-    kv.free("a")
+    kv.cache_blocks("a", tokens, 9)  # 6 known tokens + 3 accepted drafts not yet appended
+    first = block_hash(ROOT_HASH, [0, 1, 2, 3])
+    assert set(kv.pool.cached) == {first}  # block 1 (tokens 4..7) is not hashed from 2 tokens
+    tokens += [6, 7, 8]
+    kv.cache_blocks("a", tokens, 9)
+    assert set(kv.pool.cached) == {first, block_hash(first, [4, 5, 6, 7])}
+    kv.forget("a")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from servelm.sampling_params import SamplingParams
-from servelm.worker.sampler import (
+from servelm.ops.sampler import (
     Sampler,
     SamplingMetadata,
     apply_min_tokens,
     apply_penalties,
 )
+from servelm.sampling_params import SamplingParams
 
 EOS = 0
 

@@ -13,10 +13,10 @@ from servelm.speculative.verify import verify
 
 def test_ngram_copies_the_continuation_of_the_latest_longest_match():
     p = NgramProposer(1, 3)
-    assert p.propose([1, 2, 3, 9, 9, 1, 2, 3, 7, 7, 1, 2, 3], 2) == [7, 7]  # latest of two
-    assert p.propose([5, 1, 2, 6, 2], 3) == [6, 2]  # only the 1-gram [2] matches
-    assert p.propose([4, 5, 6], 3) == []  # nothing repeats
-    assert p.propose([1, 2, 1, 2], 10) == [1, 2]  # stops at the end of the text
+    assert p.lookup([1, 2, 3, 9, 9, 1, 2, 3, 7, 7, 1, 2, 3], 2) == [7, 7]  # latest of two
+    assert p.lookup([5, 1, 2, 6, 2], 3) == [6, 2]  # only the 1-gram [2] matches
+    assert p.lookup([4, 5, 6], 3) == []  # nothing repeats
+    assert p.lookup([1, 2, 1, 2], 10) == [1, 2]  # stops at the end of the text
 
 
 def test_greedy_keeps_the_matching_prefix_then_the_targets_token():

@@ -1,0 +1,44 @@
+"""Turns the scheduler's decisions into the plain `SchedulerOutput` a worker runs.
+
+A worker keeps a copy of each request; this sends it only what changed since the last step
+it saw: the whole request once (`NewRequestData`), then per step the tokens appended since,
+the blocks added to its table (or a new table after preemption, or a shorter one after
+rejected drafts and KV compression freed blocks), the computed count, and the ids of
+requests that finished, so the worker can forget them.
+"""
+
+from __future__ import annotations
+
+from servelm.engine.request import Request
+from servelm.kv.manager import KVCacheManager
+from servelm.step_io import NewRequestData, ScheduledRequest, SchedulerOutput
+
+
+class StepBuilder:
+    def __init__(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+        self.out = SchedulerOutput()
+        self.pending_finished: list[str] = []  # finished since the last step
+
+    def start(self) -> SchedulerOutput:
+        """A new step's output, carrying the ids finished since the last one."""
+        self.out = SchedulerOutput(finished_req_ids=self.pending_finished)
+        self.pending_finished = []
+        return self.out
+
+    def finished(self, request_id: str) -> None:
+        self.pending_finished.append(request_id)
+
+    def add(self, req: Request, num_new_tokens: int, num_draft_tokens: int = 0) -> None:
+        """Schedule `req` for `num_new_tokens` (its blocks already allocated)."""
+        if req.num_synced_tokens == 0:
+            self.out.new_requests.append(NewRequestData(
+                req.request_id, req.prompt_token_ids, req.params, req.seed))
+            req.num_synced_tokens = req.num_prompt_tokens
+        table = self.kv.block_table(req.request_id)
+        self.out.scheduled.append(ScheduledRequest(
+            req.request_id, num_new_tokens, req.num_computed_tokens, req.num_evicted_tokens,
+            new_token_ids=req.all_token_ids[req.num_synced_tokens:],
+            block_table_start=req.num_synced_blocks, new_block_ids=table[req.num_synced_blocks:],
+            num_draft_tokens=num_draft_tokens))
+        req.num_synced_tokens, req.num_synced_blocks = req.num_tokens, len(table)

@@ -1,0 +1,27 @@
+"""Appending a step's tokens to a request, one at a time, and deciding when it is done.
+
+A verified draft brings several tokens in one step, and a stop can come at any of them: a
+stop token id or EOS (after `min_tokens`), `max_tokens` or the context window, or a stop
+string, which only the detokenized text shows. Tokens after the stop are dropped.
+"""
+
+from __future__ import annotations
+
+from servelm.engine.request import Request, RequestStatus
+from servelm.outputs import PositionLogprobs
+
+
+def append_tokens(req: Request, tokens: list[int], logprobs: list[PositionLogprobs] | None) -> None:
+    for j, token in enumerate(tokens):
+        req.append_token(token)
+        if logprobs is not None:
+            req.logprobs.append(logprobs[j])
+            req.cumulative_logprob += logprobs[j][token].logprob
+        req.check_stop()
+        # A stop token adds no text; the detokenizer sees every other token.
+        if req.status is not RequestStatus.FINISHED_STOPPED and req.detokenizer is not None:
+            stop_str = req.detokenizer.update([token])
+            if stop_str is not None:
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
+        if req.is_finished:
+            return

@@ -1,0 +1,30 @@
+"""How the engine reaches its workers: one call per step, plain data in and out.
+
+The engine never holds a model. It hands each step's `SchedulerOutput` to an `Executor` and
+gets a `ModelRunnerOutput` back; whether the worker runs in this process, in other
+processes (tensor and pipeline parallel ranks) or on other machines is the executor's
+business.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
+
+
+class Executor(ABC):
+    info: WorkerInfo  # set once the workers have loaded the model
+
+    @abstractmethod
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on every worker; the output of the one that samples."""
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise if a worker is gone or can no longer run steps."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Release the workers (idempotent)."""
+

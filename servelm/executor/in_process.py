@@ -1,0 +1,25 @@
+"""One worker in the engine's own process: a step is a function call, nothing is copied."""
+
+from __future__ import annotations
+
+from servelm.config import EngineConfig
+from servelm.executor.base import Executor
+from servelm.step_io import ModelRunnerOutput, SchedulerOutput
+from servelm.worker.worker import Worker
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker: Worker | None = Worker(config)
+        self.info = self.worker.info
+
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self.check_health()
+        return self.worker.execute_model(step)
+
+    def check_health(self) -> None:
+        if self.worker is None:
+            raise RuntimeError("the executor was shut down")
+
+    def shutdown(self) -> None:
+        self.worker = None  # the model and KV tensors go with it

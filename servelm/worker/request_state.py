@@ -1,0 +1,74 @@
+"""The worker's copy of each request: what it needs to run the model for it.
+
+The scheduler owns request state; this copy is created from `NewRequestData`, brought up to
+date by every `ScheduledRequest` (tokens appended, block table, computed count) and dropped
+when the request's id comes back as finished. Only the worker's own state lives nowhere
+else: the request's random generator, and how many prompt logprobs it has sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from servelm.sampling_params import SamplingParams
+from servelm.step_io import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    token_ids: list[int]  # prompt, then output
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_evicted_tokens: int = 0
+    num_prompt_logprobs: int = 0  # prompt positions whose logprobs were sent (position 0 has none)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens whose K/V the cache holds: the cache index of the next one."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+
+class RequestStates(dict[str, CachedRequestState]):
+    """req_id -> its state, kept in step with the scheduler by `update`."""
+
+    def update(self, step: SchedulerOutput, on_new_table: Callable[[str], None]) -> None:
+        """Apply one step's changes. `on_new_table(req_id)`: a request's block table starts
+        over (first step, or back from preemption), so K/V kept elsewhere under the old
+        table (a draft model's) is gone."""
+        for req_id in step.finished_req_ids:
+            self.pop(req_id, None)
+        for new in step.new_requests:
+            gen = None if new.seed is None else torch.Generator().manual_seed(new.seed)
+            self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
+                                                  gen, list(new.prompt_token_ids))
+        for sched in step.scheduled:
+            self._apply(sched, on_new_table)
+
+    def _apply(self, sched: ScheduledRequest, on_new_table: Callable[[str], None]) -> None:
+        state = self[sched.req_id]
+        state.token_ids.extend(sched.new_token_ids)
+        if sched.block_table_start == 0:
+            on_new_table(sched.req_id)
+        del state.block_table[sched.block_table_start:]
+        state.block_table.extend(sched.new_block_ids)
+        state.num_computed_tokens = sched.num_computed_tokens
+        state.num_evicted_tokens = sched.num_evicted_tokens

@@ -1,0 +1,122 @@
+"""A worker: the model, its KV cache and the proposer, on one device, driven by plain data.
+
+It loads the weights, sizes the KV cache from the memory budget, and then runs whatever
+`SchedulerOutput` it is handed. An executor owns one (in this process) or several (in
+others); the engine only ever sees the `WorkerInfo` and the `ModelRunnerOutput`s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from servelm.config import EngineConfig
+from servelm.model.arch import ModelArch
+from servelm.model.llama import LlamaForCausalLM
+from servelm.model.loader import LoadedModel, load_model
+from servelm.model.registry import build_model
+from servelm.ops.attention import AttentionBackend, select_backend
+from servelm.speculative.config import SpecConfig
+from servelm.speculative.draft import ModelDrafter, load_draft
+from servelm.speculative.ngram import NgramProposer
+from servelm.speculative.proposer import Proposer
+from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
+from servelm.worker.cache_engine import CacheEngine
+from servelm.worker.cpu_memory import keep_freed_memory_in_heap
+from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
+from servelm.worker.model_runner import ModelRunner
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(config.seed)
+        keep_freed_memory_in_heap()
+        self.config = config
+        dtype = getattr(torch, config.dtype)
+        loaded = load_model(config.model, dtype, keep_int4=config.quantization == "int4")
+        arch, spec = loaded.arch, config.spec
+        draft = load_draft(spec, loaded, dtype) if spec else None
+        per_block = config.block_size * kv_bytes_per_token(arch, dtype, config.kv_cache_dtype)
+        # A draft model's cache shares the block tables, so each block also costs its bytes.
+        draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, config.kv_cache_dtype)
+                           if draft else 0)
+        num_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_per_block))
+        max_model_len = _max_model_len(config, arch, num_blocks)
+        num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
+        num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
+        attention = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                   config.kv_cache_dtype)
+        model = self._build_model(loaded, attention, dtype, max_model_len)
+        cache = CacheEngine(arch, config.block_size, dtype, config.kv_cache_dtype, num_blocks,
+                            num_swap, num_offload, config.compression)
+        for i, layer in enumerate(model.layers):
+            layer.attn.kv_cache = cache.kv.layer(i)
+            if cache.kv.scores is not None:
+                layer.attn.scores = cache.kv.scores[i, 0]
+        proposer = (self._proposer(spec, model, attention, draft, dtype, max_model_len, num_blocks)
+                    if spec else None)
+        self.runner = ModelRunner(model, attention, cache, proposer, arch.eos_token_ids,
+                                  config.block_size, dtype, config.compression)
+        self.info = WorkerInfo(
+            arch=arch, model_source=loaded.source, eos_token_ids=arch.eos_token_ids,
+            max_model_len=max_model_len, num_kv_blocks=num_blocks, num_swap_blocks=num_swap,
+            num_offload_blocks=num_offload, kv_bytes_per_token=per_block // config.block_size,
+            model_weight_bytes=model.weight_bytes(), decode_weight_bytes=model.decode_weight_bytes())
+
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(step)
+
+    def _build_model(self, loaded: LoadedModel, attention: AttentionBackend, dtype: torch.dtype,
+                     max_model_len: int) -> LlamaForCausalLM:
+        model = build_model(loaded.arch, loaded.weights, attention, dtype, max_model_len)
+        if self.config.quantization:
+            model.quantize(self.config.quantization, self.config.quantization_group_size)
+        return model
+
+    def _proposer(self, spec: SpecConfig, target: LlamaForCausalLM, attention: AttentionBackend,
+                  draft: LoadedModel | None, dtype: torch.dtype, max_model_len: int,
+                  num_blocks: int) -> Proposer:
+        """The proposer `speculative_config` names; a draft model gets a KV cache of its own
+        with the target's block layout."""
+        if spec.method == "ngram":
+            return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        branching = spec.tree or (1,) * spec.num_speculative_tokens
+        bs = self.config.block_size
+        if spec.method == "layer_skip":
+            if spec.num_layers >= len(target.layers):
+                raise ValueError(f"speculative_config.num_layers must be below the target's "
+                                 f"{len(target.layers)} layers, got {spec.num_layers}")
+
+            def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                return target(ids, pos, num_layers=spec.num_layers)
+
+            return ModelDrafter(forward, target.compute_logits, bs, dtype, branching, True,
+                                attention.pads_decodes)
+        arch = draft.arch
+        backend = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                 self.config.kv_cache_dtype)
+        model = self._build_model(draft, backend, dtype, max_model_len)
+        cache = KVTensors(arch, num_blocks * bs, dtype, self.config.kv_cache_dtype)
+        for i, layer in enumerate(model.layers):
+            layer.attn.kv_cache = cache.layer(i)
+        return ModelDrafter(model, model.compute_logits, bs, dtype, branching, False, backend.pads_decodes)
+
+
+def _max_model_len(config: EngineConfig, arch: ModelArch, num_blocks: int) -> int:
+    """The context window: the model's, capped by what the KV cache holds."""
+    cache_tokens = num_blocks * config.block_size
+    if config.max_model_len is not None and config.max_model_len > cache_tokens:
+        raise ValueError(
+            f"max_model_len ({config.max_model_len}) is larger than the KV cache holds "
+            f"({num_blocks} blocks x {config.block_size} = {cache_tokens} tokens); "
+            "raise num_kv_blocks / kv_cache_memory_gb or lower max_model_len")
+    # Within its sliding window, windowed attention equals full attention; servelm has no
+    # windowed kernel, so the context is capped at the window instead.
+    model_limit = min(arch.max_position_embeddings, arch.sliding_window or arch.max_position_embeddings)
+    if config.max_model_len is not None and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's context "
+                         f"length ({model_limit})")
+    return min(config.max_model_len or model_limit, cache_tokens)
