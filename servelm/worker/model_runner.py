@@ -51,10 +51,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        stale = self.states.update(step)
         if self.proposer is not None:
-            for req_id in step.finished_req_ids:
+            for req_id in stale:
                 self.proposer.reset(req_id)
-        self.states.update(step, self.proposer.reset if self.proposer is not None else lambda _: None)
         if step.moves_kv:  # before any block is written again
             self.cache.move_kv(step)
         scheduled = step.scheduled

@@ -8,7 +8,6 @@ else: the request's random generator, and how many prompt logprobs it has sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,10 +49,10 @@ class CachedRequestState:
 class RequestStates(dict[str, CachedRequestState]):
     """req_id -> its state, kept in step with the scheduler by `update`."""
 
-    def update(self, step: SchedulerOutput, on_new_table: Callable[[str], None]) -> None:
-        """Apply one step's changes. `on_new_table(req_id)`: a request's block table starts
-        over (first step, or back from preemption), so K/V kept elsewhere under the old
-        table (a draft model's) is gone."""
+    def update(self, step: SchedulerOutput) -> list[str]:
+        """Apply one step's changes. Returns the ids of requests that finished or whose
+        block table starts over (first step, or back from preemption): whatever was kept
+        for them elsewhere under the old table (a draft model's K/V) is gone."""
         for req_id in step.finished_req_ids:
             self.pop(req_id, None)
         for new in step.new_requests:
@@ -61,13 +60,12 @@ class RequestStates(dict[str, CachedRequestState]):
             self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
                                                   gen, list(new.prompt_token_ids))
         for sched in step.scheduled:
-            self._apply(sched, on_new_table)
+            self._apply(sched)
+        return [*step.finished_req_ids, *(s.req_id for s in step.scheduled if s.block_table_start == 0)]
 
-    def _apply(self, sched: ScheduledRequest, on_new_table: Callable[[str], None]) -> None:
+    def _apply(self, sched: ScheduledRequest) -> None:
         state = self[sched.req_id]
         state.token_ids.extend(sched.new_token_ids)
-        if sched.block_table_start == 0:
-            on_new_table(sched.req_id)
         del state.block_table[sched.block_table_start:]
         state.block_table.extend(sched.new_block_ids)
         state.num_computed_tokens = sched.num_computed_tokens
