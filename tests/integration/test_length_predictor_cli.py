@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from servelm.bench.length_predictor_cli import add_predictor_parser
 from servelm.engine.length_predictor import LengthPredictor
 from servelm.engine_args import add_engine_args
-from servelm.predictor_cli import add_predictor_parser
 from servelm.sampling_params import SamplingParams
 
 try:  # tests/ is on sys.path when it is not a package (pytest's default "prepend" mode)

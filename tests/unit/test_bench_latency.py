@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from servelm.bench import llamacpp_peer
-from servelm.bench.latency import LatencyConfig, describe, random_prompts
+from servelm.bench.harness import describe
+from servelm.bench.latency import LatencyConfig, random_prompts
 from servelm.cli import main
 
 STATS = {"mean", "median", "p90", "p99", "min", "max", "n"}
