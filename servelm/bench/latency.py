@@ -92,26 +92,26 @@ def random_prompts(tokenizer: Any, input_len: int, batch_size: int, num_sets: in
 
 @dataclass
 class Samples:
-    """Raw timings of one system: one TTFT/TPOT per request, one e2e per iteration."""
+    """Raw timings of one system: per request its TTFT and the seconds from its first to its
+    last token (`decode`), per iteration the end-to-end time; and the output ids."""
 
     ttft: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
 
     def add_request(self, ids: list[int], ttft: float, decode_s: float) -> None:
-        """One request: its output ids, TTFT, and the seconds from its first to last token."""
         self.token_ids.append(list(ids))
         self.ttft.append(ttft)
-        if len(ids) > 1:
-            self.tpot.append(decode_s / (len(ids) - 1))
+        self.decode.append(decode_s)
 
     def add_timed(self, ids: list[int], start: float, times: list[float]) -> None:
         """One request from its token timestamps (`times[i]`: token i+1 ready)."""
         self.add_request(ids, times[0] - start, times[-1] - times[0])
 
     def figures(self, output_len: int, batch_size: int, energy: dict[str, Any]) -> dict[str, Any]:
-        return {"ttft_s": describe(self.ttft), "tpot_s": describe(self.tpot),
+        tpot = [d / (len(t) - 1) for d, t in zip(self.decode, self.token_ids) if len(t) > 1]
+        return {"ttft_s": describe(self.ttft), "tpot_s": describe(tpot),
                 "e2e_s": describe(self.e2e),
                 "output_tok_s": batch_size * output_len / statistics.fmean(self.e2e),
                 "output_tokens": sum(len(t) for t in self.token_ids),
