@@ -183,7 +183,7 @@ def result_path(result_file: str | None, benchmark: str) -> Path:
 
 
 def write_result(result: dict[str, Any], out: Path) -> None:
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     result["result_file"] = str(out)
 
 

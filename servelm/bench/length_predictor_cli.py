@@ -185,8 +185,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_held_out(metrics: dict[str, dict[str, Any]], num_train: int, max_tokens: int) -> None:
     n = metrics["predictor"]["n"]
     table = Table(f"output length on {n} held-out requests (trained on {num_train})",
-                       ["predictor", "pairwise acc.", "Spearman", "MAE (tokens)",
-                        "median rel. error"])
+                  ["predictor", "pairwise acc.", "Spearman", "MAE (tokens)", "median rel. error"])
     for key, label in _ROWS:
         m = metrics[key]
         table.add_row(label.replace("max_tokens", f"max_tokens={max_tokens}", 1),

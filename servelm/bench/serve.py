@@ -186,7 +186,7 @@ def _detail(records: list[RequestRecord]) -> list[dict[str, Any]]:
 
 
 def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Conversation],
-            ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, list[float]]]]:
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, list[float]]]]:
     """Every rate against one server: (target info, one result per rate, samples per rate)."""
     say = progress(cfg.quiet)
     model = cfg.model or first_model_id(base_url, cfg.api_key)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from servelm.bench.harness import check_int
+
 DRAFT_WEIGHTS = "model.safetensors"
 
 
@@ -36,7 +38,6 @@ def write_pruned_draft(model: str | None, num_layers: int, out_dir: Path | None 
                        dtype: torch.dtype | str = torch.float32) -> Path:
     """The folder of `model`'s first `num_layers` layers under `out_dir` (default
     `default_drafts_dir()`), written on first use and reused after."""
-    from servelm.bench.harness import check_int
     from servelm.bench.hf_peer import resolve_model_path
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -69,13 +69,16 @@ def _rates(requests: list[BenchRequest], token_ids: list[list[int]],
             == [r.output_len for r in requests]}
 
 
-def run_servelm(llm: Any, requests: list[BenchRequest], progress: bool = False,
-                ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+Samples = dict[str, list[Any]]  # per request: "token_ids", and timings where measured
+
+
+def run_servelm(llm: Any, requests: list[BenchRequest], show_progress: bool = False,
+                ) -> tuple[dict[str, Any], Samples]:
     """Time one `generate` over all requests (after a tiny warmup); returns the figures and
     the per-request samples (output ids, TTFT, end-to-end)."""
     prompts = [r.prompt_token_ids for r in requests]
     run = measure(lambda: greedy(llm, prompts, [r.output_len for r in requests],
-                                 show_progress=progress),
+                                 show_progress=show_progress),
                   warmup=lambda: greedy(llm, [p[:16] for p in prompts[:2]], 4))
     outs = run.value
     samples = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
@@ -90,8 +93,8 @@ def run_servelm(llm: Any, requests: list[BenchRequest], progress: bool = False,
 
 
 def run_transformers_peer(model: str | None, dtype: str, requests: list[BenchRequest],
-                          cfg: ThroughputConfig, say: Any) -> tuple[dict[str, Any], list[list[int]]]:
-    """transformers' figures in its best static batch size, and its output ids."""
+                          cfg: ThroughputConfig, say: Any) -> tuple[dict[str, Any], Samples]:
+    """transformers' figures in its best static batch size, and its samples."""
     from servelm.bench.hf_peer import load_hf_model, run_transformers
 
     say("loading transformers model ...")
@@ -104,11 +107,11 @@ def run_transformers_peer(model: str | None, dtype: str, requests: list[BenchReq
                attn_implementation=hf.config._attn_implementation,
                raw_generated_tokens=run.raw_generated,
                raw_output_tok_s=run.raw_generated / run.elapsed_s, **run.energy_dict())
-    return fig, run.token_ids
+    return fig, {"token_ids": run.token_ids}
 
 
 def run_llamacpp_peer(model: str | None, engine: dict[str, Any], requests: list[BenchRequest],
-                      seed: int, say: Any) -> tuple[dict[str, Any], dict[str, list[Any]] | None]:
+                      seed: int, say: Any) -> tuple[dict[str, Any], Samples | None]:
     """The llama.cpp figures (or {"skipped": why}) and its samples (None when skipped)."""
     from servelm.bench import llamacpp_peer as lcp
 
@@ -140,30 +143,31 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     say(f"workload: {name}, {summary['num_requests']} requests, {summary['prompt_tokens']} "
         f"prompt + {summary['output_tokens']} output tokens")
     say("running servelm ...")
-    sv, samples = run_servelm(llm, requests, progress=not cfg.quiet)
+    sv, sv_samples = run_servelm(llm, requests, show_progress=not cfg.quiet)
     say(f"servelm: {sv['output_tok_s']:.1f} output tok/s in {sv['elapsed_s']:.1f}s")
     del llm
     result = new_result("throughput", cfg, dtype, dataset=name, dataset_path=path)
-    result.update(workload=summary, servelm=sv)
-    sv_ids = samples["token_ids"]
-    if cfg.save_detailed:
-        sv["samples"] = samples
-    if not cfg.skip_hf:
-        result["transformers"], tf_ids = run_transformers_peer(model, dtype, requests, cfg, say)
-        if cfg.save_detailed:
-            result["transformers"]["samples"] = {"token_ids": tf_ids}
-        result["ratio_output_tok_s"] = ratio(sv["output_tok_s"],
-                                             result["transformers"]["output_tok_s"])
-        result["greedy_exact_match_fraction"] = agreement(sv_ids, tf_ids)
-    if not cfg.skip_llamacpp:
-        result["llama.cpp"], lc = run_llamacpp_peer(model, engine, requests, cfg.seed, say)
-        if lc is not None:
+    result["workload"] = summary
+    ids: dict[str, list[list[int]]] = {}
+
+    def record(system: str, fig: dict[str, Any], samples: Samples | None) -> None:
+        result[system] = fig
+        if samples is not None:
+            ids[system] = samples["token_ids"]
             if cfg.save_detailed:
-                result["llama.cpp"]["samples"] = lc
-            result["ratio_output_tok_s_llamacpp"] = ratio(sv["output_tok_s"],
-                                                          result["llama.cpp"]["output_tok_s"])
-            # llama.cpp multiplies Q4_1 blocks natively, servelm dequantizes: expect less.
-            result["greedy_exact_match_fraction_llamacpp"] = agreement(sv_ids, lc["token_ids"])
+                fig["samples"] = samples
+
+    record("servelm", sv, sv_samples)
+    if not cfg.skip_hf:
+        record("transformers", *run_transformers_peer(model, dtype, requests, cfg, say))
+    if not cfg.skip_llamacpp:
+        record("llama.cpp", *run_llamacpp_peer(model, engine, requests, cfg.seed, say))
+    # llama.cpp multiplies Q4_1 blocks natively, servelm dequantizes: expect less agreement.
+    for peer, suffix in (("transformers", ""), ("llama.cpp", "_llamacpp")):
+        if peer in ids:
+            result["ratio_output_tok_s" + suffix] = ratio(sv["output_tok_s"],
+                                                          result[peer]["output_tok_s"])
+            result["greedy_exact_match_fraction" + suffix] = agreement(ids["servelm"], ids[peer])
     return finish(result, "throughput", cfg, print_table)
 
 
