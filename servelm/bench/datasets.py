@@ -98,6 +98,19 @@ def load_self_instruct(path: str | Path, tokenizer: Any, num_prompts: int,
     return cycled(rows, num_prompts, rng)
 
 
+def plain_vocab(tokenizer: Any) -> list[int]:
+    """Token ids that are not special tokens (which could act as stop or control tokens)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def random_token_prompts(tokenizer: Any, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of exactly `length` random non-special ids (seeded)."""
+    rng = random.Random(seed)
+    vocab = plain_vocab(tokenizer)
+    return [[rng.choice(vocab) for _ in range(length)] for _ in range(n)]
+
+
 def _lognormal_int(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
 
@@ -112,8 +125,7 @@ def synthetic_requests(tokenizer: Any, num_prompts: int, max_output_len: int = 2
     otherwise act as stop or control tokens.
     """
     rng = random.Random(seed)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = plain_vocab(tokenizer)
     lo_out = min(10, max_output_len)
     out: list[BenchRequest] = []
     for _ in range(num_prompts):

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from servelm.bench.datasets import BenchRequest
-from servelm.bench.energy import EnergyMeter
+from servelm.bench.harness import measure
 
 SKIP_NOT_INSTALLED = ("llama.cpp peer skipped: llama-cpp-python not installed "
                       "(pip install 'servelm[peers]')")
@@ -158,18 +159,28 @@ class LlamaCppRun:
     energy: dict[str, Any] = field(default_factory=dict)
 
 
-def run_requests(model: LlamaCppModel, requests: list[BenchRequest],
-                 meter: EnergyMeter | None = None) -> LlamaCppRun:
-    """Throughput mode: every request in order, sequentially, timed and metered as a whole."""
-    warmup(model, requests[0].prompt_token_ids)
-    run = LlamaCppRun()
-    meter = meter or EnergyMeter()
-    meter.start()
-    start = time.perf_counter()
-    for r in requests:
-        ids, t0, times = generate_timed(model, r.prompt_token_ids, r.output_len)
-        run.token_ids.append(ids)
-        run.ttft_s.append(times[0] - t0)
-    run.elapsed_s = time.perf_counter() - start
-    run.energy = meter.stop().as_dict(sum(len(t) for t in run.token_ids))
+def run_requests(model: LlamaCppModel, requests: list[BenchRequest]) -> LlamaCppRun:
+    """Throughput mode: every request in order, sequentially, timed and metered as a whole
+    after an untimed warm-up."""
+    def run_all() -> LlamaCppRun:
+        run = LlamaCppRun()
+        for r in requests:
+            ids, t0, times = generate_timed(model, r.prompt_token_ids, r.output_len)
+            run.token_ids.append(ids)
+            run.ttft_s.append(times[0] - t0)
+        return run
+
+    timed = measure(run_all, warmup=lambda: warmup(model, requests[0].prompt_token_ids))
+    run = timed.value
+    run.elapsed_s = timed.elapsed_s
+    run.energy = timed.energy.as_dict(sum(len(t) for t in run.token_ids))
     return run
+
+
+def llamacpp_skip(model: str | None, say: Callable[..., None]) -> dict[str, str] | None:
+    """{"skipped": why} (and `why` said) when llama.cpp cannot run `model` here, else None."""
+    why = unavailable_reason(model)
+    if why is None:
+        return None
+    say(why)
+    return {"skipped": why}

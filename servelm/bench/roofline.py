@@ -26,16 +26,24 @@ estimated.
 
 from __future__ import annotations
 
-import argparse
-import random
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from servelm.bench.datasets import random_token_prompts
+from servelm.bench.harness import (
+    Table,
+    check_int,
+    finish,
+    greedy,
+    measure,
+    new_result,
+    print_report,
+    progress,
+    split_engine,
+)
 from servelm.model.arch import ModelArch
 
 # ---- the machine's ceilings ----------------------------------------------------------------
@@ -132,40 +140,23 @@ class RooflineConfig:
     result_file: str | None = None
     quiet: bool = False
 
-
-def fixed_prompts(tokenizer: Any, n: int, length: int, seed: int) -> list[list[int]]:
-    """Random non-special token ids, all exactly `length` long, so the FLOP count is exact."""
-    rng = random.Random(seed)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
-    return [[rng.choice(vocab) for _ in range(length)] for _ in range(n)]
+    def __post_init__(self) -> None:
+        for name, low in (("num_prompts", 1), ("input_len", 1), ("output_len", 2)):
+            check_int(name, getattr(self, name), low)
 
 
 def _generate(llm: Any, prompts: list[list[int]], output_len: int) -> tuple[list[Any], float, Any]:
     """Greedy, EOS ignored, inside an energy meter; returns outputs, seconds, energy reading."""
-    from servelm.bench.energy import EnergyMeter
-    from servelm.sampling_params import SamplingParams
-
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    meter = EnergyMeter()
-    meter.start()
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    return outs, elapsed, meter.stop()
+    run = measure(lambda: greedy(llm, prompts, output_len))
+    return run.value, run.elapsed_s, run.energy
 
 
 def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     """Measure the ceilings, run both servelm workloads, write and return the result dict."""
-    from servelm.bench.results import result_header, result_path, write_result
     from servelm.llm import LLM
 
-    if cfg.num_prompts < 1 or cfg.input_len < 1 or cfg.output_len < 2:
-        raise ValueError("need --num-prompts >= 1, --input-len >= 1 and --output-len >= 2")
-    engine = dict(cfg.engine)
-    model, dtype = engine.pop("model", None), engine.get("dtype", "float32")
-    say: Callable[..., None] = ((lambda *a: None) if cfg.quiet
-                                else (lambda *a: print(*a, file=sys.stderr, flush=True)))
+    model, engine, dtype = split_engine(cfg.engine)
+    say = progress(cfg.quiet)
     llm = LLM(model, **engine)  # sets torch's thread count, which the probes below then use
     info = llm.engine.worker_info  # the model's shape and sizes, from the worker
     arch, source, torch_dtype = info.arch, info.model_source, getattr(torch, dtype)
@@ -178,7 +169,7 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
         peak, bw = measure_peak_flops(torch_dtype), measure_bandwidth()
 
     tok = llm.get_tokenizer()
-    prompts = fixed_prompts(tok, cfg.num_prompts + 1, cfg.input_len, cfg.seed)
+    prompts = random_token_prompts(tok, cfg.num_prompts + 1, cfg.input_len, cfg.seed)
     _generate(llm, [prompts[0][:16]], 4)  # warm up kernels and the allocator
 
     say(f"throughput mode: {cfg.num_prompts} requests x ({cfg.input_len} + {cfg.output_len}) "
@@ -214,10 +205,8 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
         "mbu": per_step * steps / decode_s / bw["bytes_per_s"],
     }
     del llm
-    result: dict[str, Any] = {
-        **result_header("roofline", dtype),
-        "config": {**{k: v for k, v in vars(cfg).items() if k != "engine"},
-                   "engine": {"model": model, **engine}},
+    result = new_result("roofline", cfg, dtype)
+    result.update({
         "model": {"source": str(source), "family": arch.family, "decoder_matmul_params": decoder_matmul_params(arch),
                   "lm_head_params": arch.vocab_size * arch.hidden_size},
         "peak_flops": peak, "bandwidth": bw,
@@ -225,11 +214,8 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
         "throughput_mode": throughput, "decode": decode,
         "energy": {"throughput_mode": {**tp_energy.as_dict(n_out), "tokens": "output"},
                    "decode": {**dec_energy.as_dict(steps + 1), "tokens": "output"}},
-    }
-    write_result(result, result_path(cfg.result_file, "roofline"))
-    if not cfg.quiet:
-        print_table(result)
-    return result
+    })
+    return finish(result, "roofline", cfg, print_table)
 
 
 def _energy_text(e: dict[str, Any]) -> str:
@@ -240,14 +226,10 @@ def _energy_text(e: dict[str, Any]) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     """Each run beside the ceiling that bounds it."""
-    from rich.console import Console
-    from rich.table import Table
-
     pk, bw, tp, dec = result["peak_flops"], result["bandwidth"], result["throughput_mode"], result["decode"]
     cfg = result["config"]
-    table = Table(title=f"roofline ({pk['dtype']}, {pk['threads']} threads)")
-    for i, c in enumerate(["run", "tok/s", "achieved", "machine ceiling", "utilization"]):
-        table.add_column(c, justify="left" if i == 0 else "right")
+    table = Table(f"roofline ({pk['dtype']}, {pk['threads']} threads)",
+                  ["run", "tok/s", "achieved", "machine ceiling", "utilization"])
     table.add_row(f"throughput mode, {tp['requests']} x ({cfg['input_len']}+{cfg['output_len']})",
                   f"{tp['total_tok_s']:.1f} total", f"{tp['achieved_flops'] / 1e9:.2f} GFLOP/s",
                   f"{pk['flops'] / 1e9:.1f} GFLOP/s matmul (n={pk['best_size']})",
@@ -256,45 +238,12 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{dec['tok_s']:.1f} decode", f"{dec['achieved_bandwidth'] / 1e9:.2f} GB/s",
                   f"{bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['buffer_bytes'] / 2**20:.0f} MiB sum/copy)",
                   f"MBU {dec['mbu']:.1%}")
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not wrap the table at 80 columns
-        console = Console(width=140)
-    console.print(table)
     f = tp["flops_per_request"]
-    console.print(f"model FLOPs per token {tp['flops_per_token'] / 1e6:.1f} M (per request: linear "
-                  f"{f['linear'] / 1e9:.2f} G, lm_head {f['lm_head'] / 1e9:.2f} G, attention "
-                  f"{f['attention'] / 1e9:.2f} G); decode bytes per step "
-                  f"{dec['bytes_per_step'] / 2**20:.1f} MiB (weights "
-                  f"{dec['weight_bytes'] / 2**20:.1f} MiB + KV)")
-    console.print(f"energy, throughput mode: {_energy_text(result['energy']['throughput_mode'])}")
-    console.print(f"energy, batch-1 decode: {_energy_text(result['energy']['decode'])}")
-    console.print(f"results: {result['result_file']}")
-
-
-# ---- command line ------------------------------------------------------------------------
-
-
-def add_roofline_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register `servelm bench roofline` on the `bench` subparsers."""
-    p = bsub.add_parser("roofline", help="peak FLOP/s and bandwidth of this machine; servelm's MFU and MBU")
-    add_engine_args(p)
-    g = p.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=64, help="requests in the throughput run")
-    g.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    g.add_argument("--output-len", type=int, default=128, help="output tokens per request")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quick", action="store_true", help="tiny machine probes (tests only)")
-    g = p.add_argument_group("output")
-    g.add_argument("--result-file", default=None, help="default: bench-results/roofline-<date>.json")
-    g.add_argument("--quiet", action="store_true", help="no progress or table")
-    p.set_defaults(func=cmd_roofline)
-
-
-def cmd_roofline(args: argparse.Namespace) -> int:
-    from servelm.engine_args import engine_kwargs
-
-    run_roofline(RooflineConfig(
-        engine={"model": args.model, **engine_kwargs(args)}, num_prompts=args.num_prompts,
-        input_len=args.input_len, output_len=args.output_len, seed=args.seed, quick=args.quick,
-        result_file=args.result_file, quiet=args.quiet))
-    return 0
+    print_report([table], [
+        f"model FLOPs per token {tp['flops_per_token'] / 1e6:.1f} M (per request: linear "
+        f"{f['linear'] / 1e9:.2f} G, lm_head {f['lm_head'] / 1e9:.2f} G, attention "
+        f"{f['attention'] / 1e9:.2f} G); decode bytes per step "
+        f"{dec['bytes_per_step'] / 2**20:.1f} MiB (weights {dec['weight_bytes'] / 2**20:.1f} MiB + KV)",
+        f"energy, throughput mode: {_energy_text(result['energy']['throughput_mode'])}",
+        f"energy, batch-1 decode: {_energy_text(result['energy']['decode'])}",
+        f"results: {result['result_file']}"])

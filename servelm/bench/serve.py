@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import math
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from servelm.bench.harness import measure, progress, result_header, result_path, write_result
 from servelm.bench.launch import SYSTEMS, LaunchSpec
 from servelm.bench.serve_client import Target, stream_request
 from servelm.bench.serve_datasets import (
@@ -185,12 +185,10 @@ def _detail(records: list[RequestRecord]) -> list[dict[str, Any]]:
              "ttft_s": r.ttft, "latency_s": r.latency, "itl_s": r.itl} for r in records]
 
 
-def measure(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Conversation],
-            ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, list[float]]]]:
+def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Conversation],
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[Any, dict[str, list[float]]]]:
     """Every rate against one server: (target info, one result per rate, samples per rate)."""
-    from servelm.bench.energy import EnergyMeter
-
-    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = progress(cfg.quiet)
     model = cfg.model or first_model_id(base_url, cfg.api_key)
     banned = tuple(getattr(tokenizer, "all_special_ids", None) or ()) if cfg.ignore_eos else ()
     target = Target(base_url, cfg.endpoint, model, cfg.api_key, cfg.ignore_eos,
@@ -200,13 +198,12 @@ def measure(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Convers
     runs, samples = [], {}
     for rate in cfg.request_rates:
         say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
-        meter = EnergyMeter()
-        meter.start()
-        records, duration = asyncio.run(run_rate(target, convs, turns, rate, cfg))
+        timed = measure(lambda rate=rate: asyncio.run(run_rate(target, convs, turns, rate, cfg)))
+        records, duration = timed.value
         run = {"request_rate": "inf" if math.isinf(rate) else rate,
                **compute_metrics(records, duration, cfg.metric_percentiles,
                                  cfg.percentile_metrics, cfg.goodput)}
-        run.update(meter.stop().as_dict(run["total_output_tokens"]))
+        run.update(timed.energy.as_dict(run["total_output_tokens"]))
         if cfg.save_detailed:
             run["requests"] = _detail(records)
         runs.append(run)
@@ -217,7 +214,6 @@ def measure(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[Convers
 def run_serve(cfg: ServeConfig) -> dict[str, Any]:
     """Run every rate (on every launched system), print tables, write JSON + PNG plots."""
     from servelm.bench.launch import launched
-    from servelm.bench.results import result_header, result_path, write_result
     from servelm.model.loader import load_tokenizer
 
     validate(cfg)
@@ -243,13 +239,13 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
         result["systems"] = {}
         for system in cfg.launch:
             with launched(system, cfg.launch_spec, out.parent / "logs") as url:
-                info, runs, samples = measure(cfg, url, tokenizer, convs)
+                info, runs, samples = measure_target(cfg, url, tokenizer, convs)
             result["systems"][system] = {**info, "runs": runs}
             systems[system] = runs
             if cfg.plots:
                 plots.append(_cdf_plot(samples, out, f"-{system}"))
     else:
-        info, runs, samples = measure(cfg, cfg.base_url, tokenizer, convs)
+        info, runs, samples = measure_target(cfg, cfg.base_url, tokenizer, convs)
         result.update(info)
         result.update(runs[0] if len(runs) == 1 else {"runs": runs})
         systems[""] = runs

@@ -7,28 +7,11 @@ import math
 import os
 import sys
 
+from servelm.bench.harness import MissingExtra, listed, require_extra
 
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [math.inf if v.strip().lower() == "inf" else float(v)
-                 for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a rate or comma-separated rates (numbers or 'inf'), got {text!r}") from None
-    if not rates or any(not r > 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be > 0, got {text!r}")
-    return rates
-
-
-def _names(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+_rates = listed(float, "rates (numbers > 0, or 'inf')", lambda r: r > 0)
+_names = listed(str, "names")
+_floats = listed(float, "numbers")
 
 
 def add_serve_parser(bsub) -> None:
@@ -102,6 +85,11 @@ def add_serve_parser(bsub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # before any work: the load generator and its plots come with the `bench` extra
+        require_extra("servelm bench serve", "aiohttp", *([] if args.no_plots else ["matplotlib"]))
+    except MissingExtra as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from servelm.bench.launch import LaunchSpec
     from servelm.bench.serve import ServeConfig, run_serve
     from servelm.bench.serve_datasets import DatasetOptions

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from servelm.bench.serve_metrics import METRICS, percentile_key  # noqa: E402
+from servelm.bench.harness import pyplot
+from servelm.bench.serve_metrics import METRICS, percentile_key
 
 TITLES = {"ttft": "time to first token", "tpot": "time per output token",
           "itl": "inter-token latency", "e2el": "end-to-end latency"}
@@ -23,6 +20,7 @@ def _rate_label(rate: Any) -> str:
 
 def plot_cdfs(samples: dict[Any, dict[str, list[float]]], path: Path) -> Path:
     """One panel per metric, one empirical CDF line per request rate."""
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, name in zip(axes.flat, METRICS):
         for rate, per_metric in samples.items():
@@ -36,10 +34,7 @@ def plot_cdfs(samples: dict[Any, dict[str, list[float]]], path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_sweep(systems: dict[str, list[dict[str, Any]]], percentiles: list[float],
@@ -54,6 +49,7 @@ def plot_sweep(systems: dict[str, list[dict[str, Any]]], percentiles: list[float
     x = [inf_x if r["request_rate"] == "inf" else r["request_rate"] for r in runs0]
     labels = ["inf" if r["request_rate"] == "inf" else f"{r['request_rate']:g}" for r in runs0]
     key = percentile_key(max(percentiles) if percentiles else 99.0)
+    plt = pyplot()
     fig, (tput, reqs, lat) = plt.subplots(1, 3, figsize=(16, 4.8))
     for i, (system, runs) in enumerate(systems.items()):
         color = f"C{i}"
@@ -77,6 +73,10 @@ def plot_sweep(systems: dict[str, list[dict[str, Any]]], percentiles: list[float
         ax.set_xticks(x, labels)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-
-from servelm.bench.report import console as make_console
-from servelm.bench.report import make_table
+from servelm.bench.harness import Table, print_report, ratio
 from servelm.bench.serve_metrics import METRICS, percentile_key
 
 
@@ -21,7 +18,7 @@ def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool)
     cols += ["goodput req/s"] if goodput else []
     for name in METRICS:
         cols += [f"mean {name} ms", f"{tail} {name} ms"]
-    table = make_table(title, cols)
+    table = Table(title, cols)
     for run in runs:
         row = [str(run["request_rate"]), str(run["completed"]), str(run["failed"]),
                f"{run['duration_s']:.1f}", f"{run['request_throughput']:.2f}",
@@ -40,13 +37,14 @@ def comparison_table(systems: dict[str, list[dict[str, Any]]], tail: str) -> Tab
     cols = ["rate"] + [f"{n} out tok/s" for n in names]
     cols += [f"servelm/{n} tok/s" for n in others] if "servelm" in systems else []
     cols += [f"{n} {tail} {m} ms" for m in ("ttft", "tpot") for n in names]
-    table = make_table("side by side", cols)
+    table = Table("side by side", cols)
     for i, run in enumerate(systems[names[0]]):
         per = {n: systems[n][i] for n in names}
         row = [str(run["request_rate"])] + [f"{per[n]['output_throughput']:.1f}" for n in names]
         if "servelm" in systems:
-            row += [f"{per['servelm']['output_throughput'] / per[n]['output_throughput']:.2f}x"
-                    if per[n]["output_throughput"] else "-" for n in others]
+            row += [f"{r:.2f}x" if (r := ratio(per["servelm"]["output_throughput"],
+                                               per[n]["output_throughput"])) is not None else "-"
+                    for n in others]
         row += [_ms(per[n], tail, m) for m in ("ttft", "tpot") for n in names]
         table.add_row(*row)
     return table
@@ -55,29 +53,28 @@ def comparison_table(systems: dict[str, list[dict[str, Any]]], tail: str) -> Tab
 def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
                        result: dict[str, Any]) -> None:
     tail = percentile_key(max(cfg.metric_percentiles)) if cfg.metric_percentiles else "median"
-    console = make_console()
+    tables, notes = [], []
     for system, runs in systems.items():
         where = system or f"{result['model_id']} at {result['base_url']}"
-        console.print(rate_table(f"serving: {where}{result['endpoint']}, "
+        tables.append(rate_table(f"serving: {where}{result['endpoint']}, "
                                  f"{result['dataset']['name']}", runs, tail, bool(cfg.goodput)))
-        for run in runs:
-            for reason, n in run["failed_reasons"].items():
-                console.print(f"{system} rate {run['request_rate']}: {n} failed: {reason}")
+        notes += [f"{system} rate {run['request_rate']}: {n} failed: {reason}"
+                  for run in runs for reason, n in run["failed_reasons"].items()]
     if len(systems) > 1:
-        console.print(comparison_table(systems, tail))
+        tables.append(comparison_table(systems, tail))
     first = next(iter(systems.values()))[0]
     if first.get("energy_j") is None:
-        console.print(f"energy: unavailable ({first['energy_unavailable_reason']})")
+        notes.append(f"energy: unavailable ({first['energy_unavailable_reason']})")
     else:
         for system, runs in systems.items():
             for run in runs:
                 per = run["energy_per_token_j"]
-                console.print(f"{system} rate {run['request_rate']}: "
-                              f"{'-' if per is None else f'{per:.3f}'} J per output token "
-                              f"({'+'.join(run['energy_sources'])}, whole machine)")
+                notes.append(f"{system} rate {run['request_rate']}: "
+                             f"{'-' if per is None else f'{per:.3f}'} J per output token "
+                             f"({'+'.join(run['energy_sources'])}, whole machine)")
     if cfg.goodput:
-        console.print("goodput SLOs (ms): " + ", ".join(f"{k} <= {v:g}"
-                                                        for k, v in cfg.goodput.items()))
-    console.print(f"results: {result['result_file']}")
-    for p in result.get("plots", []):
-        console.print(f"plot: {p}")
+        notes.append("goodput SLOs (ms): " + ", ".join(f"{k} <= {v:g}"
+                                                       for k, v in cfg.goodput.items()))
+    notes.append(f"results: {result['result_file']}")
+    notes += [f"plot: {p}" for p in result.get("plots", [])]
+    print_report(tables, notes)

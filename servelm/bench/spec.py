@@ -44,18 +44,23 @@ row comes from the prefix cache (decode figures are not affected).
 
 from __future__ import annotations
 
-import argparse
 import gc
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servelm.bench.harness import (
+    SYSTEMS,
+    check_int,
+    finish,
+    new_result,
+    progress,
+    split_engine,
+)
 from servelm.bench.spec_datasets import SPEC_DATASETS, SpecDataset, build_dataset
 from servelm.bench.spec_report import (
     PROPOSERS,
-    SYSTEMS,
     compare,
     describe_proposer,
     num,
@@ -65,7 +70,7 @@ from servelm.bench.spec_report import (
 )
 from servelm.bench.spec_runners import Trace
 
-__all__ = ["PROPOSERS", "SYSTEMS", "SpecBenchConfig", "add_spec_parser", "compare", "run_spec"]
+__all__ = ["PROPOSERS", "SYSTEMS", "SpecBenchConfig", "compare", "run_spec"]
 
 WARMUP_TEXT = "Repeat after me, twice: the cache is warm before anything is timed."
 Runner = Callable[[list[int]], Trace]
@@ -98,7 +103,7 @@ class SpecBenchConfig:
     def __post_init__(self) -> None:
         for name in ("num_prompts", "max_tokens", "num_speculative_tokens", "prompt_lookup_max",
                      "prompt_lookup_min"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         for name, allowed in (("datasets", SPEC_DATASETS), ("systems", SYSTEMS),
@@ -119,7 +124,7 @@ class SpecBenchConfig:
                 raise ValueError(f"{name} ({flag}) applies to proposer {proposer}, which "
                                  f"proposers {p} does not list")
             if value is not None and name != "draft_model":
-                _check_int(name, value)
+                check_int(name, value)
         if "layer_skip" in p and self.spec_num_layers is None:
             raise ValueError("spec_num_layers (--spec-num-layers) is required with proposer "
                              "layer_skip: how many of the target's layers draft")
@@ -134,7 +139,7 @@ class SpecBenchConfig:
                 raise ValueError("spec_tree (--spec-tree) applies to proposers layer_skip and "
                                  f"draft_model, which proposers {p} does not list")
             if (not isinstance(self.spec_tree, (list, tuple)) or not self.spec_tree
-                    or not all(_is_int(b) and b >= 1 for b in self.spec_tree)):
+                    or not all(type(b) is int and b >= 1 for b in self.spec_tree)):
                 raise ValueError("spec_tree must be a non-empty list of integers >= 1 (children "
                                  f"per node at each depth), got {self.spec_tree!r}")
         from servelm.speculative.config import SpecConfig
@@ -169,102 +174,6 @@ class SpecBenchConfig:
         return out
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in values if v not in allowed]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(f"expected names from {','.join(allowed)}, "
-                                             f"got {text!r}")
-        return values
-    return parse
-
-
-def positive_ints(text: str) -> list[int]:
-    """argparse type: comma-separated positive integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def add_spec_parser(bsub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None],
-                    ) -> None:
-    """Register `bench spec` on the bench subparsers `bsub`."""
-    p = bsub.add_parser("spec", help="batch-1 decode speed-up of speculation per proposer, "
-                        "servelm vs transformers and llama.cpp")
-    add_engine_args(p)
-    g = p.add_argument_group("workload")
-    g.add_argument("--datasets", type=_names(SPEC_DATASETS), default=list(SPEC_DATASETS),
-                   help="comma-separated, from " + ",".join(SPEC_DATASETS))
-    g.add_argument("--num-prompts", type=int, default=10, help="requests per dataset")
-    g.add_argument("--max-tokens", type=int, default=128, help="output cap (EOS also stops)")
-    g.add_argument("--dataset-path", default=None,
-                   help="self-instruct JSONL ('instruction', 'input') for grounded "
-                        "(default: ../shared/data/self-instruct/predictions.jsonl)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the prompt order")
-    g = p.add_argument_group("speculation")
-    g.add_argument("--proposers", type=_names(PROPOSERS), default=["ngram"],
-                   help="servelm proposers to measure, comma-separated, from "
-                        + ",".join(PROPOSERS) + " (default ngram)")
-    g.add_argument("--num-speculative-tokens", type=int, default=4,
-                   help="drafts per step (k); layer_skip and draft_model take len(tree) "
-                        "with --spec-tree")
-    g.add_argument("--prompt-lookup-max", type=int, default=3, help="ngram: longest n-gram")
-    g.add_argument("--prompt-lookup-min", type=int, default=1,
-                   help="ngram: shortest n-gram (servelm only; the peers go down to 1)")
-    g.add_argument("--spec-num-layers", type=int, default=None,
-                   help="layer_skip: how many of the target's first layers draft (required)")
-    g.add_argument("--draft-model", default=None,
-                   help="draft_model: the draft's HF folder or GGUF (same tokenizer)")
-    g.add_argument("--draft-num-layers", type=int, default=None,
-                   help="draft_model without --draft-model: a draft of the target's first L "
-                        "layers, saved once under the servelm cache")
-    g.add_argument("--spec-tree", type=positive_ints, default=None,
-                   help="layer_skip, draft_model: token tree, children per depth (e.g. 3,2,1)")
-    g = p.add_argument_group("systems")
-    g.add_argument("--systems", type=_names(SYSTEMS), default=list(SYSTEMS),
-                   help="comma-separated, from " + ",".join(SYSTEMS))
-    g = p.add_argument_group("output")
-    g.add_argument("--result-file", default=None, help="default: bench-results/spec-<date>.json")
-    g.add_argument("--quiet", action="store_true", help="no progress or table")
-    p.set_defaults(func=cmd_spec)
-
-
-def cmd_spec(args: argparse.Namespace) -> int:
-    from servelm.engine_args import engine_kwargs
-
-    if args.speculative_config is not None:
-        raise ValueError("bench spec sets speculation itself: use --proposers and the flags of "
-                         "its 'speculation' group instead of --speculative-config")
-    engine = engine_kwargs(args)
-    engine.pop("speculative_config")
-    cfg = SpecBenchConfig(
-        engine={"model": args.model, **engine}, datasets=args.datasets, systems=args.systems,
-        proposers=args.proposers, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-        num_speculative_tokens=args.num_speculative_tokens,
-        prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
-        spec_num_layers=args.spec_num_layers, draft_model=args.draft_model,
-        draft_num_layers=args.draft_num_layers, spec_tree=args.spec_tree,
-        dataset_path=args.dataset_path, seed=args.seed, result_file=args.result_file,
-        quiet=args.quiet,
-    )
-    run_spec(cfg)
-    return 0
-
-
 def measure(runners: tuple[Runner, Runner], datasets: list[SpecDataset], warmup: list[int],
             say: Callable[..., None], label: str) -> dict[str, dict[str, Any]]:
     """One untimed warm-up per variant, then every prompt: plain variant, speculative one."""
@@ -289,16 +198,13 @@ def measure(runners: tuple[Runner, Runner], datasets: list[SpecDataset], warmup:
 def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
     """Build the prompts, run every row's two variants, write and return the result dict."""
     from servelm.bench.datasets import encode_prompt
-    from servelm.bench.results import result_header, result_path, write_result
     from servelm.bench.spec_runners import ServelmRunner
     from servelm.llm import LLM
 
-    engine = dict(cfg.engine)
-    model = engine.pop("model", None)
+    model, engine, dtype = split_engine(cfg.engine)
     if engine.pop("speculative_config", None) is not None:
         raise ValueError("bench spec sets speculative_config itself; leave it out of engine")
-    dtype = engine.get("dtype", "float32")
-    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say = progress(cfg.quiet)
     draft = cfg.draft_model
     if draft is not None and not Path(draft).expanduser().exists():
         raise FileNotFoundError(f"draft_model (--draft-model) {draft!r} does not exist")
@@ -327,13 +233,9 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
     if not live:
         raise FileNotFoundError("no dataset to run: " + "; ".join(d.skipped or "" for d in datasets))
     warmup = encode_prompt(tok, WARMUP_TEXT)
-    result: dict[str, Any] = {
-        **result_header("spec", dtype),
-        "config": {**{key: v for key, v in vars(cfg).items() if key != "engine"},
-                   "engine": {"model": model, **engine}, "speculative_config": specs},
-        "datasets": {d.name: d.summary() for d in datasets},
-        "systems": {}, "results": {d.name: {} for d in live},
-    }
+    result = new_result("spec", cfg, dtype, speculative_config=specs)
+    result.update(datasets={d.name: d.summary() for d in datasets}, systems={},
+                  results={d.name: {} for d in live})
     say(f"spec: batch 1, {', '.join(f'{d.name} x{len(d.prompts)}' for d in live)}, up to "
         f"{cfg.max_tokens} output tokens; "
         + "; ".join(describe_proposer(p, sc) for p, sc in specs.items()))
@@ -361,10 +263,7 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
         longest = max(len(p) for d in live for p in d.prompts) + cfg.max_tokens
         _run_llamacpp(model, engine, cfg, specs, longest, record, say, result["systems"])
     result["vs_servelm"] = vs_servelm(result)
-    write_result(result, result_path(cfg.result_file, "spec"))
-    if not cfg.quiet:
-        print_table(result)
-    return result
+    return finish(result, "spec", cfg, print_table)
 
 
 def _run_transformers(model: str | None, dtype: str, max_tokens: int,
@@ -406,10 +305,9 @@ def _run_llamacpp(model: str | None, engine: dict[str, Any], cfg: SpecBenchConfi
                 "skipped": LLAMACPP_ONLY_NGRAM.format(proposer)}
     if "ngram" not in specs:
         return
-    why = lcp.unavailable_reason(model)
-    if why is not None:
-        say(why)
-        systems["llama.cpp"] = {"skipped": why}
+    skip = lcp.llamacpp_skip(model, say)
+    if skip is not None:
+        systems["llama.cpp"] = skip
         return
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

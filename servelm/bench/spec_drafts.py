@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from servelm.bench.harness import check_int
+
 DRAFT_WEIGHTS = "model.safetensors"
 
 
@@ -39,8 +41,7 @@ def write_pruned_draft(model: str | None, num_layers: int, out_dir: Path | None 
     from servelm.bench.hf_peer import resolve_model_path
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-        raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    check_int("num_layers", num_layers)
     source = resolve_model_path(model)
     if not source.exists():
         raise FileNotFoundError(f"model path {str(source)!r} does not exist")

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from servelm.bench.latency import describe
-from servelm.bench.report import make_table, print_report
+from servelm.bench.harness import SYSTEMS, Table, describe, print_report, ratio
 from servelm.bench.spec_runners import Trace
 
-SYSTEMS = ("servelm", "transformers", "llama.cpp")
 PROPOSERS = ("ngram", "layer_skip", "draft_model")
 
 
@@ -53,9 +51,8 @@ def compare(plain: list[Trace], spec: list[Trace]) -> dict[str, Any]:
     a, b = figures(plain), figures(spec)
     differ = [i for i, (x, y) in enumerate(zip(plain, spec, strict=True))
               if x.token_ids != y.token_ids]
-    speedup = (b["decode_tok_s"] / a["decode_tok_s"]
-               if a["decode_tok_s"] and b["decode_tok_s"] else None)
-    return {"baseline": a, "speculative": b, "speedup": speedup,
+    return {"baseline": a, "speculative": b,
+            "speedup": ratio(b["decode_tok_s"] or None, a["decode_tok_s"]),
             "identical_fraction": 1 - len(differ) / max(1, len(plain)),
             "differing_requests": differ}
 
@@ -75,8 +72,8 @@ def vs_servelm(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float | 
             if system == "servelm" or sv is None:
                 continue
             out.setdefault(name, {})[peer] = {
-                v: (sv[v]["decode_tok_s"] / p if (p := r[v]["decode_tok_s"])
-                    and sv[v]["decode_tok_s"] else None) for v in ("baseline", "speculative")}
+                v: ratio(sv[v]["decode_tok_s"] or None, r[v]["decode_tok_s"])
+                for v in ("baseline", "speculative")}
     return out
 
 
@@ -139,4 +136,4 @@ def print_table(result: dict[str, Any]) -> None:
     notes.append(f"results: {result['result_file']}")
     title = (f"spec: batch 1, up to {cfg['max_tokens']} output tokens; "
              + "; ".join(describe_proposer(p, sc) for p, sc in cfg["speculative_config"].items()))
-    print_report([make_table(title, cols, rows)], notes)
+    print_report([Table(title, cols, rows)], notes)

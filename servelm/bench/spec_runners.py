@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from servelm.bench.harness import greedy
+
 
 @dataclass
 class Trace:
@@ -58,15 +60,12 @@ class ServelmRunner:
     """Batch-1 greedy requests through one `LLM` (with or without `speculative_config`)."""
 
     def __init__(self, llm: Any, max_tokens: int) -> None:
-        from servelm.sampling_params import SamplingParams
-
-        self.llm = llm
-        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        self.llm, self.max_tokens = llm, max_tokens
         self.budget = llm.engine.config.max_num_batched_tokens
 
     def __call__(self, prompt: list[int]) -> Trace:
         before = self.llm.get_metrics()["num_steps"]
-        out = self.llm.generate([{"prompt_token_ids": prompt}], self.params, use_tqdm=False)[0]
+        out = greedy(self.llm, [prompt], self.max_tokens, ignore_eos=False)[0]
         if out.error:
             raise RuntimeError(f"servelm request failed: {out.error}")
         steps = self.llm.get_metrics()["num_steps"] - before

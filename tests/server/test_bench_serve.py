@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from servelm.bench.serve_client import Target, request_body
@@ -25,20 +26,38 @@ def test_random_completions_run_writes_vllm_keys_and_plot(server, tiny_model_dir
     rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "6",
                "--random-input-len", "12", "--random-output-len", "5", "--request-rate", "40",
                "--ignore-eos", "--goodput", "ttft:60000", "e2el:60000",
-               "--metric-percentiles", "90,99")
+               "--metric-percentiles", "90,99", "--save-detailed")
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["model_id"] == "tiny"  # taken from /v1/models
     assert res["completed"] == 6 and res["failed"] == 0
     assert res["total_output_tokens"] == 30  # ignore_eos: exactly max_tokens each
-    assert res["total_input_tokens"] >= 6 * 8
-    assert res["duration_s"] > 0 and res["request_throughput"] == pytest.approx(6 / res["duration_s"])
+    # The prompts the run sent (same seeded texts), counted by the server's tokenizer.
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    convs = build_conversations(tok, DatasetOptions(num_prompts=6, random_input_len=12,
+                                                    random_output_len=5))
+    reqs = sorted(res["requests"], key=lambda r: r["session"])
+    assert [r["prompt_len"] for r in reqs] == [len(tok.encode(c.user_turns[0])) for c in convs]
+    assert res["total_input_tokens"] == sum(r["prompt_len"] for r in reqs)
+    assert res["request_throughput"] == pytest.approx(6 / res["duration_s"])
     assert res["request_goodput"] == pytest.approx(res["request_throughput"])  # generous SLOs
-    for name in ("ttft", "tpot", "itl", "e2el"):
-        for stat in ("mean", "median", "p90", "p99"):
-            assert res[f"{stat}_{name}_ms"] >= 0
-    assert res["mean_ttft_ms"] > 0 and res["mean_e2el_ms"] >= res["mean_ttft_ms"]
-    assert res["energy_j"] is None or res["energy_j"] >= 0  # unavailable here, never invented
+    # Every latency statistic again from the per-request records.
+    assert all(r["success"] and r["output_len"] == 5 for r in reqs)
+    samples = {"ttft": [r["ttft_s"] for r in reqs], "e2el": [r["latency_s"] for r in reqs],
+               "tpot": [(r["latency_s"] - r["ttft_s"]) / 4 for r in reqs],
+               "itl": [g for r in reqs for g in r["itl_s"]]}
+    for name, seconds in samples.items():
+        ms = np.asarray(seconds) * 1e3
+        assert res[f"mean_{name}_ms"] == pytest.approx(ms.mean())
+        assert res[f"median_{name}_ms"] == pytest.approx(np.median(ms))
+        for p in (90, 99):
+            assert res[f"p{p}_{name}_ms"] == pytest.approx(np.percentile(ms, p))
+    for r in reqs:  # the gaps between chunks fall between the first chunk and the end
+        assert 0 < r["ttft_s"] and r["ttft_s"] + sum(r["itl_s"]) <= r["latency_s"]
+    # energy is either measured (per output token) or says why not; never invented
+    assert (res["energy_j"] is None) == (res["energy_unavailable_reason"] is not None)
+    assert res["energy_per_token_j"] == (None if res["energy_j"] is None
+                                         else pytest.approx(res["energy_j"] / 30))
     (cdf,) = res["plots"]
     assert open(cdf, "rb").read(8) == PNG_MAGIC
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from servelm.bench.roofline import (
     decode_bytes_per_step,
     decoder_matmul_params,
@@ -39,6 +41,16 @@ def test_decode_bytes_per_step_by_hand():
     assert decode_bytes_per_step(1000, 32, 10, 5) == 1000 + 32 * 12.5
 
 
+def _step_weight_params(arch: ModelArch) -> int:
+    """Weights a decode step reads in full, by hand: decoder matmuls, the two norms per
+    layer, the final norm and lm_head (the embedding only via lm_head)."""
+    h = arch.hidden_size
+    params = decoder_matmul_params(arch) + arch.num_layers * 2 * h + h + arch.vocab_size * h
+    if arch.qkv_bias:
+        params += arch.num_layers * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+    return params
+
+
 def test_weight_bytes_match_the_stored_model(tiny_model_dir):
     from servelm.llm import LLM
 
@@ -46,20 +58,21 @@ def test_weight_bytes_match_the_stored_model(tiny_model_dir):
         llm = LLM(str(tiny_model_dir("llama", tie_word_embeddings=tied)), num_kv_blocks=8,
                   num_threads=1)
         info = llm.engine.worker_info
-        arch, h = info.arch, info.arch.hidden_size
-        params = decoder_matmul_params(arch) + arch.num_layers * 2 * h + h + arch.vocab_size * h
-        if arch.qkv_bias:
-            params += arch.num_layers * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+        arch = info.arch
+        params = _step_weight_params(arch)
         assert info.decode_weight_bytes == params * 4  # float32; embedding only via lm_head
-        embedding = 0 if tied else arch.vocab_size * h * 4
+        embedding = 0 if tied else arch.vocab_size * arch.hidden_size * 4
         assert info.model_weight_bytes == params * 4 + embedding
         # K and V x layers x KV heads x head_dim, float32
         assert info.kv_bytes_per_token == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
 
 
 def test_roofline_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
+    from servelm.model.loader import load_model
+
+    model = tiny_model_dir("llama")
     out = tmp_path / "res" / "r.json"
-    rc = main(["bench", "roofline", "--model", str(tiny_model_dir("llama")), "--num-prompts", "4",
+    rc = main(["bench", "roofline", "--model", str(model), "--num-prompts", "4",
                "--input-len", "16", "--output-len", "8", "--num-kv-blocks", "32",
                "--num-threads", "1", "--quick", "--result-file", str(out)])
     assert rc == 0
@@ -69,14 +82,31 @@ def test_roofline_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
                 "throughput_mode", "decode", "energy"):
         assert key in res
     assert res["machine"]["torch_threads"] == res["peak_flops"]["threads"] == 1
-    assert res["peak_flops"]["flops"] > 0 and res["bandwidth"]["bytes_per_s"] > 0
+    pk, bw = res["peak_flops"], res["bandwidth"]
+    assert pk["flops"] == max(pk["flops_by_size"].values()) == pk["flops_by_size"][
+        str(pk["best_size"])]
+    assert bw["bytes_per_s"] == max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"])
+    # Every figure again from the raw counts and times, with the FLOPs and bytes by hand.
+    arch = load_model(str(model)).arch
     tp, dec = res["throughput_mode"], res["decode"]
-    for key in ("total_tok_s", "flops_per_token", "achieved_flops", "mfu"):
-        assert tp[key] > 0
     assert tp["output_tokens"] == 4 * 8 and tp["prompt_tokens"] == 4 * 16
-    for key in ("tok_s", "bytes_per_step", "achieved_bandwidth", "mbu"):
-        assert dec[key] > 0
-    assert dec["decode_steps"] == 7
+    flops = 4 * (2 * decoder_matmul_params(arch) * 23 + 2 * arch.vocab_size * arch.hidden_size * 8
+                 + 4 * arch.num_layers * arch.num_heads * arch.head_dim * (23 * 24 // 2))
+    assert tp["flops_per_request"]["total"] * 4 == flops
+    assert tp["total_tok_s"] == pytest.approx(4 * 24 / tp["elapsed_s"])
+    assert tp["output_tok_s"] == pytest.approx(4 * 8 / tp["elapsed_s"])
+    assert tp["flops_per_token"] == pytest.approx(flops / (4 * 24))
+    assert tp["achieved_flops"] == pytest.approx(flops / tp["elapsed_s"])
+    assert tp["mfu"] == pytest.approx(flops / tp["elapsed_s"] / pk["flops"])
+    assert dec["decode_steps"] == 7 and dec["output_tokens"] == 8
+    kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4  # K and V, float32
+    weights = 4 * _step_weight_params(arch)  # float32
+    assert dec["weight_bytes"] == weights and dec["kv_bytes_per_token"] == kv
+    per_step = weights + kv * (16 + 8 / 2)
+    assert dec["bytes_per_step"] == pytest.approx(per_step)
+    assert dec["tok_s"] == pytest.approx(7 / dec["decode_s"])
+    assert dec["achieved_bandwidth"] == pytest.approx(per_step * 7 / dec["decode_s"])
+    assert dec["mbu"] == pytest.approx(per_step * 7 / dec["decode_s"] / bw["bytes_per_s"])
     for mode in ("throughput_mode", "decode"):
         e = res["energy"][mode]
         assert (e["energy_j"] is None) == (e["energy_unavailable_reason"] is not None)

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from servelm.bench import llamacpp_peer
-from servelm.bench.spec import SpecBenchConfig, compare
+from servelm.bench.datasets import encode_prompt
+from servelm.bench.spec import WARMUP_TEXT, SpecBenchConfig, compare
 from servelm.bench.spec_datasets import GROUNDED_INSTRUCTION, build_dataset
 from servelm.bench.spec_drafts import write_pruned_draft
 from servelm.bench.spec_report import split_system, system_name, vs_servelm
@@ -36,6 +37,21 @@ def _run(tmp_path, model, *extra: str) -> dict:
                "--result-file", str(out), *extra])
     assert rc == 0
     return json.loads(out.read_text())
+
+
+def _check_rates(row: dict) -> None:
+    """A row's rates and ratios recomputed from the raw totals it also stores."""
+    for f in (row["baseline"], row["speculative"]):
+        assert f["decode_tok_s"] == pytest.approx(f["decode_tokens"] / f["decode_s"])
+        assert f["tokens_per_step"] == pytest.approx(f["decode_tokens"] / f["decode_steps"])
+        if "spec_proposed_tokens" in f:
+            proposed, accepted = f["spec_proposed_tokens"], f["spec_accepted_tokens"]
+            assert f["acceptance_rate"] == (pytest.approx(accepted / proposed) if proposed
+                                            else None)
+    assert row["speedup"] == pytest.approx(
+        row["speculative"]["decode_tok_s"] / row["baseline"]["decode_tok_s"])
+    assert row["identical_fraction"] == pytest.approx(
+        1 - len(row["differing_requests"]) / row["baseline"]["num_requests"])
 
 
 def test_grounded_dataset_and_config(tmp_path, tiny_tokenizer):
@@ -70,31 +86,58 @@ def test_compare_and_until_stop():
     assert until_stop([5, 2, 7, 2], {2}) == [5, 2] and until_stop([5], {2}) == [5]
 
 
-def test_spec_cli_servelm_and_transformers(tmp_path, tiny_model_dir, capsys):
+def _plain_output_lens(model, tokenizer, prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Output lengths of servelm (the bench's engine options, the same request order after
+    the same warm-up) and of transformers, greedy, up to 8 tokens, one request at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from servelm.llm import LLM
+    from servelm.sampling_params import SamplingParams
+
+    llm = LLM(str(model), num_kv_blocks=64, num_threads=1, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    ours = [len(llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+                .outputs[0].token_ids) for p in [encode_prompt(tokenizer, WARMUP_TEXT), *prompts]]
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    theirs = []
+    for p in prompts:
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p)),
+                              max_new_tokens=8, do_sample=False, pad_token_id=0)
+        theirs.append(out.shape[1] - len(p))
+    return ours[1:], theirs
+
+
+def test_spec_cli_servelm_and_transformers(tmp_path, tiny_model_dir, tiny_tokenizer, capsys):
+    from servelm.llm import LLM
+
+    model = tiny_model_dir("llama")
     # a prefill budget under the prompt length: the prefill-step count spans chunks
-    res = _run(tmp_path, tiny_model_dir("llama"), "--max-num-batched-tokens", "64")
+    res = _run(tmp_path, model, "--max-num-batched-tokens", "64")
     assert res["benchmark"] == "spec" and res["machine"]["torch_threads"] == 1
     assert {"date", "command", "servelm_revision", "config", "datasets", "systems"} <= set(res)
     assert res["config"]["speculative_config"]["ngram"]["num_speculative_tokens"] == 4
     assert res["datasets"]["grounded"]["num_prompts"] == 2
     sv = res["results"]["grounded"]["servelm"]
     assert sv["identical_fraction"] == 1.0 and sv["differing_requests"] == []  # lossless
+    # The same prompts, generated here without speculation by servelm and by transformers.
+    max_len = LLM(str(model), num_kv_blocks=64, num_threads=1).engine.max_model_len
+    prompts = build_dataset("grounded", tiny_tokenizer, 2, max_len - 8, 0,
+                            str(tmp_path / "si.jsonl")).prompts
+    ours, theirs = _plain_output_lens(model, tiny_tokenizer, prompts)
     for variant in ("baseline", "speculative"):
         f = sv[variant]
-        assert f["num_requests"] == 2 and 2 <= f["output_tokens"] <= 16
-        assert f["decode_tokens"] == f["output_tokens"] - 2 and f["decode_tok_s"] > 0
+        assert f["num_requests"] == 2 and f["output_tokens"] == sum(ours)  # lossless
+        assert f["decode_tokens"] == f["output_tokens"] - 2
         assert f["ttft_s"]["n"] == 2
     assert sv["baseline"]["tokens_per_step"] == 1.0  # the step count is measured right
-    spec = sv["speculative"]
-    assert spec["spec_proposed_tokens"] > 0  # the repeated input gives n-grams to copy
-    assert 0.0 <= spec["acceptance_rate"] <= 1.0
-    assert spec["tokens_per_step"] == pytest.approx(
-        spec["decode_tokens"] / spec["decode_steps"])
-    assert sv["speedup"] == pytest.approx(
-        spec["decode_tok_s"] / sv["baseline"]["decode_tok_s"])
+    assert sv["speculative"]["spec_proposed_tokens"] > 0  # the input repeats: n-grams to copy
+    _check_rates(sv)
     tf = res["results"]["grounded"]["transformers"]
-    assert tf["baseline"]["tokens_per_step"] == 1.0 and tf["speedup"] > 0
-    assert 0.0 <= tf["identical_fraction"] <= 1.0
+    assert tf["baseline"]["tokens_per_step"] == 1.0
+    assert tf["baseline"]["output_tokens"] == sum(theirs)
+    _check_rates(tf)
     assert set(res["vs_servelm"]["grounded"]["transformers"]) == {"baseline", "speculative"}
     # An HF folder: llama.cpp cannot run it (or is not installed); either way a recorded skip.
     assert "skipped" in res["systems"]["llama.cpp"]
@@ -130,7 +173,7 @@ def test_spec_llamacpp_on_tiny_gguf(tmp_path, tiny_gguf_path, monkeypatch):
     assert "skipped" not in res["systems"]["llama.cpp"]
     assert "LlamaPromptLookupDecoding" in res["systems"]["llama.cpp"]["draft_model"]
     assert lc["baseline"]["tokens_per_step"] == 1.0
-    assert lc["speculative"]["decode_tok_s"] > 0 and 0.0 <= lc["identical_fraction"] <= 1.0
+    _check_rates(lc)
     assert res["results"]["grounded"]["servelm"]["identical_fraction"] == 1.0
 
 
@@ -232,8 +275,8 @@ def test_spec_cli_every_proposer(tmp_path, tiny_model_dir, monkeypatch, tree):
     for kind in kinds:
         sv = rows["servelm" + kind]
         assert sv["identical_fraction"] == 1.0 and sv["differing_requests"] == []  # lossless
-        assert sv["speculative"]["spec_proposed_tokens"] >= 0
-        assert rows["transformers" + kind]["speculative"]["decode_tok_s"] > 0
+        _check_rates(sv)
+        _check_rates(rows["transformers" + kind])
         assert set(res["vs_servelm"]["grounded"]["transformers" + kind]) == {
             "baseline", "speculative"}
     assert rows["servelm-layer_skip"]["speculative"]["spec_proposed_tokens"] > 0

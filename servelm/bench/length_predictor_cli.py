@@ -10,20 +10,22 @@ the scheduler's learned input has one place for its data, its training and its r
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from servelm.bench.datasets import default_dataset_path, encode_prompt, read_jsonl
-from servelm.engine.length_predictor import LengthPredictor, evaluate
+from servelm.bench.harness import (
+    Table,
+    check_int,
+    print_report,
+    result_path,
+    run_stamp,
+    write_result,
+)
 
 DEFAULT_MAX_TOKENS = 512
 _ROWS = (("predictor", "learned (tokens + length)"), ("prompt_length", "prompt length only"),
@@ -61,6 +63,8 @@ def add_predictor_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from servelm.engine_args import engine_kwargs
     from servelm.llm import LLM
     from servelm.sampling_params import SamplingParams
@@ -103,10 +107,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _int_field(row: dict[str, Any], key: str, where: str, minimum: int) -> int:
-    value = row.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"{where}: field {key!r}", row.get(key), minimum)
 
 
 def read_pairs(path: str | Path) -> tuple[list[list[int]], list[int], list[dict[str, Any]]]:
@@ -181,24 +182,24 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_report(metrics: dict[str, dict[str, Any]], num_train: int, max_tokens: int) -> None:
-    from servelm.bench.report import make_table
-    from servelm.bench.report import print_report as print_tables
-
+def print_held_out(metrics: dict[str, dict[str, Any]], num_train: int, max_tokens: int) -> None:
     n = metrics["predictor"]["n"]
-    table = make_table(f"output length on {n} held-out requests (trained on {num_train})",
-                       ["predictor", "pairwise acc.", "Spearman", "MAE (tokens)",
-                        "median rel. error"])
+    table = Table(f"output length on {n} held-out requests (trained on {num_train})",
+                  ["predictor", "pairwise acc.", "Spearman", "MAE (tokens)", "median rel. error"])
     for key, label in _ROWS:
         m = metrics[key]
         table.add_row(label.replace("max_tokens", f"max_tokens={max_tokens}", 1),
                       _fmt(m["pairwise_accuracy"], ".3f"), _fmt(m["spearman"], ".3f"),
                       _fmt(m["mae_tokens"], ".1f"), _fmt(m["median_rel_error"], ".2f"))
-    print_tables([table], ["pairwise acc.: share of request pairs with different true lengths "
+    print_report([table], ["pairwise acc.: share of request pairs with different true lengths "
                            "that the predictor orders correctly (what sjf needs; 0.5 = chance)"])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from servelm.engine.length_predictor import LengthPredictor, evaluate
+
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     prompts, lens, rows = read_pairs(args.pairs)
@@ -212,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     held_out = LengthPredictor.fit([prompts[i] for i in train], [lens[i] for i in train],
                                    vocab_size=vocab)
     metrics = evaluate(held_out, [prompts[i] for i in test], [lens[i] for i in test], max_tokens)
-    print_report(metrics, len(train), max_tokens)
+    print_held_out(metrics, len(train), max_tokens)
 
     predictor = LengthPredictor.fit(prompts, lens, vocab_size=vocab)
     predictor.save(args.output)
@@ -220,8 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"to {args.output}")
     if args.report_json:
         report = {
-            "command": shlex.join(["servelm", *sys.argv[1:]]),
-            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **run_stamp(),
             "pairs_file": str(args.pairs), "num_pairs": n, "num_train": len(train),
             "num_test": num_test, "test_fraction": args.test_fraction, "seed": args.seed,
             "max_tokens": max_tokens, "vocab_size": vocab, "buckets": predictor.buckets,
@@ -231,7 +231,5 @@ def cmd_train(args: argparse.Namespace) -> int:
                            "p90": float(np.percentile(lens, 90)), "max": max(lens),
                            "hit_max_tokens": sum(n_ >= max_tokens for n_ in lens) / n},
         }
-        out = Path(args.report_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_result(report, result_path(args.report_json, "length-predictor"))
     return 0

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from servelm.bench.datasets import default_dataset_path
+from servelm.bench.harness import greedy, progress, result_header, result_path, write_result
 
 
 def add_eval_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -86,14 +86,6 @@ def score(llm: Any, wins: list[list[int]]) -> tuple[list[float], list[int]]:
     return lls, top
 
 
-def greedy(llm: Any, wins: list[list[int]], n: int) -> list[list[int]]:
-    from servelm.sampling_params import SamplingParams
-
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": w} for w in wins], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 def greedy_agreement(got: list[list[int]], ref: list[list[int]]) -> float:
     """Mean fraction of each continuation generated before the first token that differs."""
     def prefix(a: list[int], b: list[int]) -> int:
@@ -141,7 +133,6 @@ def perplexity(lls: list[float]) -> float:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from servelm.bench.results import result_header, result_path, write_result
     from servelm.engine_args import engine_kwargs
     from servelm.llm import LLM
     from servelm.model.loader import load_tokenizer
@@ -150,7 +141,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     path = Path(args.dataset_path) if args.dataset_path else default_dataset_path()
     if path is None:
         raise FileNotFoundError("no --dataset-path given and the self-instruct set is not there")
-    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    say = progress()
     tokens = load_tokenizer(args.model).encode(read_text(path))
     wins = windows(tokens, args.context_len, args.num_windows)
     say(f"eval perplexity: {len(wins)} windows of {args.context_len} tokens from {path}")
@@ -168,7 +159,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         llm = LLM(args.model, **options)
         lls, tops[name] = score(llm, wins)
         if args.greedy_tokens > 0:
-            continuations[name] = greedy(llm, wins, args.greedy_tokens)
+            continuations[name] = [list(o.outputs[0].token_ids)
+                                   for o in greedy(llm, wins, args.greedy_tokens)]
         m = llm.get_metrics()
         lls_by_setting[name] = lls
         results[name] = {"perplexity": perplexity(lls), "tokens": len(lls),
