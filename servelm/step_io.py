@@ -19,7 +19,7 @@ from servelm.sampling_params import SamplingParams
 BlockCopy = tuple[int, int]  # (source block, destination block)
 
 
-@dataclass
+@dataclass(slots=True)
 class NewRequestData:
     """A request the worker has not seen: sent once, with its first scheduled step."""
 
@@ -29,7 +29,7 @@ class NewRequestData:
     seed: int | None  # the worker draws this request's samples from its own generator
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's part of a step: which tokens to compute and the slots backing them."""
 

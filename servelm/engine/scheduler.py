@@ -122,24 +122,24 @@ class Scheduler:
         that are done. Returns the requests that got tokens this step."""
         now = time.monotonic()
         progressed = []
-        for i, sched in enumerate(step.scheduled):
+        for sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted in zip(
+                step.scheduled, result.sampled_token_ids, result.logprobs, result.prompt_logprobs,
+                result.num_draft_tokens, result.num_accepted_tokens, result.num_evicted_tokens):
             req = self.requests.get(sched.req_id)
             if req is None:
                 continue  # aborted during the step
-            accepted = result.num_accepted_tokens[i]
             req.num_computed_tokens += sched.num_new_tokens - sched.num_draft_tokens + accepted
             if sched.num_draft_tokens:
-                self._count_drafts(req, result.num_draft_tokens[i], accepted)
+                self._count_drafts(req, drafted, accepted)
                 # The KV of rejected drafts is garbage: uncount it, free emptied blocks.
                 self._trim(req, req.num_computed_tokens + 1)
             self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            if result.prompt_logprobs[i] is not None:
-                req.prompt_logprobs.extend(result.prompt_logprobs[i])
-            tokens = result.sampled_token_ids[i]
+            if prompt_logprobs is not None:
+                req.prompt_logprobs.extend(prompt_logprobs)
             if tokens:
                 progressed.append(req)
                 try:
-                    self._append(req, tokens, result.logprobs[i], now)
+                    self._append(req, tokens, logprobs, now)
                 except Exception as exc:  # fail this request only; the batch goes on
                     logger.exception("request %s failed", req.request_id)
                     req.error = f"{type(exc).__name__}: {exc}"
@@ -148,7 +148,6 @@ class Scheduler:
                 if req.is_finished:
                     self.finish(req, req.status)
                     continue
-            evicted = result.num_evicted_tokens[i]
             if evicted:
                 req.num_evicted_tokens += evicted
                 self.counters["kv_evicted_tokens"] += evicted

@@ -35,10 +35,8 @@ class StepBuilder:
             self.out.new_requests.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, req.params, req.seed))
             req.num_synced_tokens = req.num_prompt_tokens
-        table = self.kv.block_table(req.request_id)
+        tokens, table, start = req.all_token_ids, self.kv.block_table(req.request_id), req.num_synced_blocks
         self.out.scheduled.append(ScheduledRequest(
             req.request_id, num_new_tokens, req.num_computed_tokens, req.num_evicted_tokens,
-            new_token_ids=req.all_token_ids[req.num_synced_tokens:],
-            block_table_start=req.num_synced_blocks, new_block_ids=table[req.num_synced_blocks:],
-            num_draft_tokens=num_draft_tokens))
-        req.num_synced_tokens, req.num_synced_blocks = req.num_tokens, len(table)
+            tokens[req.num_synced_tokens:], start, table[start:], num_draft_tokens))
+        req.num_synced_tokens, req.num_synced_blocks = len(tokens), len(table)

@@ -1,7 +1,7 @@
 """Lossless verification of draft tokens against the target model's logits.
 
 The target scores the last real token (the root) and every draft node in one pass: one
-row of logits each. Drafts form a chain or a tree (spec/tree.py); a chain is the tree
+row of logits each. Drafts form a chain or a tree (speculative/tree.py); a chain is the tree
 whose every node has one child. Verification walks down from the root:
 
 - Greedy requests follow the child whose token is the target's argmax and stop at the

@@ -16,13 +16,14 @@ from servelm.sampling_params import SamplingParams
 from servelm.step_io import ScheduledRequest, SchedulerOutput
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedRequestState:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
     token_ids: list[int]  # prompt, then output
+    output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_evicted_tokens: int = 0
@@ -35,10 +36,6 @@ class CachedRequestState:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_kv_tokens(self) -> int:
@@ -66,6 +63,7 @@ class RequestStates(dict[str, CachedRequestState]):
     def _apply(self, sched: ScheduledRequest) -> None:
         state = self[sched.req_id]
         state.token_ids.extend(sched.new_token_ids)
+        state.output_token_ids.extend(sched.new_token_ids)  # the prompt came with NewRequestData
         del state.block_table[sched.block_table_start:]
         state.block_table.extend(sched.new_block_ids)
         state.num_computed_tokens = sched.num_computed_tokens

@@ -134,3 +134,40 @@ def test_bad_draft_configs_are_rejected_naming_the_key(tiny_model_dir, make_llm)
     for spec, match in cases:
         with pytest.raises(ValueError, match=match):
             make_llm(path, speculative_config=spec)
+
+
+@pytest.mark.parametrize("shape", [{"num_speculative_tokens": 3}, {"tree": [2, 2, 1]}],
+                         ids=["chain", "tree"])
+def test_draft_feedback_skips_feeding_what_the_draft_already_holds(tiny_model_dir, make_llm,
+                                                                   tmp_path, monkeypatch, shape):
+    """After verification a draft model keeps the K/V of the accepted nodes it fed where
+    they lie on its first chain, so it feeds fewer tokens the next step. Its drafts, and so
+    every acceptance, are exactly those it makes when it feeds everything again."""
+    from servelm.bench.spec_drafts import write_pruned_draft
+    from servelm.speculative.draft import ModelDrafter
+
+    path = tiny_model_dir("llama")
+    spec = {"method": "draft_model", "model": str(write_pruned_draft(str(path), 2, tmp_path)), **shape}
+    fed: list[int] = []
+    run = ModelDrafter._run
+
+    def counting(self, chunks, tables, last_only=False):
+        fed.append(sum(len(c.token_ids) for c in chunks))
+        return run(self, chunks, tables, last_only)
+
+    monkeypatch.setattr(ModelDrafter, "_run", counting)
+    prompts, params = random_prompts(4), greedy(4)
+
+    def go():
+        fed.clear()
+        llm = make_llm(path, speculative_config=spec)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        m = llm.get_metrics()
+        return outs, (m["spec_proposed_tokens"], m["spec_accepted_tokens"]), sum(fed)
+
+    outs, counts, fed_with = go()
+    monkeypatch.setattr(ModelDrafter, "accepted", lambda self, req_id, accepted_path: None)
+    outs_without, counts_without, fed_without = go()
+    assert counts == counts_without and 0 < counts[1] < counts[0]  # some drafts rejected
+    assert fed_with < fed_without
+    same(tokens_and_logprobs(outs), tokens_and_logprobs(outs_without))
