@@ -73,7 +73,8 @@ class ModelRunner:
         with attention_context(batch.attn):
             hidden = self.model(batch.input_ids, batch.positions)
         self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
-        out.num_evicted_tokens = [self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
+        out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
+                                  if self.compression is not None else [0] * len(states))
         return out
 
     def _propose(self, scheduled: list[ScheduledRequest],
@@ -175,7 +176,7 @@ class ModelRunner:
         tokens it dropped (the scheduler frees the blocks past the budget)."""
         comp = self.compression
         kv_len = st.num_kv_tokens + n
-        if comp is None or not comp.due(kv_len, st.num_computed_tokens, st.num_computed_tokens + n,
+        if not comp.due(kv_len, st.num_computed_tokens, st.num_computed_tokens + n,
                                         st.num_prompt_tokens):
             return 0
         self.cache.compress(st.block_table, kv_len)
