@@ -27,6 +27,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int | None  # the worker draws this request's samples from its own generator
+    stop_token_ids: list[int]  # its stop ids and EOS (unless ignored): banned before min_tokens
 
 
 @dataclass(slots=True)
@@ -88,7 +89,6 @@ class WorkerInfo:
 
     arch: ModelArch
     model_source: str
-    eos_token_ids: tuple[int, ...]
     max_model_len: int
     num_kv_blocks: int
     num_swap_blocks: int

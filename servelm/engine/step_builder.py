@@ -33,7 +33,7 @@ class StepBuilder:
         """Schedule `req` for `num_new_tokens` (its blocks already allocated)."""
         if req.num_synced_tokens == 0:
             self.out.new_requests.append(NewRequestData(
-                req.request_id, req.prompt_token_ids, req.params, req.seed))
+                req.request_id, req.prompt_token_ids, req.params, req.seed, sorted(req.stop_token_ids)))
             req.num_synced_tokens = req.num_prompt_tokens
         tokens, table, start = req.all_token_ids, self.kv.block_table(req.request_id), req.num_synced_blocks
         self.out.scheduled.append(ScheduledRequest(

@@ -259,38 +259,37 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
     return weights
 
 
-def _tokenizer_cache_key(reader: GGUFReader, path: Path) -> str:
-    """Hash of the file's metadata+tensor-index bytes: content-based, and only a few MB to read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(reader.data_offset))
-    return h.hexdigest()[:24]
+def _tokenizer_cache_key(path: Path) -> str:
+    """Hash of the file's path, size and modification time: found without parsing the
+    file (seconds for a 49k vocab), and a changed file gets a new key."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
-def load_gguf_tokenizer(reader: GGUFReader, path: Path) -> Any:
-    """Rebuild the tokenizer from GGUF metadata via transformers, cached on disk.
+def load_gguf_tokenizer(path: Path, reader: GGUFReader | None = None) -> Any:
+    """Rebuild the tokenizer (and chat template) from GGUF metadata via transformers,
+    cached on disk.
 
-    transformers' GGUF tokenizer conversion is correct but slow (seconds for a 49k vocab), so its
-    result is saved once under the servelm cache, keyed by the metadata's hash.
+    transformers' GGUF tokenizer conversion is correct but slow (seconds for a 49k vocab), so
+    its result is saved once under the servelm cache; a cache hit does not even parse the
+    file (`reader`, when the caller has one open, saves that on a miss).
     """
     from transformers import AutoTokenizer
 
-    cache = cache_root() / "tokenizers" / f"{path.stem}-{_tokenizer_cache_key(reader, path)}"
-    tok = None
+    cache = cache_root() / "tokenizers" / f"{path.stem}-{_tokenizer_cache_key(path)}"
     if (cache / "tokenizer.json").is_file():
         try:
-            tok = AutoTokenizer.from_pretrained(str(cache))
+            return AutoTokenizer.from_pretrained(str(cache))
         except Exception as e:
             logger.warning("ignoring unreadable tokenizer cache %s: %s", cache, e)
-    if tok is None:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot build a tokenizer from GGUF metadata: {e}") from None
-        _save_atomically(tok, cache)
-    template = _field(reader, "tokenizer.chat_template")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot build a tokenizer from GGUF metadata: {e}") from None
+    template = _field(reader or open_gguf(path), "tokenizer.chat_template")
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
+    _save_atomically(tok, cache)
     return tok
 
 
@@ -307,12 +306,12 @@ def _save_atomically(tok: Any, target: Path) -> None:
             logger.warning("could not cache tokenizer at %s: %s", target, e)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype,
-              keep_int4: bool = False) -> tuple[ModelArch, dict[str, torch.Tensor | Int4Groups], Any]:
-    """Read a GGUF file into (arch, HF-named weights, tokenizer)."""
+def load_gguf(path: str | Path, dtype: torch.dtype, keep_int4: bool = False,
+              with_tokenizer: bool = True) -> tuple[ModelArch, dict[str, torch.Tensor | Int4Groups], Any]:
+    """Read a GGUF file into (arch, HF-named weights, tokenizer or None)."""
     path = Path(path)
     reader = open_gguf(path)
     arch = ModelArch.from_hf_config(gguf_config(reader, path))
     weights = load_gguf_weights(reader, arch, dtype, path, keep_int4)
-    tokenizer = load_gguf_tokenizer(reader, path)
+    tokenizer = load_gguf_tokenizer(path, reader) if with_tokenizer else None
     return arch, weights, tokenizer

@@ -17,7 +17,7 @@ import torch
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import default_model_path
-from servelm.model.gguf_loader import load_gguf, load_gguf_tokenizer, open_gguf
+from servelm.model.gguf_loader import load_gguf, load_gguf_tokenizer
 from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
 
 if TYPE_CHECKING:
@@ -34,15 +34,16 @@ class LoadedModel:
 
     arch: ModelArch
     weights: dict[str, torch.Tensor]
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None when loaded without it
     source: str
 
 
 def load_model(model: str | None, dtype: torch.dtype = torch.float32,
-               keep_int4: bool = False) -> LoadedModel:
+               keep_int4: bool = False, with_tokenizer: bool = True) -> LoadedModel:
     """Load `model`: None (the default GGUF), an HF folder, a folder with one .gguf, or a .gguf.
     `keep_int4`: a GGUF's Q4_0/Q4_1 matmul weights stay 4-bit (`ops.quant.Int4Groups`), to be
-    packed by int4 quantization without rounding twice.
+    packed by int4 quantization without rounding twice. `with_tokenizer=False`: weights and
+    shape only (a worker needs no tokenizer; rebuilding a GGUF's takes seconds).
 
     Raises FileNotFoundError for a path that does not exist and ValueError for anything else
     that servelm cannot load (bad config, damaged or incomplete weights, unsupported types).
@@ -56,12 +57,12 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32,
     start = time.perf_counter()
     gguf = _gguf_in(path)
     if gguf is not None:
-        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_int4)
+        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_int4, with_tokenizer)
         source = gguf
     else:
         arch = load_hf_arch(path)
         weights = load_hf_weights(path, dtype)
-        tokenizer = load_hf_tokenizer(path)
+        tokenizer = load_hf_tokenizer(path) if with_tokenizer else None
         source = path
     if arch.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # tied: the embedding matrix is the head
@@ -81,7 +82,7 @@ def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
     path = path.resolve()
     gguf = _gguf_in(path)
     if gguf is not None:
-        return load_gguf_tokenizer(open_gguf(gguf), gguf)
+        return load_gguf_tokenizer(gguf)
     return load_hf_tokenizer(path)
 
 

@@ -8,6 +8,7 @@ Rows that do not use a stage are left bit-identical by it, for the same reason.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +47,12 @@ class SamplingMetadata:
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
         generators: list[torch.Generator | None],
-        eos_token_ids: set[int],
+        stop_token_ids: list[Collection[int]],
         device: torch.device | str,
     ) -> SamplingMetadata:
-        """Gather the batch's settings into tensors; rows are in the logits' row order."""
+        """Gather the batch's settings into tensors; rows are in the logits' row order.
+        `stop_token_ids`: each row's ids that end it (its stop ids and EOS unless ignored),
+        forbidden while it has fewer than `min_tokens` outputs."""
         greedy = [p.greedy for p in params]
         # Greedy rows ignore the filters, so neutralize them to keep the stages skippable.
         top_k = [0 if g else p.top_k for p, g in zip(params, greedy, strict=True)]
@@ -62,15 +65,8 @@ class SamplingMetadata:
         def optional(values: list[float], neutral: float) -> Tensor | None:
             return f32(values) if any(v != neutral for v in values) else None
 
-        forbid: list[list[int]] = []
-        for p, out in zip(params, output_ids, strict=True):
-            if len(out) < p.min_tokens:
-                stops = set(p.stop_token_ids or [])
-                if not p.ignore_eos:
-                    stops |= eos_token_ids
-                forbid.append(sorted(stops))
-            else:
-                forbid.append([])
+        forbid = [sorted(stops) if len(out) < p.min_tokens else []
+                  for p, out, stops in zip(params, output_ids, stop_token_ids, strict=True)]
 
         return cls(
             temperature=f32([p.temperature for p in params]),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from servelm.model.batch import SeqChunk, build_step_batch
-from servelm.model.loader import LoadedModel, load_model
+from servelm.model.loader import LoadedModel, load_model, load_tokenizer
 from servelm.ops.attention import attention_context
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.proposer import Draft, DraftRequest
@@ -33,13 +33,14 @@ def load_draft(spec: SpecConfig, target: LoadedModel, dtype: torch.dtype) -> Loa
     if spec.method != "draft_model":
         return None
     draft = load_model(spec.model, dtype)
+    target_tokenizer = target.tokenizer or load_tokenizer(target.source)
     vocab = target.arch.vocab_size
     if draft.arch.vocab_size != vocab:
         raise ValueError(f"speculative_config.model {spec.model!r} must share the target's "
                          f"vocabulary of {vocab} tokens, got {draft.arch.vocab_size}")
     # Tokens past the model's vocab (some converted tokenizers add one) are never sampled.
     theirs = {t: i for t, i in draft.tokenizer.get_vocab().items() if i < vocab}
-    mismatch = [(t, i) for t, i in target.tokenizer.get_vocab().items()
+    mismatch = [(t, i) for t, i in target_tokenizer.get_vocab().items()
                 if i < vocab and theirs.get(t) != i]
     if mismatch:
         t, i = mismatch[0]

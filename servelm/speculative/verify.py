@@ -32,7 +32,7 @@ def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
     """Each row's sampling distribution under `params` (temperature, top-k/p, min-p)."""
     rows = logits.shape[0]
     meta = SamplingMetadata.build([params] * rows, [[]] * rows, [[]] * rows, [None] * rows,
-                                  set(), logits.device)
+                                  [()] * rows, logits.device)
     probs = target_probs(logits.float(), meta)
     return probs / probs.sum(dim=-1, keepdim=True)
 

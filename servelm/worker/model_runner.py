@@ -41,10 +41,9 @@ def _chunk(state: CachedRequestState, n: int, draft: Draft | None) -> SeqChunk:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, cache: CacheEngine,
-                 proposer: Proposer | None, eos_token_ids: tuple[int, ...], block_size: int,
-                 dtype: torch.dtype, compression: CompressionConfig | None) -> None:
+                 proposer: Proposer | None, block_size: int, dtype: torch.dtype,
+                 compression: CompressionConfig | None) -> None:
         self.model, self.attention, self.cache, self.proposer = model, attention, cache, proposer
-        self.eos_token_ids = set(eos_token_ids)  # for min_tokens masking
         self.block_size, self.dtype, self.compression = block_size, dtype, compression
         self.states = RequestStates()
         self.sampler = Sampler()
@@ -149,7 +148,7 @@ class ModelRunner:
             [st.prompt_token_ids for st in states],
             [st.output_token_ids for st in states],
             [st.generator for st in states],
-            self.eos_token_ids,
+            [st.stop_token_ids for st in states],
             logits.device,
         )
         tokens = self.sampler(logits, meta).tolist()

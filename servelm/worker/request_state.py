@@ -23,6 +23,7 @@ class CachedRequestState:
     params: SamplingParams
     generator: torch.Generator | None
     token_ids: list[int]  # prompt, then output
+    stop_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -55,7 +56,7 @@ class RequestStates(dict[str, CachedRequestState]):
         for new in step.new_requests:
             gen = None if new.seed is None else torch.Generator().manual_seed(new.seed)
             self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
-                                                  gen, list(new.prompt_token_ids))
+                                                  gen, list(new.prompt_token_ids), new.stop_token_ids)
         for sched in step.scheduled:
             self._apply(sched)
         return [*step.finished_req_ids, *(s.req_id for s in step.scheduled if s.block_table_start == 0)]

@@ -32,10 +32,11 @@ class Worker:
     def __init__(self, config: EngineConfig) -> None:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
-        keep_freed_memory_in_heap()
         self.config = config
         dtype = getattr(torch, config.dtype)
-        loaded = load_model(config.model, dtype, keep_int4=config.quantization == "int4")
+        # The tokenizer is the engine's: the worker sees token ids only.
+        loaded = load_model(config.model, dtype, keep_int4=config.quantization == "int4",
+                            with_tokenizer=False)
         arch, spec = loaded.arch, config.spec
         draft = load_draft(spec, loaded, dtype) if spec else None
         per_block = config.block_size * kv_bytes_per_token(arch, dtype, config.kv_cache_dtype)
@@ -58,10 +59,11 @@ class Worker:
                 layer.attn.scores = cache.kv.scores[i, 0]
         proposer = (self._proposer(spec, model, attention, draft, dtype, max_model_len, num_blocks)
                     if spec else None)
-        self.runner = ModelRunner(model, attention, cache, proposer, arch.eos_token_ids,
-                                  config.block_size, dtype, config.compression)
+        keep_freed_memory_in_heap()  # for the steps; loading gave its temporaries back to the OS
+        self.runner = ModelRunner(model, attention, cache, proposer, config.block_size, dtype,
+                                  config.compression)
         self.info = WorkerInfo(
-            arch=arch, model_source=loaded.source, eos_token_ids=arch.eos_token_ids,
+            arch=arch, model_source=loaded.source,
             max_model_len=max_model_len, num_kv_blocks=num_blocks, num_swap_blocks=num_swap,
             num_offload_blocks=num_offload, kv_bytes_per_token=per_block // config.block_size,
             model_weight_bytes=model.weight_bytes(), decode_weight_bytes=model.decode_weight_bytes())

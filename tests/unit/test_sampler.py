@@ -28,7 +28,7 @@ def meta_for(
         prompt if prompt is not None else [[] for _ in range(b)],
         output if output is not None else [[] for _ in range(b)],
         gens if gens is not None else [None] * b,
-        {EOS},
+        [set(p.stop_token_ids or ()) | (set() if p.ignore_eos else {EOS}) for p in params],
         "cpu",
     )
 
