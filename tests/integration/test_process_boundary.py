@@ -101,3 +101,15 @@ def test_a_pickled_step_stream_replays_on_a_fresh_worker(tiny_model_dir, setting
     if setting == "recompute and prefix cache":
         m = engine.get_metrics()
         assert m["num_preemptions"] > 0 and m["prefix_cache_hit_tokens"] > 0
+
+
+def test_a_shut_down_executor_refuses_steps(tiny_model_dir):
+    config = EngineConfig(model=str(tiny_model_dir("llama")), num_kv_blocks=16)
+    engine = LLMEngine(config)
+    engine.executor.check_health()  # a live worker
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.executor.check_health()
+    engine.add_request("late", [5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.step()
