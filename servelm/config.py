@@ -19,10 +19,10 @@ from typing import Any
 from servelm.kv.compression import CompressionConfig
 from servelm.speculative.config import SpecConfig
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority", "sjf", "mlfq")
-QUANTIZATION_METHODS = ("int8", "int4")
+QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
@@ -46,7 +46,10 @@ class EngineConfig:
     """
 
     model: str | None = option(None, "HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
-    dtype: str = option("float32", "compute dtype of weights and activations", choices=DTYPES)
+    dtype: str = option(
+        "auto", "compute dtype of activations and float weights; auto: float32 where the "
+        "matmul weights stay block-quantized (a GGUF, or --quantization int8/int4), else "
+        "bfloat16 on a CPU with native bf16, else float32", choices=DTYPES)
     block_size: int = option(16, "tokens per KV-cache block", minimum=1)
     num_kv_blocks: int | None = option(None, "KV-cache blocks (default: from --kv-cache-memory-gb)",
                                        minimum=1)
@@ -74,10 +77,12 @@ class EngineConfig:
     speculative_config: dict | str | None = option(
         None, 'speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
         "(see servelm/speculative/config.py)", metavar="JSON")
-    quantization: str | None = option(
-        None, "weight-only quantization at load: int8 per output channel, int4 in groups "
-        "(default: the model dtype)", choices=QUANTIZATION_METHODS)
-    quantization_group_size: int = option(128, "int4: input columns per scale",
+    quantization: str = option(
+        "auto", "weights at load: auto keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks as stored and "
+        "other weights in --dtype; none dequantizes everything to --dtype; int8 / int4 "
+        "quantize every matmul weight in groups of --quantization-group-size columns",
+        choices=QUANTIZATION_METHODS)
+    quantization_group_size: int = option(32, "int8 / int4: input columns per scale",
                                           choices=QUANTIZATION_GROUP_SIZES)
     kv_cache_dtype: str = option(
         "auto", "KV cache storage: the model dtype, or 8 bits (int8, or fp8 e4m3) with a scale "

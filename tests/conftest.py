@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from servelm.model import loader
+
 try:  # tests/ is on sys.path when it is not a package (pytest's default "prepend" mode)
     from fixtures_models import build_tiny_model, build_tokenizer, write_tiny_llama_gguf
 except ImportError:  # tests/ became a package: import it as one
@@ -64,3 +66,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "network: needs PyPI (pip download) on first run; reuses the cache after"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float32_by_default():
+    """dtype "auto" picks bfloat16 on CPUs with native bf16; the tests compare float models
+    against transformers in float32, so they see a CPU without it and get float32 wherever
+    they do not ask for a dtype, on every machine alike (session-wide, so engines built by
+    module fixtures see it too; test_dtype.py checks the choice itself)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loader, "native_bf16", lambda: False)
+        yield

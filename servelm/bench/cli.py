@@ -125,7 +125,11 @@ def _add_latency(bsub: Any, add_engine_args: AddEngineArgs) -> None:
     g.add_argument("--num-iters", type=int, default=5, help="measured iterations")
     g.add_argument("--num-iters-warmup", type=int, default=1, help="untimed iterations first")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
-    _peer_flags(p.add_argument_group("peers"))
+    g = p.add_argument_group("peers")
+    _peer_flags(g)
+    g.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp's llama-bench binary, run on the same GGUF as a peer "
+                        "(default: $SERVELM_LLAMA_BENCH, else llama-bench on PATH)")
     _output_group(p, "latency", detailed=True)
 
 

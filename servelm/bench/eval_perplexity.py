@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from servelm.bench.datasets import default_dataset_path
-from servelm.bench.harness import greedy, progress, result_header, result_path, write_result
+from servelm.bench.harness import (
+    greedy,
+    progress,
+    result_header,
+    result_path,
+    split_engine,
+    write_result,
+)
 
 
 def add_eval_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -94,11 +101,15 @@ def greedy_agreement(got: list[list[int]], ref: list[list[int]]) -> float:
     return sum(prefix(a, b) / len(b) for a, b in zip(got, ref)) / len(ref)
 
 
-def setting_name(engine: dict[str, Any]) -> str | None:
-    """What the configured engine changes from the reference, e.g. `kv_cache_dtype=int8`."""
+def setting_name(engine: dict[str, Any], model: str | None) -> str | None:
+    """What the configured engine changes from the reference, e.g. `kv_cache_dtype=int8`
+    (quantization "auto" changes something only for a GGUF, whose blocks it keeps)."""
+    from servelm.model.loader import is_gguf
+
     parts = []
-    if engine.get("quantization"):
-        parts.append(f"quantization={engine['quantization']}")
+    q = engine.get("quantization", "auto")
+    if q in ("int8", "int4") or (q == "auto" and is_gguf(model)):
+        parts.append(f"quantization={q}")
     if engine.get("kv_cache_dtype", "auto") != "auto":
         parts.append(f"kv_cache_dtype={engine['kv_cache_dtype']}")
     if engine.get("kv_compression"):
@@ -138,6 +149,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from servelm.model.loader import load_tokenizer
 
     engine = engine_kwargs(args)
+    _, _, dtype = split_engine({"model": args.model, **engine})  # "auto" as the engine resolves it
     path = Path(args.dataset_path) if args.dataset_path else default_dataset_path()
     if path is None:
         raise FileNotFoundError("no --dataset-path given and the self-instruct set is not there")
@@ -146,8 +158,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     wins = windows(tokens, args.context_len, args.num_windows)
     say(f"eval perplexity: {len(wins)} windows of {args.context_len} tokens from {path}")
     ref = "reference (no quantization)"
-    settings = {ref: {**engine, "quantization": None, "kv_cache_dtype": "auto", "kv_compression": None}}
-    configured = setting_name(engine)
+    settings = {ref: {**engine, "quantization": "none", "kv_cache_dtype": "auto", "kv_compression": None}}
+    configured = setting_name(engine, args.model)
     if configured:
         settings[configured] = engine
     results: dict[str, Any] = {}
@@ -181,10 +193,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             results[configured][key] = perplexity([x for x, p in zip(lls_by_setting[n], past) if p])
     if not args.skip_hf:
         say("transformers ...")
-        hf = perplexity(hf_log_likelihoods(args.model, engine["dtype"], wins))
+        hf = perplexity(hf_log_likelihoods(args.model, dtype, wins))
         results["transformers (no quantization)"] = {
             "perplexity": hf, "perplexity_vs_reference": hf / results[ref]["perplexity"]}
-    out = {**result_header("eval-perplexity", engine["dtype"]), "dataset": str(path),
+    out = {**result_header("eval-perplexity", dtype), "dataset": str(path),
            "context_len": args.context_len, "num_windows": len(wins),
            "greedy_tokens": args.greedy_tokens, "prefill_chunk": engine["max_num_batched_tokens"],
            "results": results}

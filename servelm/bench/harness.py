@@ -46,10 +46,14 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
 
 
 def split_engine(engine: dict[str, Any]) -> tuple[str | None, dict[str, Any], str]:
-    """(model, the other `LLM` options, dtype) of a benchmark config's `engine` dict."""
+    """(model, the other `LLM` options, dtype) of a benchmark config's `engine` dict; the
+    dtype resolved as the engine resolves "auto", for the peers that run the same weights."""
+    from servelm.model.loader import compute_dtype
+
     rest = dict(engine)
     model = rest.pop("model", None)
-    return model, rest, rest.get("dtype", "float32")
+    dtype = compute_dtype(rest.get("dtype", "auto"), model, rest.get("quantization", "auto"))
+    return model, rest, str(dtype).removeprefix("torch.")
 
 
 def greedy(llm: Any, prompts: list[list[int]], max_tokens: int | list[int],

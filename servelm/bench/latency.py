@@ -20,6 +20,10 @@ a repeated prompt from a prefix cache. How each system is timed:
   sequence); TTFT is counted from the start of the batch (so with batch > 1 it includes the
   wait for earlier requests, as a client sending them together would see), TPOT is the mean
   gap between tokens within a request, end-to-end the wall time of the whole batch.
+- llama-bench: llama.cpp's own C++ benchmark on the same GGUF and threads, when its binary
+  is found (bench/llamacpp_bench.py): TPOT from its decode rate at a cache depth of
+  input_len, TTFT estimated from its prefill rate. Batch 1 only; --skip-llamacpp skips it
+  too.
 
 Latency ratios are peer / servelm, so above 1 means servelm is faster, like the throughput
 ratios. Energy per output token is read from hardware counters around the measured
@@ -55,6 +59,7 @@ from servelm.bench.harness import (
 )
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
+PEERS = (*SYSTEMS[1:], "llama-bench")
 
 
 @dataclass
@@ -69,6 +74,7 @@ class LatencyConfig:
     num_iters_warmup: int = 1
     skip_hf: bool = False
     skip_llamacpp: bool = False
+    llama_bench: str | None = None  # path of llama.cpp's llama-bench (default: found on PATH)
     seed: int = 0
     result_file: str | None = None
     quiet: bool = False
@@ -224,6 +230,7 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
                 partial(run_llamacpp, lm, output_len=cfg.output_len), batches, cfg)
             result["llama.cpp"].update(lm.settings())
             del lm
+        result["llama-bench"] = _llama_bench(model, engine, cfg, say)
     result["ratios"] = _ratios(result)
     result["greedy_exact_match_fraction"] = {
         k: agreement(ids["servelm"], v) for k, v in ids.items() if k != "servelm"}
@@ -233,10 +240,30 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
 def _ratios(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Peer / servelm for mean and median of each latency (above 1: servelm is faster)."""
     sv = result["servelm"]
-    return {peer: {f"{metric}_{stat}": ratio((r[metric] or {}).get(stat),
+    return {peer: {f"{metric}_{stat}": ratio((r.get(metric) or {}).get(stat),
                                              (sv[metric] or {}).get(stat))
                    for metric in METRICS for stat in ("mean", "median")}
-            for peer, r in ran(result, SYSTEMS[1:]).items()}
+            for peer, r in ran(result, PEERS).items()}
+
+
+def _llama_bench(model: str | None, engine: dict[str, Any], cfg: LatencyConfig,
+                 say: Callable[..., None]) -> dict[str, Any]:
+    """llama.cpp's C++ llama-bench on the same GGUF (bench/llamacpp_bench.py), or a skip."""
+    from servelm.bench import llamacpp_bench
+    from servelm.bench.llamacpp_peer import default_threads
+    from servelm.model.default_model import default_model_path
+
+    path = model or default_model_path()
+    binary = llamacpp_bench.find_binary(cfg.llama_bench)
+    why = (llamacpp_bench.NOT_FOUND if binary is None
+           else f"llama-bench peer skipped: {path} is not a .gguf file" if not path.endswith(".gguf")
+           else "llama-bench peer skipped: it measures batch 1 only" if cfg.batch_size != 1 else None)
+    if why is not None:
+        say(why)
+        return {"skipped": why}
+    say(f"running llama-bench ({binary}) ...")
+    return llamacpp_bench.run(binary, path, default_threads(engine), cfg.input_len, cfg.output_len,
+                              cfg.num_iters)
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -256,11 +283,14 @@ def print_table(result: dict[str, Any]) -> None:
                       ms(r["tpot_s"], "median"), ms(r["tpot_s"], "p90"),
                       f"{r['e2e_s']['median']:.3f}", f"{r['output_tok_s']:.1f}",
                       joules_cell(r))
+    if (lb := ran(result, ["llama-bench"]).get("llama-bench")) is not None:
+        table.add_row("llama-bench (C++)", f"~{lb['ttft_s_estimate'] * 1e3:.1f}", "-",
+                      ms(lb["tpot_s"], "median"), "-", "-", f"{lb['decode_tok_s']:.1f} (decode)", "-")
     notes = []
     for peer, rat in result.get("ratios", {}).items():
         parts = [f"{m.removesuffix('_s').upper()} {rat[m + '_median']:.2f}x"
                  for m in METRICS if rat.get(m + "_median") is not None]
         agree = result["greedy_exact_match_fraction"].get(peer)
-        notes.append(f"{peer} / servelm (median, >1 = servelm faster): {', '.join(parts)}; "
-                     f"greedy outputs identical for {agree:.0%} of requests")
+        same = "" if agree is None else f"; greedy outputs identical for {agree:.0%} of requests"
+        notes.append(f"{peer} / servelm (median, >1 = servelm faster): {', '.join(parts)}{same}")
     print_systems_report(result, table, notes)

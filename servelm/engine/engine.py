@@ -8,6 +8,7 @@ state and the KV cache manager), the `Executor` (the workers: model, KV tensors)
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -50,6 +51,11 @@ class LLMEngine:
                                    config.spec, self.max_model_len)
         self.outputs = OutputProcessor()
         self.num_steps = 0
+        # Everything made so far (weights' wrappers, tokenizer and GGUF tables) lives as long
+        # as the engine: frozen, it is no longer walked by every full garbage collection,
+        # which otherwise cost ~15% of batch-1 decode time.
+        gc.collect()
+        gc.freeze()
         logger.info("servelm engine ready in %.1fs: %s, %d KV blocks of %d tokens, max_model_len %d",
                     time.monotonic() - t0, info.model_source, info.num_kv_blocks, config.block_size,
                     self.max_model_len)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from gguf.quants import dequantize
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import cache_root
-from servelm.ops.quant import Int4Groups
+from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, map_rows
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _T = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
+_BLOCK_TYPES = (_T.Q8_0, _T.Q4_0, _T.Q4_1)
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -203,28 +205,32 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _int4_groups(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int4Groups:
-    """A Q4_0/Q4_1 tensor's own 4-bit values and per-block scale and min. A block holds 32
-    weights: an fp16 scale d, for Q4_1 an fp16 min m, then 16 bytes whose low nibbles are
-    weights 0-15 and high nibbles 16-31; w = q * d + m (Q4_0: w = (q - 8) * d)."""
+def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> BlockQ8 | BlockQ4:
+    """A Q8_0/Q4_0/Q4_1 tensor's own blocks of 32 weights: an fp16 scale d (Q4_1: and an
+    fp16 min m), then the values, Q8_0 as 32 signed bytes (w = q * d), Q4 as 16 bytes whose
+    low nibbles are weights 0-15 and high nibbles 16-31 (Q4_1: w = q * d + m; Q4_0:
+    w = (q - 8) * d, that is m = -8 d). The bytes are kept as they are."""
     n, k = shape
     blocks = np.ascontiguousarray(data).reshape(n, k // 32, -1)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
+    if qtype == _T.Q8_0:
+        q = torch.from_numpy(blocks[..., 2:34].copy().view(np.int8).reshape(n, k))
+        return BlockQ8(q.clamp_(-127, 127), d)
     if qtype == _T.Q4_1:
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
         qs = blocks[..., 4:20]
     else:
         m = -8 * d
         qs = blocks[..., 2:18]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
-    return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
+    return BlockQ4(torch.from_numpy(qs.copy().reshape(n, k // 2)), d, m)
 
 
 def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
-                      path: Path, keep_int4: bool = False) -> dict[str, torch.Tensor | Int4Groups]:
-    """Dequantize every tensor into HF names and layout, cast to `dtype`; with `keep_int4`,
-    Q4_0/Q4_1 matmul weights keep their 4-bit values instead (for int4 quantization)."""
-    weights: dict[str, torch.Tensor | Int4Groups] = {}
+                      path: Path, keep_blocks: bool = False) -> dict[str, torch.Tensor | QuantWeight]:
+    """Every tensor in HF names and layout. With `keep_blocks`, Q8_0/Q4_0/Q4_1 matrices stay
+    in their blocks (ops.quant, run by kernels that read them as they are); everything else,
+    and everything without `keep_blocks`, is dequantized and cast to `dtype`."""
+    weights: dict[str, torch.Tensor | QuantWeight] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue
@@ -240,13 +246,9 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         permute = arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name)
         heads = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
-        if (keep_int4 and t.tensor_type in (_T.Q4_0, _T.Q4_1) and hf.startswith("model.layers.")
-                and hf.endswith("proj.weight")):
-            groups = _int4_groups(t.data, t.tensor_type, shape)
-            if permute:
-                groups = Int4Groups(*(_reverse_llama_permute(getattr(groups, f), heads)
-                                      for f in ("q", "scales", "mins")))
-            weights[hf] = groups
+        if keep_blocks and t.tensor_type in _BLOCK_TYPES and len(shape) == 2:
+            blocks = _blocks(t.data, t.tensor_type, shape)
+            weights[hf] = map_rows(blocks, partial(_reverse_llama_permute, n_heads=heads)) if permute else blocks
             continue
         try:
             data = dequantize(t.data, t.tensor_type)
@@ -306,12 +308,12 @@ def _save_atomically(tok: Any, target: Path) -> None:
             logger.warning("could not cache tokenizer at %s: %s", target, e)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, keep_int4: bool = False,
-              with_tokenizer: bool = True) -> tuple[ModelArch, dict[str, torch.Tensor | Int4Groups], Any]:
+def load_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: bool = False,
+              with_tokenizer: bool = True) -> tuple[ModelArch, dict[str, torch.Tensor | QuantWeight], Any]:
     """Read a GGUF file into (arch, HF-named weights, tokenizer or None)."""
     path = Path(path)
     reader = open_gguf(path)
     arch = ModelArch.from_hf_config(gguf_config(reader, path))
-    weights = load_gguf_weights(reader, arch, dtype, path, keep_int4)
+    weights = load_gguf_weights(reader, arch, dtype, path, keep_blocks)
     tokenizer = load_gguf_tokenizer(path, reader) if with_tokenizer else None
     return arch, weights, tokenizer

@@ -13,10 +13,11 @@ from torch import nn
 
 from servelm.model.arch import ModelArch
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
-from servelm.ops.attention import AttentionBackend, current_attention_metadata
+from servelm.ops.attention import AttentionBackend, AttentionMetadata, current_attention_metadata
 from servelm.ops.attention_scores import accumulate_attention
+from servelm.ops.fused_decoder import FusedDecoder, LayerWeights, supported
 from servelm.ops.kv_quant import QuantizedKV
-from servelm.ops.quant import QuantWeight, cat_rows, embedding, linear, quantize, quantize_int8
+from servelm.ops.quant import QuantWeight, cat_rows, embedding, linear, linear_add, quantize
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,6 +25,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def _decodes_only(meta: AttentionMetadata) -> bool:
+    """A step of plain decodes in one group: what the fused decoder runs."""
+    return (not meta.prefills and not meta.scored and len(meta.decodes) == 1
+            and meta.decodes[0].mask is None)
 
 
 class Attention(nn.Module):
@@ -43,7 +50,9 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | QuantizedKV | None = None  # [2, num_slots, KV, D], bound by the runner
         self.scores: torch.Tensor | None = None  # [num_slots, KV]: H2O/SnapKV attention, bound by the runner
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+        """residual + attention(x): a quantized o_proj adds into `residual` in place."""
         t = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -59,7 +68,7 @@ class Attention(nn.Module):
         o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
         if meta.scored and self.scores is not None:
             accumulate_attention(q, self.kv_cache, self.scores, meta, self.scale)
-        return linear(o.reshape(t, self.q_size), self.o_weight)
+        return linear_add(o.reshape(t, self.q_size), self.o_weight, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -74,10 +83,10 @@ class DecoderLayer(nn.Module):
         self.intermediate = arch.intermediate_size
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin)
+        x = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, residual=x)
         h = linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
         gate, up = h.split(self.intermediate, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down_weight)
+        return linear_add(F.silu(gate) * up, self.down_weight, x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -91,23 +100,47 @@ class LlamaForCausalLM(nn.Module):
         self.embed: torch.Tensor
         self.final_norm: torch.Tensor
         self.lm_head: torch.Tensor
+        self._fused: FusedDecoder | bool | None = None  # False: not eligible
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 num_layers: int | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]. `num_layers`
         runs only the first layers (early exit, for layer-skip drafting)."""
-        x = embedding(input_ids, self.embed)
-        cos, sin = self.rope.lookup(positions)
-        for layer in self.layers[:num_layers]:
-            x = layer(x, cos, sin)
+        x = embedding(input_ids, self.embed, self.dtype)
+        meta = current_attention_metadata()
+        fused = self._fused_decoder(meta.block_size) if _decodes_only(meta) else None
+        if fused is not None:
+            group = meta.decodes[0]
+            x = fused.forward(x, positions, meta.slot_mapping, group.block_index.view(group.num, -1),
+                              group.context_lens, num_layers)
+        else:
+            cos, sin = self.rope.lookup(positions)
+            for layer in self.layers[:num_layers]:
+                x = layer(x, cos, sin)
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
+
+    def _fused_decoder(self, block_size: int) -> FusedDecoder | None:
+        """The one-call decode step (ops/fused_decoder.py) when this model's weights and cache
+        are in the form it runs, built on first use (the runner binds the caches after
+        construction); None otherwise."""
+        if self._fused is None:
+            layers = [LayerWeights(a.qkv_weight, a.o_weight, layer.gate_up_weight, layer.down_weight,
+                                   layer.input_norm, layer.post_attn_norm, a.qkv_bias, a.q_norm, a.k_norm,
+                                   a.kv_cache)
+                      for layer in self.layers for a in [layer.attn]]
+            arch = self.arch
+            self._fused = (FusedDecoder(layers, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
+                                        arch.head_dim, block_size, arch.rms_norm_eps, self.rope.cos,
+                                        self.rope.sin)
+                           if self.dtype == torch.float32 and supported(layers) else False)
+        return self._fused or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head).float()
 
     def quantize(self, method: str, group_size: int) -> None:
-        """Quantize every matmul weight and the embedding table (int8 rows: a lookup
-        scales one row). A tied LM head shares the int8 table under int4 too, as llama.cpp
+        """Quantize every matmul weight and the embedding table (8-bit rows: a lookup
+        scales one row). A tied LM head shares the 8-bit table under int4 too, as llama.cpp
         keeps a tied output at 8 bits: a 4-bit LM head costs perplexity out of proportion."""
         for layer in self.layers:
             a = layer.attn
@@ -116,8 +149,8 @@ class LlamaForCausalLM(nn.Module):
             layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size, self.dtype)
             layer.down_weight = quantize(layer.down_weight, method, group_size, self.dtype)
         tied = self.lm_head is self.embed
-        self.embed = quantize_int8(self.embed)
-        self.lm_head = self.embed if tied else quantize(self.lm_head, method, group_size)
+        self.embed = quantize(self.embed, "int8", group_size, self.dtype)
+        self.lm_head = self.embed if tied else quantize(self.lm_head, method, group_size, self.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight the model holds (a tied LM head counted once)."""

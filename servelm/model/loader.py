@@ -39,10 +39,10 @@ class LoadedModel:
 
 
 def load_model(model: str | None, dtype: torch.dtype = torch.float32,
-               keep_int4: bool = False, with_tokenizer: bool = True) -> LoadedModel:
+               keep_blocks: bool = False, with_tokenizer: bool = True) -> LoadedModel:
     """Load `model`: None (the default GGUF), an HF folder, a folder with one .gguf, or a .gguf.
-    `keep_int4`: a GGUF's Q4_0/Q4_1 matmul weights stay 4-bit (`ops.quant.Int4Groups`), to be
-    packed by int4 quantization without rounding twice. `with_tokenizer=False`: weights and
+    `keep_blocks`: a GGUF's Q8_0/Q4_0/Q4_1 matrices stay in their blocks (`ops.quant`)
+    instead of being dequantized to `dtype`. `with_tokenizer=False`: weights and
     shape only (a worker needs no tokenizer; rebuilding a GGUF's takes seconds).
 
     Raises FileNotFoundError for a path that does not exist and ValueError for anything else
@@ -57,7 +57,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32,
     start = time.perf_counter()
     gguf = _gguf_in(path)
     if gguf is not None:
-        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_int4, with_tokenizer)
+        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_blocks, with_tokenizer)
         source = gguf
     else:
         arch = load_hf_arch(path)
@@ -84,6 +84,34 @@ def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
     if gguf is not None:
         return load_gguf_tokenizer(gguf)
     return load_hf_tokenizer(path)
+
+
+def is_gguf(model: str | None) -> bool:
+    """Whether `model` (as load_model takes it) loads from a GGUF file."""
+    if model is None:
+        return True
+    path = Path(model).expanduser()
+    return path.exists() and _gguf_in(path) is not None
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 / AMX, Arm BF16)."""
+    try:
+        flags = next((line for line in Path(cpuinfo).read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "").split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def compute_dtype(dtype: str, model: str | None, quantization: str) -> torch.dtype:
+    """The torch dtype for `dtype` (config.DTYPES). auto: float32 where the matmul weights
+    stay block-quantized, since the block kernels take float32 activations and bfloat16
+    would only add conversions; else bfloat16 where the CPU has it natively; else float32."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    blocks = quantization in ("int8", "int4") or (quantization == "auto" and is_gguf(model))
+    return torch.float32 if blocks or not native_bf16() else torch.bfloat16
 
 
 def _gguf_in(path: Path) -> Path | None:

@@ -4,8 +4,7 @@ Why C: on CPU, attention over a paged cache in plain torch must first gather eve
 request's K/V into a padded tensor, and the SDPA kernels are slow for decode-shaped
 problems (a few query rows per KV head). The kernel in csrc/ reads K/V in place through
 the block table, each token's K and V row once. It needs only a C compiler with OpenMP (gcc); without
-one, `load()` returns None and the engine keeps the torch path. The shared object is
-cached per source hash and CPU, and shares torch's OpenMP runtime (and thread count).
+one, `load()` returns None and the engine keeps the torch path (ops/c_build.py).
 
 The cache is either in q's dtype (float32 / bfloat16) or quantized to one byte per value
 (int8 or fp8 e4m3) with a float32 scale per (slot, KV head), one kernel per (compute,
@@ -15,21 +14,12 @@ cache) dtype pair.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("servelm")
+from servelm.ops import c_build
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 _QUANT_FUNCTIONS = {(q, kv): f"paged_attention_{kv_name}_{q_name}"
                     for q, q_name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
@@ -38,48 +28,11 @@ _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
 _QUANT_ARGTYPES = _ARGTYPES + [ctypes.c_void_p] * 2  # + k_scales, v_scales
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SERVELM_CACHE_DIR") or Path.home() / ".cache" / "servelm"
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The .so is built with -march=native, so it is only valid on the CPU that built it."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
-    return platform.machine() + flags
-
-
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    if os.environ.get("SERVELM_DISABLE_C_KERNELS") == "1":
+    lib = c_build.load("paged_attention")
+    if lib is None:
         return None
-    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_attention-{key}.so"
-    if not target.exists():
-        if compiler is None:
-            logger.warning("no C compiler found; using the slower torch attention path")
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                   "-o", str(built), str(_SOURCE), "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                logger.warning("building the C attention kernel failed, using torch attention:\n%s",
-                               proc.stderr[-2000:])
-                return None
-            os.replace(built, target)  # atomic: concurrent builders race harmlessly
-    lib = ctypes.CDLL(str(target))
     for functions, argtypes in ((_FUNCTIONS, _ARGTYPES), (_QUANT_FUNCTIONS, _QUANT_ARGTYPES)):
         for name in functions.values():
             fn = getattr(lib, name)

@@ -1,166 +1,195 @@
-"""Weight-only quantization: int8 per output channel and int4 in groups along the input.
+"""Block-quantized weights: 8 or 4 bits per weight with an fp16 scale per group of input
+columns, the layouts of GGUF's Q8_0 and Q4_1.
 
 Decode reads every weight once per step, so at small batch its time is the weight bytes
-over memory bandwidth: half the bytes (int8) or a quarter (int4) make the matmuls faster,
-provided the kernel dequantizes on the fly instead of materializing float weights. On CPU,
-torch's packed weight-only kernels do that (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`);
-activations stay in the model dtype. A GPU backend registers its own matmuls in
-`KERNELS` under its device type.
+over memory bandwidth: a quarter (8-bit) or about a sixth (4-bit) of float32's bytes make
+it that much faster, provided the matmul reads the blocks as they are instead of
+materializing float weights. On CPU the C kernel in csrc/qgemm.c does (ops/qgemm.py);
+without a compiler the same weights run through a dequantize-then-matmul fallback. A GGUF's
+Q8_0, Q4_0 and Q4_1 tensors load straight into these classes, so the file's own values run.
 
-- int8: w ~= q * s, q in [-127, 127], one scale per output channel (row): max |w| / 127.
-- int4: asymmetric per group of `group_size` input columns: w ~= q * s + m with q in
-  [0, 15], s = (max - min) / 15, m = min. The kernel computes (q - 8) * s + z, so it is
-  given z = m + 8 s.
+- BlockQ8: w = q * d, q in [-127, 127], d = max |w| / 127 over the group.
+- BlockQ4: w = q * d + m, q in [0, 15], d = (max - min) / 15, m = min over the group.
+
+A GPU backend registers its own matmuls in `KERNELS` under its device type.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from servelm.ops import qgemm
+
 logger = logging.getLogger("servelm")
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+BLOCK = 32  # columns whose 4-bit values share 16 bytes
 
 
 @dataclass
-class Int8Weight:
+class BlockQ8:
     q: Tensor  # [N, K] int8
-    scales: Tensor  # [N], the activation dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scales.nbytes
-
-
-@dataclass
-class Int4Weight:
-    packed: Tensor  # the kernel's packed layout of [N, K] 4-bit values
-    group_size: int
-    scales_and_zeros: Tensor  # [K / group_size, N, 2]: s and z = m + 8 s, activation dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_and_zeros.nbytes
-
-
-QuantWeight = Int8Weight | Int4Weight
-
-
-@dataclass
-class Int4Groups:
-    """4-bit values before packing: w = q * s + m per group of input columns. A GGUF's
-    Q4_0/Q4_1 tensors load as these, so int4 runs the file's exact values instead of
-    rounding its dequantized floats a second time."""
-
-    q: Tensor  # [N, K] uint8 in [0, 15]
-    scales: Tensor  # [N, K / group_size] float32
-    mins: Tensor  # [N, K / group_size] float32
-    group_size: int = 32
+    d: Tensor  # [N, K / group_size] float16
+    group_size: int = BLOCK
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes
+
     def dequantize(self, dtype: torch.dtype) -> Tensor:
-        g = self.q.float().reshape(self.q.shape[0], -1, self.group_size)
-        return (g * self.scales[..., None] + self.mins[..., None]).reshape(self.q.shape).to(dtype)
-
-    def pack(self, dtype: torch.dtype) -> Int4Weight:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
-        sz = torch.stack([self.scales.t(), (self.mins + 8 * self.scales).t()], dim=-1)
-        return Int4Weight(packed, self.group_size, sz.to(dtype).contiguous())
+        g = self.q.float().view(self.q.shape[0], -1, self.group_size) * self.d.float()[..., None]
+        return g.view(self.q.shape).to(dtype)
 
 
-def cat_rows(parts: list[Tensor | Int4Groups], dtype: torch.dtype) -> Tensor | Int4Groups:
-    """Stack weights along their output rows (fusing q/k/v or gate/up); 4-bit groups stay
-    4-bit only when every part is."""
-    if all(isinstance(p, Int4Groups) for p in parts):
-        return Int4Groups(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "mins")),
-                          group_size=parts[0].group_size)
-    return torch.cat([p.dequantize(dtype) if isinstance(p, Int4Groups) else p for p in parts])
+@dataclass
+class BlockQ4:
+    packed: Tensor  # [N, K / 2] uint8: per 32 columns, low nibbles hold 0-15, high 16-31
+    d: Tensor  # [N, K / group_size] float16
+    m: Tensor  # [N, K / group_size] float16
+    group_size: int = BLOCK
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.d.nbytes + self.m.nbytes
+
+    def values(self) -> Tensor:
+        """The 4-bit values, [N, K] uint8."""
+        b = self.packed.view(self.packed.shape[0], -1, BLOCK // 2)
+        return torch.cat([b & 0x0F, b >> 4], dim=-1).view(self.shape)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        n, k = self.shape
+        g = self.values().float().view(n, -1, self.group_size)
+        return (g * self.d.float()[..., None] + self.m.float()[..., None]).view(n, k).to(dtype)
 
 
-def quantize_int8(w: Tensor) -> Int8Weight:
-    wf = w.float()
-    scales = wf.abs().amax(dim=1).clamp_min(1e-8) / 127
-    q = (wf / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scales.to(w.dtype))
+QuantWeight = BlockQ8 | BlockQ4
 
 
-def int4_supported(w: Tensor, group_size: int) -> bool:
+def pack_q4(q: Tensor, d: Tensor, m: Tensor, group_size: int = BLOCK) -> BlockQ4:
+    """4-bit values [N, K] (0-15) and per-group scales and mins into a BlockQ4."""
+    n, k = q.shape
+    b = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+    packed = (b[..., : BLOCK // 2] | (b[..., BLOCK // 2:] << 4)).reshape(n, k // 2)
+    return BlockQ4(packed.contiguous(), d.to(torch.float16).contiguous(),
+                   m.to(torch.float16).contiguous(), group_size)
+
+
+def map_rows(w: QuantWeight, fn: Callable[[Tensor], Tensor]) -> QuantWeight:
+    """`w` with `fn` (a reordering of rows, say) applied to each of its per-row tensors."""
+    return type(w)(*(fn(getattr(w, f.name)) for f in fields(w) if f.name != "group_size"),
+                   group_size=w.group_size)
+
+
+def cat_rows(parts: list[Tensor | QuantWeight], dtype: torch.dtype) -> Tensor | QuantWeight:
+    """Stack weights along their output rows (fusing q/k/v or gate/up); blocks stay blocks
+    only when every part has the same format and group size."""
+    first = parts[0]
+    if not isinstance(first, Tensor) and all(type(p) is type(first) and p.group_size == first.group_size
+                                             for p in parts):
+        return type(first)(*(torch.cat([getattr(p, f.name) for p in parts])
+                             for f in fields(first) if f.name != "group_size"),
+                           group_size=first.group_size)
+    return torch.cat([p if isinstance(p, Tensor) else p.dequantize(dtype) for p in parts])
+
+
+def quantize_q8(w: Tensor, group_size: int = BLOCK) -> BlockQ8:
     n, k = w.shape
-    return n % 16 == 0 and k % group_size == 0
-
-
-def quantize_int4(w: Tensor, group_size: int) -> Int4Weight:
-    n, k = w.shape
-    if not int4_supported(w, group_size):
-        raise ValueError(f"int4 needs rows divisible by 16 and columns by the group size "
-                         f"{group_size}, got a {n} x {k} weight")
     groups = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp_min(1e-8)
-    q = ((groups - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return Int4Groups(q.reshape(n, k), scales, lo, group_size).pack(w.dtype)
+    d = (groups.abs().amax(dim=-1) / 127).to(torch.float16).float()
+    q = (groups / d.clamp_min(1e-12)[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return BlockQ8(q.reshape(n, k).contiguous(), d.to(torch.float16), group_size)
 
 
-def quantize(w: Tensor | Int4Groups, method: str, group_size: int,
-             dtype: torch.dtype | None = None) -> Tensor | QuantWeight:
-    """`w` quantized by `method`; int4 falls back to the largest group size that divides the
-    input dimension, and leaves a weight it cannot take (rows not a multiple of 16) as is.
-    4-bit groups from a file are packed as they are under int4 (`dtype`: the scales')."""
-    if isinstance(w, Int4Groups):
-        if method == "int4" and w.shape[0] % 16 == 0:
-            return w.pack(dtype)
+def quantize_q4(w: Tensor, group_size: int = BLOCK) -> BlockQ4:
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group_size, group_size)
+    lo = groups.amin(dim=-1).to(torch.float16).float()
+    d = ((groups.amax(dim=-1) - lo) / 15).to(torch.float16).float()
+    q = ((groups - lo[..., None]) / d.clamp_min(1e-12)[..., None]).round().clamp(0, 15)
+    return pack_q4(q.reshape(n, k), d, lo, group_size)
+
+
+def quantize(w: Tensor | QuantWeight, method: str, group_size: int,
+             dtype: torch.dtype) -> Tensor | QuantWeight:
+    """`w` as `method` ("int8" or "int4") blocks. Blocks already in that format stay as they
+    are (a GGUF's own values, not rounded twice); others are dequantized and requantized.
+    The group shrinks to the largest size that divides the input dimension; a weight with no
+    such size (columns not a multiple of 32) stays in `dtype`."""
+    cls = BlockQ8 if method == "int8" else BlockQ4
+    if isinstance(w, cls):
+        return w
+    if not isinstance(w, Tensor):
         w = w.dequantize(dtype)
-    if method == "int8":
-        return quantize_int8(w)
-    for g in (group_size, *sorted((s for s in GROUP_SIZES if s < group_size), reverse=True)):
-        if int4_supported(w, g):
+    for g in sorted((s for s in GROUP_SIZES if s <= group_size), reverse=True):
+        if w.shape[1] % g == 0:
             if g != group_size:
-                logger.info("int4: %s weight uses group size %d (%d does not divide %d)",
-                            tuple(w.shape), g, group_size, w.shape[1])
-            return quantize_int4(w, g)
-    logger.warning("int4: %s weight left unquantized (rows must be a multiple of 16 and "
-                   "columns of 32)", tuple(w.shape))
-    return w
+                logger.info("%s: %s weight uses group size %d (%d does not divide %d)",
+                            method, tuple(w.shape), g, group_size, w.shape[1])
+            return quantize_q8(w, g) if method == "int8" else quantize_q4(w, g)
+    logger.warning("%s: %s weight left unquantized (columns must be a multiple of 32)",
+                   method, tuple(w.shape))
+    return w.to(dtype)
 
 
-def _int8_mm(x: Tensor, w: Int8Weight) -> Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x, w.q, w.scales)
+def _cpu_matmul(x: Tensor, w: QuantWeight, out: Tensor | None) -> Tensor:
+    if qgemm.load() is None:
+        y = F.linear(x, w.dequantize(x.dtype))
+        return y if out is None else out.add_(y)
+    x = x.float()
+    if isinstance(w, BlockQ8):
+        return qgemm.q8(x, w.q, w.d, w.group_size, out)
+    return qgemm.q4(x, w.packed, w.d, w.m, w.group_size, out)
 
 
-def _int4_mm(x: Tensor, w: Int4Weight) -> Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, w.scales_and_zeros)
-
-
-# (device type, weight class) -> matmul of a 2-D activation with that weight.
-KERNELS: dict[tuple[str, type], Callable[[Tensor, QuantWeight], Tensor]] = {
-    ("cpu", Int8Weight): _int8_mm,
-    ("cpu", Int4Weight): _int4_mm,
+# (device type, weight class) -> 2-D activation times that weight, added into `out` if given.
+KERNELS: dict[tuple[str, type], Callable[[Tensor, QuantWeight, Tensor | None], Tensor]] = {
+    ("cpu", BlockQ8): _cpu_matmul,
+    ("cpu", BlockQ4): _cpu_matmul,
 }
 
 
-def embedding(ids: Tensor, table: Tensor | Int8Weight) -> Tensor:
-    """Rows of a float or int8 embedding table (an int8 one can double as a tied LM head)."""
+def embedding(ids: Tensor, table: Tensor | QuantWeight, dtype: torch.dtype) -> Tensor:
+    """Rows of a float or quantized embedding table (a quantized one can double as a tied
+    LM head): only the looked-up rows are dequantized."""
     if isinstance(table, Tensor):
         return F.embedding(ids, table)
-    return table.q[ids].to(table.scales.dtype) * table.scales[ids, None]
+    return map_rows(table, lambda t: t[ids]).dequantize(dtype)
 
 
 def linear(x: Tensor, w: Tensor | QuantWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear for float and quantized weights alike."""
     if isinstance(w, Tensor):
         return F.linear(x, w, bias)
+    out = _kernel(x, w)(x.reshape(-1, x.shape[-1]), w, None).reshape(*x.shape[:-1], -1)
+    out = out.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def linear_add(x: Tensor, w: Tensor | QuantWeight, residual: Tensor) -> Tensor:
+    """residual + x @ w.T for 2-D x; the quantized kernel adds in place into `residual`."""
+    if isinstance(w, Tensor) or residual.dtype != torch.float32 or not residual.is_contiguous():
+        return residual + linear(x, w)
+    return _kernel(x, w)(x, w, residual)
+
+
+def _kernel(x: Tensor, w: QuantWeight) -> Callable[[Tensor, QuantWeight, Tensor | None], Tensor]:
     kernel = KERNELS.get((x.device.type, type(w)))
     if kernel is None:
         raise NotImplementedError(f"no {type(w).__name__} matmul registered for {x.device.type}")
-    out = kernel(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], -1)
-    return out if bias is None else out + bias
+    return kernel

@@ -14,9 +14,10 @@ import torch
 from servelm.config import EngineConfig
 from servelm.model.arch import ModelArch
 from servelm.model.llama import LlamaForCausalLM
-from servelm.model.loader import LoadedModel, load_model
+from servelm.model.loader import LoadedModel, compute_dtype, load_model
 from servelm.model.registry import build_model
 from servelm.ops.attention import AttentionBackend, select_backend
+from servelm.ops.quant import METHODS
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.draft import ModelDrafter, load_draft
 from servelm.speculative.ngram import NgramProposer
@@ -33,9 +34,9 @@ class Worker:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
         self.config = config
-        dtype = getattr(torch, config.dtype)
+        dtype = compute_dtype(config.dtype, config.model, config.quantization)
         # The tokenizer is the engine's: the worker sees token ids only.
-        loaded = load_model(config.model, dtype, keep_int4=config.quantization == "int4",
+        loaded = load_model(config.model, dtype, keep_blocks=config.quantization != "none",
                             with_tokenizer=False)
         arch, spec = loaded.arch, config.spec
         draft = load_draft(spec, loaded, dtype) if spec else None
@@ -74,7 +75,7 @@ class Worker:
     def _build_model(self, loaded: LoadedModel, attention: AttentionBackend, dtype: torch.dtype,
                      max_model_len: int) -> LlamaForCausalLM:
         model = build_model(loaded.arch, loaded.weights, attention, dtype, max_model_len)
-        if self.config.quantization:
+        if self.config.quantization in METHODS:
             model.quantize(self.config.quantization, self.config.quantization_group_size)
         return model
 

@@ -20,13 +20,16 @@ def random_prompts(vocab: int, lens: list[int], seed: int = 1) -> list[list[int]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
-def hf_reference(path, prompts: list[list[int]], max_tokens: int, dtype=torch.float32):
-    """Greedy continuation and per-token logprobs from a transformers forward pass.
+def hf_reference(path, prompts: list[list[int]], max_tokens: int, dtype=torch.float32, prepare=None):
+    """Greedy continuation and per-token logprobs from a transformers forward pass
+    (`prepare(model)` may alter the loaded model first).
 
     A plain argmax loop rather than `generate`, whose `min_new_tokens` would mask EOS ids
     while servelm's `ignore_eos` only stops ending on them.
     """
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if prepare is not None:
+        prepare(model)
     refs = []
     with torch.no_grad():
         for p in prompts:

@@ -1,6 +1,7 @@
 """A model quantized at load runs like transformers on the same weights rounded the same
-way: each linear weight (and the embedding table) replaced by its int8 or int4 values,
-computed here from the quantization's definition, not by servelm's code."""
+way, with the activations entering each matmul rounded as the kernel rounds them: each
+linear weight (and the embedding table) replaced by its 8- or 4-bit block values, computed
+here from the quantization's definition, not by servelm's code."""
 
 from __future__ import annotations
 
@@ -12,16 +13,35 @@ from transformers import AutoModelForCausalLM
 from servelm import SamplingParams
 
 
-def int8_rows(w: torch.Tensor) -> torch.Tensor:
-    step = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-8)  # all-zero rows stay 0
-    return (w / step).round().clamp(-127, 127) * step
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()  # scales and mins are stored in fp16
+
+
+def int8_groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    g = w.reshape(w.shape[0], -1, group)
+    step = _fp16(g.abs().amax(-1, keepdim=True) / 127)
+    return ((g / step.clamp_min(1e-12)).round().clamp(-127, 127) * step).reshape(w.shape)
 
 
 def int4_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     g = w.reshape(w.shape[0], -1, group)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    step = ((hi - lo) / 15).clamp_min(1e-8)
-    return (((g - lo) / step).round().clamp(0, 15) * step + lo).reshape(w.shape)
+    lo = _fp16(g.amin(-1, keepdim=True))
+    step = _fp16((g.amax(-1, keepdim=True) - lo) / 15)
+    return (((g - lo) / step.clamp_min(1e-12)).round().clamp(0, 15) * step + lo).reshape(w.shape)
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """Each 32 columns rounded to int8 with scale max |x| / 127, as csrc/qgemm.c does."""
+    g = x.reshape(*x.shape[:-1], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    q = (g * torch.where(amax > 0, 127 / amax, 0)).round()
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+def round_activations(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, args: (int8_activations(args[0]),))
 
 
 def rounded_copy(path, out, method: str, group: int):
@@ -30,32 +50,37 @@ def rounded_copy(path, out, method: str, group: int):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
-                w.copy_(int8_rows(w) if method == "int8" else int4_groups(w, group))
+                w.copy_(int8_groups(w, group) if method == "int8" else int4_groups(w, group))
         emb = model.get_input_embeddings().weight
-        emb.copy_(int8_rows(emb))  # the lookup table is int8 under both methods
+        emb.copy_(int8_groups(emb, group))  # the lookup table is 8-bit under both methods
     model.save_pretrained(out)
     return out
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_greedy_matches_transformers_on_rounded_weights(method, tiny_model_dir,
+@pytest.mark.parametrize("method,family", [("int8", "llama"), ("int4", "llama"), ("int4", "qwen2"),
+                                           ("int8", "qwen3")])
+def test_quantized_greedy_matches_transformers_on_rounded_weights(method, family, tiny_model_dir,
                                                                   make_llm, tmp_path):
-    path = tiny_model_dir("llama")
+    """Decodes run the fused C decoder (ops/fused_decoder.py), prefills the per-op path;
+    qwen2 brings q/k/v biases and qwen3 per-head q/k norms through both."""
+    path = tiny_model_dir(family)
     llm = make_llm(path, quantization=method, quantization_group_size=32, block_size=4,
                    max_num_batched_tokens=16)
     prompts = random_prompts(llm.engine.arch.vocab_size, [5, 17, 30])
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.executor.worker.runner.model._fused, "decodes ran the fused decoder"
     reference = rounded_copy(path, tmp_path / method, method, 32)
-    check_against(outputs, hf_reference(reference, prompts, 12), lp_tol=2e-3)
+    check_against(outputs, hf_reference(reference, prompts, 12, prepare=round_activations),
+                  lp_tol=2e-3)
 
 
 def test_weight_bytes_drop_with_quantization(tiny_model_dir, make_llm):
     path = tiny_model_dir("llama", hidden_size=128, intermediate_size=512)
     sizes = {q: make_llm(path, dtype="bfloat16", quantization=q).get_metrics()["model_weight_bytes"]
-             for q in (None, "int8", "int4")}
-    assert sizes[None] / sizes["int8"] > 1.8
-    assert sizes[None] / sizes["int4"] > 2.4
+             for q in ("auto", "int8", "int4")}
+    assert sizes["auto"] / sizes["int8"] > 1.8
+    assert sizes["auto"] / sizes["int4"] > 2.4
     with pytest.raises(ValueError, match="quantization"):
         make_llm(path, quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):

@@ -107,13 +107,16 @@ def test_a_tree_accepts_more_per_step_than_its_first_chain(tiny_model_dir, make_
 def test_a_gguf_target_takes_the_hf_draft_it_was_converted_from(tiny_gguf_path, tiny_model_dir,
                                                                make_llm):
     """The GGUF's rebuilt tokenizer has an extra token past the vocabulary; the ids that
-    can be sampled agree, so the draft is accepted, and the output is unchanged."""
+    can be sampled agree, so the draft is accepted, and the output is unchanged. (Dequantized:
+    with the GGUF's blocks kept, verification and plain decode round activations in different
+    orders, which on random weights flips near-tied tokens.)"""
     spec = {"method": "draft_model", "model": str(tiny_model_dir("llama")),
             "num_speculative_tokens": 3}
     prompts, params = random_prompts(3), greedy(3)
-    outs = make_llm(tiny_gguf_path, speculative_config=spec).generate(prompts, params, use_tqdm=False)
+    outs = make_llm(tiny_gguf_path, speculative_config=spec, quantization="none").generate(
+        prompts, params, use_tqdm=False)
     same(tokens_and_logprobs(outs), tokens_and_logprobs(
-        make_llm(tiny_gguf_path).generate(prompts, params, use_tqdm=False)))
+        make_llm(tiny_gguf_path, quantization="none").generate(prompts, params, use_tqdm=False)))
 
 
 def test_bad_draft_configs_are_rejected_naming_the_key(tiny_model_dir, make_llm):

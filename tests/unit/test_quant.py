@@ -1,13 +1,15 @@
-"""Weight-only int8/int4: the rounding error stays within half a step of each scale, and
-the packed kernels' matmuls stay within the bound that rounding implies against the float
-weights they came from."""
+"""Block-quantized weights (ops/quant.py) and their C matmuls (csrc/qgemm.c): rounding stays
+within half a step of each group's scale, and every matmul path (AVX2 build, portable C
+build, pure-torch fallback) stays within the bound that rounding the activations to int8
+implies, computed here from the definition, against a float matmul of the same weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from servelm.ops.quant import embedding, linear, quantize, quantize_int4, quantize_int8
+from servelm.ops import c_build, qgemm, quant
+from servelm.ops.quant import BlockQ4, BlockQ8, embedding, linear, linear_add, quantize
 
 
 def weights(n: int = 64, k: int = 128) -> torch.Tensor:
@@ -17,64 +19,111 @@ def weights(n: int = 64, k: int = 128) -> torch.Tensor:
     return w
 
 
-def test_int8_round_trip_is_within_half_a_step():
-    w = weights()
-    q = quantize_int8(w)
-    step = q.scales[:, None]
-    assert ((q.q.float() * step - w).abs() <= step / 2 + 1e-6).all()
-    assert q.q.dtype == torch.int8 and q.nbytes < w.nbytes / 3.5
+def activations(m: int, k: int) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+
+
+def activation_rounding_bound(x: torch.Tensor, w_deq: torch.Tensor) -> torch.Tensor:
+    """|(x - round(x)) w^T| <= sum_k |w_k| step_k / 2, step = max |x| / 127 per 32 columns;
+    plus float32 slack."""
+    step = x.abs().view(x.shape[0], -1, 32).amax(-1) / 127
+    half_step = step.repeat_interleave(32, dim=1) / 2
+    return half_step @ w_deq.abs().t() * 1.01 + 1e-4
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_matmul_is_within_the_rounding_bound(group):
-    """|x (w - w_q)^T| <= sum_k |x_k| s_k / 2 for every row: a bound from the float weights,
-    independent of the packed layout."""
+def test_q8_and_q4_round_trips_are_within_half_a_step(group):
     w = weights()
-    q = quantize_int4(w, group)
-    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(1))
-    scales = q.scales_and_zeros[..., 0].t().float()  # [N, K / group]
-    half_step = scales.repeat_interleave(group, dim=1) / 2  # [N, K]
-    bound = x.abs() @ half_step.t() + 1e-4
-    assert ((linear(x, q) - x @ w.t()).abs() <= bound).all()
-    assert q.nbytes < w.nbytes / 5  # 4 bits of 32, plus a scale and zero per group
+    q8, q4 = quant.quantize_q8(w, group), quant.quantize_q4(w, group)
+    d8 = q8.d.float().repeat_interleave(group, dim=1)
+    slack = w.abs().amax() * 2e-3  # the scales are stored in fp16
+    assert ((q8.dequantize(torch.float32) - w).abs() <= d8 / 2 + slack).all()
+    d4 = q4.d.float().repeat_interleave(group, dim=1)
+    assert ((q4.dequantize(torch.float32) - w).abs() <= d4 / 2 + slack).all()
+    assert q8.nbytes < w.nbytes / 3.5 and q4.nbytes < w.nbytes / 6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_matmul_and_lookup_match_the_dequantized_weights(dtype):
-    w = weights().to(dtype)
-    q = quantize_int8(w)
-    deq = q.q.float() * q.scales.float()[:, None]
-    x = torch.randn(2, 3, w.shape[1]).to(dtype)
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    out = linear(x, q, torch.ones(w.shape[0], dtype=dtype))
-    assert out.shape == (2, 3, w.shape[0])
-    torch.testing.assert_close(out.float(), x.float() @ deq.t() + 1, rtol=tol, atol=tol * 20)
+def test_q4_packing_is_gguf_order():
+    """Low nibbles hold columns 0-15 of each 32, high nibbles 16-31."""
+    q = torch.arange(64).remainder(16).view(1, 64).repeat(16, 1)
+    packed = quant.pack_q4(q, torch.ones(16, 2), torch.zeros(16, 2))
+    assert packed.packed[0, 0] == (0 | 16 << 4) and packed.packed[0, 16] == 0 | (0 << 4)
+    assert torch.equal(packed.values(), q.to(torch.uint8))
+
+
+def _paths(monkeypatch, path: str) -> None:
+    if path == "torch":
+        monkeypatch.setattr(qgemm, "load", lambda: None)
+    elif path == "portable C":
+        lib = c_build.load("qgemm", native=False)
+        assert lib is not None
+        monkeypatch.setattr(qgemm, "load", lambda: qgemm.bind(lib))
+
+
+@pytest.mark.parametrize("path", ["native C", "portable C", "torch"])
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int8", 128), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_matmul_paths_agree_within_the_activation_rounding_bound(monkeypatch, path, fmt, group, rows):
+    _paths(monkeypatch, path)
+    w = quantize(weights(n=48, k=256), fmt, group, torch.float32)
+    deq = w.dequantize(torch.float32)
+    x = activations(rows, 256)
+    exact = x @ deq.t()
+    bound = 1e-4 if path == "torch" else activation_rounding_bound(x, deq)
+    out = linear(x, w, torch.ones(48))
+    assert ((out - 1 - exact).abs() <= bound).all()
+    residual = torch.randn(rows, 48)
+    start = residual.clone()
+    added = linear_add(x, w, residual)
+    assert ((added - start - exact).abs() <= bound).all()
+
+
+def test_bfloat16_activations_run_through_the_kernel():
+    w = quantize(weights(), "int8", 32, torch.bfloat16)
+    x = activations(2, 128).bfloat16()
+    out = linear(x.view(1, 2, 128), w)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 2, 64)
+    ref = x.float() @ w.dequantize(torch.float32).t()
+    torch.testing.assert_close(out.float().view(2, 64), ref, rtol=3e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_embedding_lookup_dequantizes_only_its_rows(fmt):
+    w = quantize(weights(), fmt, 32, torch.float32)
     ids = torch.tensor([3, 0, 3])
-    torch.testing.assert_close(embedding(ids, q).float(), deq[ids], rtol=tol, atol=tol)
+    torch.testing.assert_close(embedding(ids, w, torch.float32), w.dequantize(torch.float32)[ids])
 
 
-def test_int4_falls_back_to_a_group_that_divides_and_skips_odd_shapes():
+def test_group_falls_back_to_a_size_that_divides_and_skips_odd_shapes():
     w = weights(k=96)  # 96 = 3 x 32: 128 and 64 do not divide it
-    q = quantize(w, "int4", 128)
-    assert q.group_size == 32
-    odd = weights(n=40)  # rows not a multiple of 16
-    assert quantize(odd, "int4", 32) is odd
+    assert quantize(w, "int4", 128, torch.float32).group_size == 32
+    odd = weights(k=40)  # columns not a multiple of 32
+    kept = quantize(odd, "int8", 32, torch.bfloat16)
+    assert isinstance(kept, torch.Tensor) and kept.dtype == torch.bfloat16
 
 
-def test_gguf_q4_tensors_keep_their_own_4bit_values(tiny_gguf_path):
-    """Under int4 a GGUF's Q4_0/Q4_1 weights are packed as stored, not rounded again: the
-    kernel's matmul equals one with the file's dequantized weights."""
+def test_cat_rows_keeps_blocks_of_one_format_only():
+    a, b = quant.quantize_q4(weights(n=32)), quant.quantize_q4(weights(n=16))
+    both = quant.cat_rows([a, b], torch.float32)
+    assert isinstance(both, BlockQ4) and both.shape == (48, 128)
+    torch.testing.assert_close(both.dequantize(torch.float32)[32:], b.dequantize(torch.float32))
+    mixed = quant.cat_rows([a, quant.quantize_q8(weights(n=16))], torch.float32)
+    assert isinstance(mixed, torch.Tensor) and mixed.shape == (48, 128)
+
+
+def test_gguf_blocks_are_kept_as_stored(tiny_gguf_path):
+    """A GGUF's Q8_0/Q4_0/Q4_1 tensors load as blocks holding exactly the file's values (the
+    same floats the dequantizing load gives), run as they are, and stay as they are under
+    the matching quantization instead of being rounded again."""
     from servelm.model.gguf_loader import load_gguf
-    from servelm.ops.quant import Int4Groups
 
-    _, kept, _ = load_gguf(tiny_gguf_path, torch.float32, keep_int4=True)
+    _, kept, _ = load_gguf(tiny_gguf_path, torch.float32, keep_blocks=True)
     _, floats, _ = load_gguf(tiny_gguf_path, torch.float32)
-    groups = {k: v for k, v in kept.items() if isinstance(v, Int4Groups)}
-    assert groups, "the fixture stores some tensors as Q4_0/Q4_1"
-    for name, g in groups.items():
-        torch.testing.assert_close(g.dequantize(torch.float32), floats[name], rtol=0, atol=1e-6)
-        packed = quantize(g, "int4", 128, torch.float32)
-        if g.shape[0] % 16 == 0:
-            assert packed.group_size == 32
-        x = torch.randn(3, g.shape[1])
-        torch.testing.assert_close(linear(x, packed), x @ floats[name].t(), rtol=1e-5, atol=1e-5)
+    blocks = {k: v for k, v in kept.items() if isinstance(v, (BlockQ8, BlockQ4))}
+    assert {type(b) for b in blocks.values()} == {BlockQ8, BlockQ4}, "the fixture has Q8_0 and Q4 tensors"
+    for name, b in blocks.items():
+        deq = b.dequantize(torch.float32)
+        torch.testing.assert_close(deq, floats[name], rtol=0, atol=1e-6)
+        assert quantize(b, "int8" if isinstance(b, BlockQ8) else "int4", 128, torch.float32) is b
+        x = activations(3, b.shape[1])
+        assert ((linear(x, b) - x @ deq.t()).abs() <= activation_rounding_bound(x, deq)).all()
