@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from servelm.ops import c_build
-from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight
+from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, kernel_scales
 
 _P = ctypes.c_void_p
 
 
 class _QWeight(ctypes.Structure):
-    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("group", ctypes.c_int64)]
+    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("d8", _P), ("m8", _P), ("group", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -75,14 +75,16 @@ def supported(layers: list[LayerWeights]) -> bool:
             and load() is not None)
 
 
-def _qweight(w: QuantWeight) -> _QWeight:
-    if isinstance(w, BlockQ8):
-        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, w.group_size)
-    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), w.group_size)
-
-
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _qweight(w: QuantWeight) -> _QWeight:
+    if isinstance(w, BlockQ8):
+        (d8,) = kernel_scales(w)
+        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, _ptr(d8), None, w.group_size)
+    d8, m8 = kernel_scales(w)
+    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(d8), _ptr(m8), w.group_size)
 
 
 class FusedDecoder:

@@ -18,8 +18,8 @@ from servelm.ops import c_build
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "qgemm_q8": [_P, _I, _I, _P, _P, _I, _I, _P, _I, ctypes.c_int],
-    "qgemm_q4": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
+    "qgemm_q8": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
+    "qgemm_q4": [_P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
 }
 
 
@@ -56,13 +56,26 @@ def _run(name: str, x: Tensor, weight_ptrs: tuple[int, ...], n: int, group_size:
     return out
 
 
-def q8(x: Tensor, q: Tensor, d: Tensor, group_size: int, out: Tensor | None = None) -> Tensor:
-    """x [M, K] float32 times w [N, K] = q * d (d per group): [M, N], or added into `out`."""
-    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr()), q.shape[0], group_size, out)
+def by_eight(t: Tensor) -> Tensor | None:
+    """Per-row values [N, ns] of the first N - N % 8 rows regrouped as [N / 8, ns, 8], so the
+    kernel reads eight rows' scales of one block with one load (None when N < 8)."""
+    n = t.shape[0] - t.shape[0] % 8
+    return t[:n].view(n // 8, 8, -1).transpose(1, 2).contiguous() if n else None
 
 
-def q4(x: Tensor, packed: Tensor, d: Tensor, m: Tensor, group_size: int,
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def q8(x: Tensor, q: Tensor, d: Tensor, d8: Tensor | None, group_size: int,
        out: Tensor | None = None) -> Tensor:
+    """x [M, K] float32 times w [N, K] = q * d (d per group): [M, N], or added into `out`.
+    d8: by_eight(d), for the eight-rows-at-a-time decode kernel."""
+    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr(), _ptr(d8)), q.shape[0], group_size, out)
+
+
+def q4(x: Tensor, packed: Tensor, d: Tensor, m: Tensor, d8: Tensor | None, m8: Tensor | None,
+       group_size: int, out: Tensor | None = None) -> Tensor:
     """As `q8` for w = q * d + m with q packed two per byte."""
-    return _run("qgemm_q4", x, (packed.data_ptr(), d.data_ptr(), m.data_ptr()), packed.shape[0],
-                group_size, out)
+    return _run("qgemm_q4", x, (packed.data_ptr(), d.data_ptr(), m.data_ptr(), _ptr(d8), _ptr(m8)),
+                packed.shape[0], group_size, out)

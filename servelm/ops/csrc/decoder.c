@@ -7,17 +7,18 @@
  * into the paged cache, paged attention, the output projection added into the residual,
  * RMSNorm, gate/up, SiLU * up and the down projection added into the residual.
  *
- * The matmuls read block-quantized weights (qgemm.c) and attention reads the float32 cache
- * through the block tables (paged_attention.c); both are included here so one library holds
- * the step. Rows are decodes only: row r attends to cache indices [0, ctx[r]) of its request
- * and its own K/V goes to slot slots[r]. Everything is float32.
+ * The matmuls read block-quantized weights (qgemm.c, included so one library holds the step)
+ * and attention reads the float32 cache through the block tables. Rows are decodes only:
+ * row r attends to cache indices [0, ctx[r]) of its request and its own K/V goes to slot
+ * slots[r]. Everything is float32.
  */
 #include "qgemm.c"
-#include "paged_attention.c"
+#include <omp.h>
 
 typedef struct {
     const void *q;
-    const uint16_t *d, *m; /* m: NULL for 8-bit */
+    const uint16_t *d, *m;   /* m: NULL for 8-bit */
+    const uint16_t *d8, *m8; /* [N / 8, ns, 8] copies (qgemm.c), or NULL */
     int64_t group;
 } qweight_t;
 
@@ -36,7 +37,7 @@ typedef struct {
 static int matmul(const float *x, int64_t M, int64_t K, const qweight_t *w, int64_t N, float *out,
                   int accumulate) {
     weights_t wt;
-    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m)) return -1;
+    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m, w->d8, w->m8)) return -1;
     return qgemm(x, M, &wt, N, out, N, accumulate);
 }
 
@@ -65,6 +66,99 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
     }
 }
 
+#define ATT_CHUNK 32
+#define MAX_GROUP 64 /* query heads per KV head */
+
+/* Row r's query heads against its ctx[r] cached tokens, split over (row, kv head, slice of
+ * the context) so that even one row keeps every thread busy. Each slice keeps its own
+ * running max, sum and weighted V (online softmax), merged at the end (flash-decoding). */
+static int decode_attention(const float *q, const float *kc, const float *vc, float *out,
+                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx, int64_t T,
+                            int64_t H, int64_t KV, int64_t D, int64_t bs, float scale) {
+    const int64_t G = H / KV;
+    int64_t longest = 1;
+    for (int64_t r = 0; r < T; r++) longest = ctx[r] > longest ? ctx[r] : longest;
+    const int64_t want = (2 * (int64_t)omp_get_max_threads() + T * KV - 1) / (T * KV);
+    const int64_t most = (longest + ATT_CHUNK - 1) / ATT_CHUNK;
+    const int64_t splits = want < 1 ? 1 : want > most ? most : want;
+    float *pm = malloc(sizeof(float) * (size_t)(T * H * splits)), *pl = malloc(sizeof(float) * (size_t)(T * H * splits));
+    float *pacc = malloc(sizeof(float) * (size_t)(T * H * splits * D));
+    if (!pm || !pl || !pacc || G > MAX_GROUP) {
+        free(pm), free(pl), free(pacc);
+        return -2;
+    }
+    #pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t r = 0; r < T; r++)
+        for (int64_t kvh = 0; kvh < KV; kvh++)
+            for (int64_t sp = 0; sp < splits; sp++) {
+                const int64_t n = ctx[r], per = (n + splits - 1) / splits;
+                const int64_t t0 = sp * per, t1 = t0 + per < n ? t0 + per : n;
+                const int64_t *table = tables + r * max_blocks;
+                float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][ATT_CHUNK];
+                float *acc = pacc + ((r * H + kvh * G) * splits + sp) * D; /* head g at + g * splits * D */
+                for (int64_t g = 0; g < G; g++) {
+                    m[g] = -INFINITY;
+                    l[g] = 0.0f;
+                    memset(acc + g * splits * D, 0, sizeof(float) * (size_t)D);
+                }
+                for (int64_t c0 = t0; c0 < t1; c0 += ATT_CHUNK) {
+                    const int64_t cn = t1 - c0 < ATT_CHUNK ? t1 - c0 : ATT_CHUNK;
+                    int64_t slot[ATT_CHUNK];
+                    for (int64_t j = 0; j < cn; j++) {
+                        const int64_t pos = c0 + j;
+                        slot[j] = (table[pos / bs] * bs + pos % bs) * KV + kvh;
+                    }
+                    for (int64_t j = 0; j < cn; j++) {
+                        const float *k = kc + slot[j] * D;
+                        for (int64_t g = 0; g < G; g++) {
+                            const float *qh = q + (r * H + kvh * G + g) * D;
+                            float dot = 0.0f;
+                            #pragma omp simd reduction(+:dot)
+                            for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
+                            s[g][j] = dot * scale;
+                        }
+                    }
+                    for (int64_t g = 0; g < G; g++) {
+                        float mx = m[g];
+                        for (int64_t j = 0; j < cn; j++) mx = s[g][j] > mx ? s[g][j] : mx;
+                        const float corr = expf(m[g] - mx);
+                        float *a = acc + g * splits * D;
+                        l[g] *= corr;
+                        #pragma omp simd
+                        for (int64_t i = 0; i < D; i++) a[i] *= corr;
+                        for (int64_t j = 0; j < cn; j++) {
+                            const float p = expf(s[g][j] - mx);
+                            const float *v = vc + slot[j] * D;
+                            l[g] += p;
+                            #pragma omp simd
+                            for (int64_t i = 0; i < D; i++) a[i] += p * v[i];
+                        }
+                        m[g] = mx;
+                    }
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    pm[(r * H + kvh * G + g) * splits + sp] = m[g];
+                    pl[(r * H + kvh * G + g) * splits + sp] = l[g];
+                }
+            }
+    for (int64_t rh = 0; rh < T * H; rh++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t sp = 0; sp < splits; sp++) top = pm[rh * splits + sp] > top ? pm[rh * splits + sp] : top;
+        float *o = out + rh * D;
+        memset(o, 0, sizeof(float) * (size_t)D);
+        for (int64_t sp = 0; sp < splits; sp++) {
+            const float w = pl[rh * splits + sp] > 0.0f ? expf(pm[rh * splits + sp] - top) : 0.0f;
+            const float *a = pacc + (rh * splits + sp) * D;
+            total += w * pl[rh * splits + sp];
+            for (int64_t i = 0; i < D; i++) o[i] += w * a[i];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t i = 0; i < D; i++) o[i] *= inv;
+    }
+    free(pm), free(pl), free(pacc);
+    return 0;
+}
+
 /* x [T, hidden] in/out: the residual stream through `num_layers` layers. */
 int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, float *x, int64_t T,
                    const int64_t *positions, const int64_t *slots, const int64_t *block_tables,
@@ -75,9 +169,7 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
     float *qkv = malloc(sizeof(float) * (size_t)(T * qkv_n));
     float *q = malloc(sizeof(float) * (size_t)(T * qs)), *attn = malloc(sizeof(float) * (size_t)(T * qs));
     float *gu = malloc(sizeof(float) * (size_t)(T * 2 * I)), *act = malloc(sizeof(float) * (size_t)(T * I));
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)T);
-    int rc = (!h || !qkv || !q || !attn || !gu || !act || !rows) ? -2 : 0;
-    for (int64_t r = 0; r < T && !rc; r++) rows[r] = r;
+    int rc = (!h || !qkv || !q || !attn || !gu || !act) ? -2 : 0;
     for (int64_t l = 0; l < num_layers && !rc; l++) {
         const layer_t *L = layers + l;
         rms_norm_rows(x, T, H, L->input_norm, dm->eps, h);
@@ -97,8 +189,8 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
             memcpy(L->k_cache + slots[r] * kvs, k, sizeof(float) * (size_t)kvs);
             memcpy(L->v_cache + slots[r] * kvs, v, sizeof(float) * (size_t)kvs);
         }
-        if ((rc = paged_attention_f32(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, rows, ctx,
-                                      T, dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale)))
+        if ((rc = decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
+                                   dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale)))
             break;
         if ((rc = matmul(attn, T, qs, &L->o, H, x, 1))) break;
         rms_norm_rows(x, T, H, L->post_norm, dm->eps, h);
@@ -110,6 +202,6 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
         }
         if ((rc = matmul(act, T, I, &L->down, H, x, 1))) break;
     }
-    free(h), free(qkv), free(q), free(attn), free(gu), free(act), free(rows);
+    free(h), free(qkv), free(q), free(attn), free(gu), free(act);
     return rc;
 }

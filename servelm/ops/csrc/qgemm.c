@@ -73,6 +73,7 @@ typedef struct {
     int q4;                       /* 4-bit (packed, with mins) or 8-bit */
     const uint8_t *q;             /* rows of K (8-bit) or K / 2 (4-bit) bytes */
     const uint16_t *d, *m;        /* [N, ns] fp16 */
+    const uint16_t *d8, *m8;      /* the same for the first N - N % 8 rows as [N / 8, ns, 8], or NULL */
 } weights_t;
 
 typedef struct {
@@ -226,6 +227,46 @@ static void run_tile(const weights_t *w, int64_t n0, int RN, const acts_t *x, in
 #undef T
 }
 
+#ifdef QGEMM_AVX2
+/* Lane r of the result: the sum of the 8 lanes of v[r], for 8 vectors. */
+static inline __m256i sum_lanes8(const __m256i v[8]) {
+    const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i a = _mm256_hadd_epi32(s01, s23), b = _mm256_hadd_epi32(s45, s67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* Eight weight rows (8g .. 8g+7) against one activation row: each block's eight integer dot
+ * products are summed into one vector whose lane r is row r's, then scaled by the eight
+ * rows' scales at once, read from the [N / 8, ns, 8] copy. Per row and block this costs the
+ * load, unpack and one multiply-add instruction, plus an eighth of the shared work. */
+static inline __attribute__((always_inline)) void gemv8(const weights_t *w, const int q4, int64_t g,
+                                                        const acts_t *x, float *out, int accumulate) {
+    const int64_t K = w->K, nb = w->nb, row_bytes = q4 ? K / 2 : K;
+    const uint8_t *rows = w->q + 8 * g * row_bytes;
+    const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * BLOCK));
+        __m256i dots[8];
+        for (int r = 0; r < 8; r++) {
+            const __m256i wv = load_block(q4, rows + r * row_bytes, b);
+            dots[r] = q4 ? dot_u8s8(wv, xv) : dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        }
+        const int64_t si = (b / w->per_scale) * 8;
+        const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d8 + si))),
+                                           _mm256_set1_ps(x->d[b]));
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum_lanes8(dots)), acc);
+        if (q4)
+            macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m8 + si))),
+                                   _mm256_set1_ps(x->s[b]), macc);
+    }
+    float *o = out + 8 * g;
+    const __m256 res = _mm256_add_ps(acc, macc);
+    _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), res) : res);
+}
+#endif
+
 /* out[m, n] (+)= sum_k x[m, k] w[n, k]: quantize x, then split the weight rows over threads.
  * One activation row (decode) takes four weight rows per tile; more take one weight row
  * against up to four activation rows, reusing each loaded weight block. */
@@ -241,9 +282,22 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
     }
     quantize_activations(x, M, K, xq, xd, xs);
     const acts_t acts = {xq, xd, xs};
+    int64_t first = 0; /* rows before this one ran eight at a time */
+#ifdef QGEMM_AVX2
+    if (M == 1 && w->d8 != NULL) {
+        first = N - N % 8;
+        #pragma omp parallel for schedule(static)
+        for (int64_t g = 0; g < first / 8; g++) {
+            if (w->q4)
+                gemv8(w, 1, g, &acts, out, accumulate);
+            else
+                gemv8(w, 0, g, &acts, out, accumulate);
+        }
+    }
+#endif
     const int64_t rows_per_tile = M == 1 ? 4 : 1;
     #pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += rows_per_tile) {
+    for (int64_t n0 = first; n0 < N; n0 += rows_per_tile) {
         const int RN = N - n0 < rows_per_tile ? (int)(N - n0) : (int)rows_per_tile;
         for (int64_t m0 = 0; m0 < M; m0 += 4)
             run_tile(w, n0, RN, &acts, m0, M == 1 ? 1 : (M - m0 < 4 ? (int)(M - m0) : 4), out, ldo, accumulate);
@@ -253,23 +307,25 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
 }
 
 static int make_weights(weights_t *w, int64_t K, int64_t group, int q4, const void *q,
-                        const uint16_t *d, const uint16_t *m) {
+                        const uint16_t *d, const uint16_t *m, const uint16_t *d8, const uint16_t *m8) {
     if (K % BLOCK != 0 || group % BLOCK != 0 || K % group != 0) return -1;
-    *w = (weights_t){K, K / BLOCK, group / BLOCK, K / group, q4, q, d, m};
+    *w = (weights_t){K, K / BLOCK, group / BLOCK, K / group, q4, q, d, m, d8, m8};
     return 0;
 }
 
-/* out[m, n] (+)= sum_k x[m, k] w[n, k]. x: [M, K] float32 contiguous; out: rows `ldo` apart. */
-int qgemm_q8(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd, int64_t N,
-             int64_t group, float *out, int64_t ldo, int accumulate) {
+/* out[m, n] (+)= sum_k x[m, k] w[n, k]. x: [M, K] float32 contiguous; out: rows `ldo` apart.
+ * d8 / m8: the scales (and mins) of the first N - N % 8 rows as [N / 8, ns, 8], or NULL. */
+int qgemm_q8(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
+             const uint16_t *wd8, int64_t N, int64_t group, float *out, int64_t ldo, int accumulate) {
     weights_t w;
-    if (make_weights(&w, K, group, 0, wq, wd, NULL)) return -1;
+    if (make_weights(&w, K, group, 0, wq, wd, NULL, wd8, NULL)) return -1;
     return qgemm(x, M, &w, N, out, ldo, accumulate);
 }
 
 int qgemm_q4(const float *x, int64_t M, int64_t K, const uint8_t *wq, const uint16_t *wd,
-             const uint16_t *wm, int64_t N, int64_t group, float *out, int64_t ldo, int accumulate) {
+             const uint16_t *wm, const uint16_t *wd8, const uint16_t *wm8, int64_t N, int64_t group,
+             float *out, int64_t ldo, int accumulate) {
     weights_t w;
-    if (make_weights(&w, K, group, 1, wq, wd, wm)) return -1;
+    if (make_weights(&w, K, group, 1, wq, wd, wm, wd8, wm8)) return -1;
     return qgemm(x, M, &w, N, out, ldo, accumulate);
 }
