@@ -284,15 +284,19 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
     const acts_t acts = {xq, xd, xs};
     int64_t first = 0; /* rows before this one ran eight at a time */
 #ifdef QGEMM_AVX2
-    if (M == 1 && w->d8 != NULL) {
+    if (w->d8 != NULL) {
+        /* Eight weight rows at a time against each activation row in turn: the eight rows
+         * (a few KB) stay in L1 while the activation rows stream past. */
         first = N - N % 8;
         #pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < first / 8; g++) {
-            if (w->q4)
-                gemv8(w, 1, g, &acts, out, accumulate);
-            else
-                gemv8(w, 0, g, &acts, out, accumulate);
-        }
+        for (int64_t g = 0; g < first / 8; g++)
+            for (int64_t m = 0; m < M; m++) {
+                const acts_t row = {xq + m * K, xd + m * nb, xs + m * nb};
+                if (w->q4)
+                    gemv8(w, 1, g, &row, out + m * ldo, accumulate);
+                else
+                    gemv8(w, 0, g, &row, out + m * ldo, accumulate);
+            }
     }
 #endif
     const int64_t rows_per_tile = M == 1 ? 4 : 1;
