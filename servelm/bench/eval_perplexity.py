@@ -103,12 +103,12 @@ def greedy_agreement(got: list[list[int]], ref: list[list[int]]) -> float:
 
 def setting_name(engine: dict[str, Any], model: str | None) -> str | None:
     """What the configured engine changes from the reference, e.g. `kv_cache_dtype=int8`
-    (quantization "auto" changes something only for a GGUF, whose blocks it keeps)."""
-    from servelm.model.loader import is_gguf
+    (quantization "auto" changes something only for a GGUF with blocks, which it keeps)."""
+    from servelm.model.loader import gguf_with_blocks
 
     parts = []
     q = engine.get("quantization", "auto")
-    if q in ("int8", "int4") or (q == "auto" and is_gguf(model)):
+    if q in ("int8", "int4") or (q == "auto" and gguf_with_blocks(model)):
         parts.append(f"quantization={q}")
     if engine.get("kv_cache_dtype", "auto") != "auto":
         parts.append(f"kv_cache_dtype={engine['kv_cache_dtype']}")

@@ -225,6 +225,11 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int
     return BlockQ4(torch.from_numpy(qs.copy().reshape(n, k // 2)), d, m)
 
 
+def has_blocks(path: Path) -> bool:
+    """Whether the file's layer matrices include Q8_0/Q4_0/Q4_1 blocks (kept as stored)."""
+    return any(t.tensor_type in _BLOCK_TYPES and t.name.startswith("blk.") for t in open_gguf(path).tensors)
+
+
 def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
                       path: Path, keep_blocks: bool = False) -> dict[str, torch.Tensor | QuantWeight]:
     """Every tensor in HF names and layout. With `keep_blocks`, Q8_0/Q4_0/Q4_1 matrices stay

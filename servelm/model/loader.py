@@ -17,7 +17,7 @@ import torch
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import default_model_path
-from servelm.model.gguf_loader import load_gguf, load_gguf_tokenizer
+from servelm.model.gguf_loader import has_blocks, load_gguf, load_gguf_tokenizer
 from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
 
 if TYPE_CHECKING:
@@ -86,12 +86,11 @@ def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
     return load_hf_tokenizer(path)
 
 
-def is_gguf(model: str | None) -> bool:
-    """Whether `model` (as load_model takes it) loads from a GGUF file."""
-    if model is None:
-        return True
-    path = Path(model).expanduser()
-    return path.exists() and _gguf_in(path) is not None
+def gguf_with_blocks(model: str | None) -> bool:
+    """Whether `model` (as load_model takes it) is a GGUF whose layers hold quantized blocks."""
+    path = Path(default_model_path() if model is None else model).expanduser()
+    gguf = _gguf_in(path) if path.exists() else None
+    return gguf is not None and has_blocks(gguf)
 
 
 def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -110,7 +109,7 @@ def compute_dtype(dtype: str, model: str | None, quantization: str) -> torch.dty
     would only add conversions; else bfloat16 where the CPU has it natively; else float32."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    blocks = quantization in ("int8", "int4") or (quantization == "auto" and is_gguf(model))
+    blocks = quantization in ("int8", "int4") or (quantization == "auto" and gguf_with_blocks(model))
     return torch.float32 if blocks or not native_bf16() else torch.bfloat16
 
 

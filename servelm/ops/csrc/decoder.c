@@ -108,6 +108,16 @@ static int decode_attention(const float *q, const float *kc, const float *vc, fl
                         const int64_t pos = c0 + j;
                         slot[j] = (table[pos / bs] * bs + pos % bs) * KV + kvh;
                     }
+                    /* The cache rows are scattered by the block table and come from DRAM
+                     * (the weights streamed since evicted them): ask for the next chunk's
+                     * now, so its loads overlap this chunk's arithmetic. */
+                    for (int64_t j = c0 + ATT_CHUNK; j < t1 && j < c0 + 2 * ATT_CHUNK; j++) {
+                        const int64_t next = (table[j / bs] * bs + j % bs) * KV + kvh;
+                        for (int64_t i = 0; i < D; i += 16) {
+                            __builtin_prefetch(kc + next * D + i);
+                            __builtin_prefetch(vc + next * D + i);
+                        }
+                    }
                     for (int64_t j = 0; j < cn; j++) {
                         const float *k = kc + slot[j] * D;
                         for (int64_t g = 0; g < G; g++) {
