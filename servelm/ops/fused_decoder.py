@@ -23,7 +23,7 @@ _P = ctypes.c_void_p
 
 
 class _QWeight(ctypes.Structure):
-    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("d8", _P), ("m8", _P), ("group", ctypes.c_int64)]
+    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("d8", _P), ("m8", _P), ("s8", _P), ("group", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -80,11 +80,11 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _qweight(w: QuantWeight) -> _QWeight:
+    d8, second = kernel_scales(w)
     if isinstance(w, BlockQ8):
-        (d8,) = kernel_scales(w)
-        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, _ptr(d8), None, w.group_size)
-    d8, m8 = kernel_scales(w)
-    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(d8), _ptr(m8), w.group_size)
+        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, _ptr(d8), None, _ptr(second), w.group_size)
+    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(d8), _ptr(second), None,
+                    w.group_size)
 
 
 class FusedDecoder:

@@ -18,7 +18,7 @@ from servelm.ops import c_build
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "qgemm_q8": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
+    "qgemm_q8": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
     "qgemm_q4": [_P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _P, _I, ctypes.c_int],
 }
 
@@ -67,11 +67,16 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def q8(x: Tensor, q: Tensor, d: Tensor, d8: Tensor | None, group_size: int,
+def q8(x: Tensor, q: Tensor, d: Tensor, d8: Tensor | None, s8: Tensor | None, group_size: int,
        out: Tensor | None = None) -> Tensor:
     """x [M, K] float32 times w [N, K] = q * d (d per group): [M, N], or added into `out`.
-    d8: by_eight(d), for the eight-rows-at-a-time decode kernel."""
-    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr(), _ptr(d8)), q.shape[0], group_size, out)
+    d8 = by_eight(d) and s8 = by_eight(block_sums(q)), for the eight-rows-at-a-time kernel."""
+    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr(), _ptr(d8), _ptr(s8)), q.shape[0], group_size, out)
+
+
+def block_sums(q: Tensor) -> Tensor:
+    """Sum of each row's 32-value blocks of int8 q, [N, K / 32] float32."""
+    return q.view(q.shape[0], -1, 32).sum(-1, dtype=torch.int32).float()
 
 
 def q4(x: Tensor, packed: Tensor, d: Tensor, m: Tensor, d8: Tensor | None, m8: Tensor | None,

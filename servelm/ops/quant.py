@@ -157,13 +157,15 @@ def _cpu_matmul(x: Tensor, w: QuantWeight, out: Tensor | None) -> Tensor:
     return qgemm.q4(x, w.packed, w.d, w.m, *kernel_scales(w), w.group_size, out)
 
 
-def kernel_scales(w: QuantWeight) -> tuple[Tensor | None] | tuple[Tensor | None, Tensor | None]:
-    """The scales (and mins) regrouped eight rows at a time for the decode kernel, made on
-    first use and kept with the weight: an extra copy of 1/16 (8-bit) or 1/5 (4-bit) of its
-    bytes, which a decode step reads instead of the row-major ones."""
+def kernel_scales(w: QuantWeight) -> tuple[Tensor | None, Tensor | None]:
+    """The scales and, for 4-bit, the mins (8-bit: each block's sum of q) regrouped eight
+    rows at a time for the decode kernel, made on first use and kept with the weight: an
+    extra 1/6 (8-bit) or 1/5 (4-bit) of its bytes, read by a decode step instead of the
+    row-major scales."""
     cached = w.__dict__.get("_kernel_scales")
     if cached is None:
-        cached = (qgemm.by_eight(w.d),) if isinstance(w, BlockQ8) else (qgemm.by_eight(w.d), qgemm.by_eight(w.m))
+        second = qgemm.block_sums(w.q) if isinstance(w, BlockQ8) else w.m
+        cached = (qgemm.by_eight(w.d), qgemm.by_eight(second))
         w.__dict__["_kernel_scales"] = cached
     return cached
 

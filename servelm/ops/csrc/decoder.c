@@ -19,6 +19,7 @@ typedef struct {
     const void *q;
     const uint16_t *d, *m;   /* m: NULL for 8-bit */
     const uint16_t *d8, *m8; /* [N / 8, ns, 8] copies (qgemm.c), or NULL */
+    const float *s8;         /* 8-bit: per-block sums of q (qgemm.c), or NULL */
     int64_t group;
 } qweight_t;
 
@@ -37,7 +38,7 @@ typedef struct {
 static int matmul(const float *x, int64_t M, int64_t K, const qweight_t *w, int64_t N, float *out,
                   int accumulate) {
     weights_t wt;
-    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m, w->d8, w->m8)) return -1;
+    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m, w->d8, w->m8, w->s8)) return -1;
     return qgemm(x, M, &wt, N, out, N, accumulate);
 }
 
