@@ -24,7 +24,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 SCHEDULING_POLICIES = ("fcfs", "priority", "sjf", "mlfq")
 QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128)
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -85,8 +85,10 @@ class EngineConfig:
     quantization_group_size: int = option(32, "int8 / int4: input columns per scale",
                                           choices=QUANTIZATION_GROUP_SIZES)
     kv_cache_dtype: str = option(
-        "auto", "KV cache storage: the model dtype, or 8 bits (int8, or fp8 e4m3) with a scale "
-        "per token and head; about twice the tokens per GB", choices=KV_CACHE_DTYPES)
+        "auto", "KV cache storage: float32 or bfloat16, or 8 bits (int8, or fp8 e4m3) with a "
+        "scale per token and head; auto: bfloat16 where the matmul weights are quantized "
+        "blocks (16-bit like llama.cpp's cache; half the bytes attention reads), else the "
+        "compute dtype", choices=KV_CACHE_DTYPES)
     kv_compression: dict | str | None = option(
         None, 'bound every request\'s KV cache, e.g. \'{"method": "streamingllm", "budget": '
         "512}' (methods: streamingllm, h2o, snapkv; see servelm/kv/compression.py); turns "

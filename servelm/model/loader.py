@@ -103,14 +103,27 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
+def block_weights(model: str | None, quantization: str) -> bool:
+    """Whether the matmul weights will be quantized blocks (ops/quant.py)."""
+    return quantization in ("int8", "int4") or (quantization == "auto" and gguf_with_blocks(model))
+
+
 def compute_dtype(dtype: str, model: str | None, quantization: str) -> torch.dtype:
     """The torch dtype for `dtype` (config.DTYPES). auto: float32 where the matmul weights
     stay block-quantized, since the block kernels take float32 activations and bfloat16
     would only add conversions; else bfloat16 where the CPU has it natively; else float32."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    blocks = quantization in ("int8", "int4") or (quantization == "auto" and gguf_with_blocks(model))
-    return torch.float32 if blocks or not native_bf16() else torch.bfloat16
+    return torch.float32 if block_weights(model, quantization) or not native_bf16() else torch.bfloat16
+
+
+def kv_storage(kv_cache_dtype: str, dtype: torch.dtype, model: str | None, quantization: str) -> str:
+    """kv_cache_dtype with "auto" resolved: bfloat16 under block weights (their arithmetic
+    is approximate already, and 16 bits halve what attention reads, as llama.cpp's fp16
+    cache does), else the compute dtype."""
+    if kv_cache_dtype != "auto":
+        return kv_cache_dtype
+    return "bfloat16" if block_weights(model, quantization) else str(dtype).removeprefix("torch.")
 
 
 def _gguf_in(path: Path) -> Path | None:

@@ -129,7 +129,7 @@ class TorchPagedAttention:
         k = torch.index_select(kv_cache[0].view(-1, row), 0, blocks, out=self._k_ws[: n * row].view(n, row))
         v = torch.index_select(kv_cache[1].view(-1, row), 0, blocks, out=self._v_ws[: n * row].view(n, row))
         shape = (n * block_size, num_kv, head_dim)
-        return k.view(shape), v.view(shape)
+        return k.view(shape).to(dtype), v.view(shape).to(dtype)  # a 16-bit cache under float32
 
     @staticmethod
     def _gather_quantized(kv: QuantizedKV, blocks: torch.Tensor, block_size: int,
@@ -148,8 +148,11 @@ class TorchPagedAttention:
             if any(p.block_index is None for p in meta.prefills):  # they attend the fresh K/V
                 k, v = dequantize_kv(stored, scales, k.dtype).unbind(0)
         else:
+            if kv_cache.dtype != k.dtype:  # a 16-bit cache: attend to the values as stored
+                k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
             kv_cache[0].index_copy_(0, meta.slot_mapping, k)
             kv_cache[1].index_copy_(0, meta.slot_mapping, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         out = torch.empty_like(q)
         for g in meta.decodes:
             rows = slice(g.start, g.start + g.num)
@@ -214,6 +217,8 @@ class CPUKernelPagedAttention(TorchPagedAttention):
 
 def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                    kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """kv_cache_dtype as resolved by the worker (float32, bfloat16, int8, fp8, or auto for
+    the compute dtype)."""
     store = storage_dtype(kv_cache_dtype, dtype)
     if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim, None if store == dtype else store):
         return CPUKernelPagedAttention()

@@ -20,7 +20,10 @@ import torch
 
 from servelm.ops import c_build
 
-_FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
+# (compute dtype, cache dtype) -> kernel, for a cache of floats.
+_FUNCTIONS = {(torch.float32, torch.float32): "paged_attention_f32",
+              (torch.bfloat16, torch.bfloat16): "paged_attention_bf16",
+              (torch.float32, torch.bfloat16): "paged_attention_bf16kv_f32"}
 _QUANT_FUNCTIONS = {(q, kv): f"paged_attention_{kv_name}_{q_name}"
                     for q, q_name in ((torch.float32, "f32"), (torch.bfloat16, "bf16"))
                     for kv, kv_name in ((torch.int8, "i8"), (torch.float8_e4m3fn, "fp8"))}
@@ -47,11 +50,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """q: [T, H, D]; kv_cache: [2, slots, KV, D]; block_tables: [R, max_blocks] int64;
     row_req / row_ctx: [T] int64 (request row in block_tables, context length).
 
-    Without kv_scales the cache has q's dtype. With kv_scales ([2, slots, KV] float32) the
-    cache is int8 or float8_e4m3fn and holds kv_cache.float() * kv_scales[..., None]. The
-    output has q's dtype either way."""
+    Without kv_scales the cache holds floats: q's dtype, or bfloat16 under float32 q. With
+    kv_scales ([2, slots, KV] float32) the cache is int8 or float8_e4m3fn and holds
+    kv_cache.float() * kv_scales[..., None]. The output has q's dtype either way."""
     lib = load()
-    assert lib is not None and q.dtype in _FUNCTIONS
+    assert lib is not None
     q = q.contiguous()
     out = torch.empty_like(q)
     num_rows, num_heads, head_dim = q.shape
@@ -59,8 +62,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     args = (block_tables.data_ptr(), block_tables.shape[1], row_req.data_ptr(), row_ctx.data_ptr(),
             num_rows, num_heads, num_kv, head_dim, block_size, scale)
     if kv_scales is None:
-        assert q.dtype == kv_cache.dtype
-        rc = getattr(lib, _FUNCTIONS[q.dtype])(
+        rc = getattr(lib, _FUNCTIONS[q.dtype, kv_cache.dtype])(
             q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), out.data_ptr(), *args)
     else:
         assert (q.dtype, kv_cache.dtype) in _QUANT_FUNCTIONS and kv_cache.is_contiguous(), kv_cache.dtype
@@ -77,8 +79,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
 
 def supports(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
              kv_dtype: torch.dtype | None = None) -> bool:
-    """Whether the kernel runs with compute dtype `dtype` over a cache of `kv_dtype`
-    (None: the cache has `dtype`; int8 / float8_e4m3fn: the quantized kernel)."""
-    known = dtype in _FUNCTIONS if kv_dtype in (None, dtype) else (dtype, kv_dtype) in _QUANT_FUNCTIONS
+    """Whether the kernel runs with compute dtype `dtype` over a cache of `kv_dtype` (None:
+    the cache has `dtype`; bfloat16 under float32; int8 / float8_e4m3fn: the quantized
+    kernel)."""
+    cache = dtype if kv_dtype is None else kv_dtype
+    known = (dtype, cache) in _FUNCTIONS or (dtype, cache) in _QUANT_FUNCTIONS
     return (known and num_heads <= 64 and num_kv_heads * head_dim <= 4096
             and num_heads * head_dim <= 8192 and load() is not None)

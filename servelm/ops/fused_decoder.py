@@ -3,8 +3,8 @@
 The model binds its weights and KV caches once (`FusedDecoder(...)`); each decode-only
 step then passes the residual rows, positions, cache slots, block tables and context
 lengths. It runs only where its arithmetic is the torch path's: float32 activations,
-block-quantized matmul weights (ops/quant.py) and a float32 KV cache; anything else keeps
-the per-op torch path, which stays the reference.
+block-quantized matmul weights (ops/quant.py) and a float32 or bfloat16 KV cache; anything
+else keeps the per-op torch path, which stays the reference.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class _Layer(ctypes.Structure):
 class _Dims(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("hidden", "intermediate", "num_heads", "num_kv", "head_dim",
                                               "block_size")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _P), ("sin", _P)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _P), ("sin", _P), ("kv16", ctypes.c_int64)]
 
 
 @lru_cache(maxsize=1)
@@ -61,7 +61,7 @@ class LayerWeights:
     qkv_bias: Tensor | None
     q_norm: Tensor | None
     k_norm: Tensor | None
-    kv_cache: Tensor  # [2, slots, num_kv, head_dim] float32
+    kv_cache: Tensor  # [2, slots, num_kv, head_dim] float32 or bfloat16
 
 
 def supported(layers: list[LayerWeights]) -> bool:
@@ -69,8 +69,9 @@ def supported(layers: list[LayerWeights]) -> bool:
     floats = [t for lw in layers for t in (lw.input_norm, lw.post_norm, lw.qkv_bias, lw.q_norm, lw.k_norm)
               if t is not None]
     return (all(isinstance(w, (BlockQ8, BlockQ4)) for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
-            and all(isinstance(lw.kv_cache, Tensor) and lw.kv_cache.dtype == torch.float32
-                    and lw.kv_cache.is_contiguous() and lw.kv_cache.device.type == "cpu" for lw in layers)
+            and all(isinstance(lw.kv_cache, Tensor) and lw.kv_cache.dtype == layers[0].kv_cache.dtype
+                    in (torch.float32, torch.bfloat16) and lw.kv_cache.is_contiguous()
+                    and lw.kv_cache.device.type == "cpu" for lw in layers)
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in floats)
             and load() is not None)
 
@@ -99,7 +100,8 @@ class FusedDecoder:
             for lw in layers))
         hidden = layers[0].input_norm.shape[0]
         self._dims = _Dims(hidden, intermediate, num_heads, num_kv, head_dim, block_size, eps,
-                           head_dim**-0.5, self._keep[1].data_ptr(), self._keep[2].data_ptr())
+                           head_dim**-0.5, self._keep[1].data_ptr(), self._keep[2].data_ptr(),
+                           int(layers[0].kv_cache.dtype == torch.bfloat16))
         self.num_layers = len(layers)
 
     def forward(self, x: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,

@@ -60,5 +60,14 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
+FLOAT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def storage_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
-    return STORAGE_DTYPES.get(kv_cache_dtype, compute_dtype)
+    """What the cache holds for a resolved kv_cache_dtype ("auto": the compute dtype)."""
+    return STORAGE_DTYPES.get(kv_cache_dtype) or FLOAT_STORAGE.get(kv_cache_dtype, compute_dtype)
+
+
+def is_8bit(store: torch.dtype) -> bool:
+    """Whether a cache of `store` values keeps a scale per (token, head) (QuantizedKV)."""
+    return store in _QMAX

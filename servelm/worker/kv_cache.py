@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from servelm.model.arch import ModelArch
-from servelm.ops.kv_quant import QuantizedKV, as_bytes, storage_dtype
+from servelm.ops.kv_quant import QuantizedKV, as_bytes, is_8bit, storage_dtype
 
 
 def kv_bytes_per_token(arch: ModelArch, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
     """Cache bytes per token over all layers: K and V values, plus one float32 scale per
     head for an 8-bit cache."""
     store = storage_dtype(kv_cache_dtype, dtype)
-    per_head = arch.head_dim * store.itemsize + (4 if store != dtype else 0)
+    per_head = arch.head_dim * store.itemsize + (4 if is_8bit(store) else 0)
     return 2 * arch.num_layers * arch.num_kv_heads * per_head
 
 
@@ -32,7 +32,7 @@ class KVTensors:
         make = (lambda *s, dtype: torch.empty(*s, dtype=dtype, pin_memory=torch.cuda.is_available())
                 ) if host else (lambda *s, dtype: torch.zeros(*s, dtype=dtype))
         self.values = make(*shape, arch.head_dim, dtype=store)
-        self.scales = make(*shape, dtype=torch.float32) if store != dtype else None
+        self.scales = make(*shape, dtype=torch.float32) if is_8bit(store) else None
         self.scores = (make(arch.num_layers, 1, num_slots, arch.num_kv_heads, dtype=torch.float32)
                        if with_scores else None)
 

@@ -14,7 +14,7 @@ import torch
 from servelm.config import EngineConfig
 from servelm.model.arch import ModelArch
 from servelm.model.llama import LlamaForCausalLM
-from servelm.model.loader import LoadedModel, compute_dtype, load_model
+from servelm.model.loader import LoadedModel, compute_dtype, kv_storage, load_model
 from servelm.model.registry import build_model
 from servelm.ops.attention import AttentionBackend, select_backend
 from servelm.ops.quant import METHODS
@@ -35,24 +35,24 @@ class Worker:
         torch.manual_seed(config.seed)
         self.config = config
         dtype = compute_dtype(config.dtype, config.model, config.quantization)
+        self.kv_dtype = kv = kv_storage(config.kv_cache_dtype, dtype, config.model, config.quantization)
         # The tokenizer is the engine's: the worker sees token ids only.
         loaded = load_model(config.model, dtype, keep_blocks=config.quantization != "none",
                             with_tokenizer=False)
         arch, spec = loaded.arch, config.spec
         draft = load_draft(spec, loaded, dtype) if spec else None
-        per_block = config.block_size * kv_bytes_per_token(arch, dtype, config.kv_cache_dtype)
+        per_block = config.block_size * kv_bytes_per_token(arch, dtype, kv)
         # A draft model's cache shares the block tables, so each block also costs its bytes.
-        draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, config.kv_cache_dtype)
+        draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, kv)
                            if draft else 0)
         num_blocks = config.num_kv_blocks or max(
             1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_per_block))
         max_model_len = _max_model_len(config, arch, num_blocks)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
-        attention = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                   config.kv_cache_dtype)
+        attention = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, kv)
         model = self._build_model(loaded, attention, dtype, max_model_len)
-        cache = CacheEngine(arch, config.block_size, dtype, config.kv_cache_dtype, num_blocks,
+        cache = CacheEngine(arch, config.block_size, dtype, kv, num_blocks,
                             num_swap, num_offload, config.compression)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.kv.layer(i)
@@ -99,10 +99,9 @@ class Worker:
             return ModelDrafter(forward, target.compute_logits, bs, dtype, branching, True,
                                 attention.pads_decodes)
         arch = draft.arch
-        backend = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                 self.config.kv_cache_dtype)
+        backend = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype)
         model = self._build_model(draft, backend, dtype, max_model_len)
-        cache = KVTensors(arch, num_blocks * bs, dtype, self.config.kv_cache_dtype)
+        cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.layer(i)
         return ModelDrafter(model, model.compute_logits, bs, dtype, branching, False, backend.pads_decodes)

@@ -1,6 +1,7 @@
-"""`kv_cache_dtype="int8" | "fp8"`: more blocks in the same memory, logits close to
-transformers, and the 8-bit values (with their scales) survive every way KV moves:
-chunked prefill, prefix-cache hits, the CPU tier, swap and recompute preemption."""
+"""`kv_cache_dtype="int8" | "fp8" | "bfloat16"`: more blocks in the same memory, logits
+close to transformers, and the stored values (8-bit ones with their scales) survive every
+way KV moves: chunked prefill, prefix-cache hits, the CPU tier, swap and recompute
+preemption. "auto" means bfloat16 under quantized block weights, else the compute dtype."""
 
 from __future__ import annotations
 
@@ -23,7 +24,18 @@ def test_an_8bit_cache_holds_more_blocks_in_the_same_memory(tiny_model_dir, make
     assert small.engine.scheduler.kv.num_blocks / full.engine.scheduler.kv.num_blocks == pytest.approx(ratio / 4, rel=0.01)
 
 
-@pytest.mark.parametrize("kv_dtype, tol", [("int8", 0.05), ("fp8", 0.2)])
+def test_a_16bit_cache_halves_the_bytes_and_is_the_default_under_block_weights(tiny_model_dir, make_llm):
+    path = tiny_model_dir("llama")
+    full = make_llm(path, block_size=BS, kv_cache_memory_gb=0.001)
+    half = make_llm(path, block_size=BS, kv_cache_memory_gb=0.001, kv_cache_dtype="bfloat16")
+    blocks = make_llm(path, block_size=BS, kv_cache_memory_gb=0.001, quantization="int8")
+    assert full.get_metrics()["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 4
+    assert half.get_metrics()["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 2  # no scales
+    assert blocks.get_metrics()["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 2
+    assert half.engine.scheduler.kv.num_blocks >= 2 * full.engine.scheduler.kv.num_blocks - 1
+
+
+@pytest.mark.parametrize("kv_dtype, tol", [("int8", 0.05), ("fp8", 0.2), ("bfloat16", 0.02)])
 def test_logprobs_stay_close_to_transformers(tiny_model_dir, make_llm, kv_dtype, tol):
     from transformers import AutoModelForCausalLM
 
@@ -50,7 +62,7 @@ def assert_same(a, b):
         assert max(abs(x - y) for x, y in zip(la, lb)) < 5e-3
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "bfloat16"])
 def test_8bit_kv_moves_with_its_scales(tiny_model_dir, make_llm, kv_dtype):
     path = tiny_model_dir("llama")
     opts = dict(block_size=BS, kv_cache_dtype=kv_dtype)

@@ -66,8 +66,10 @@ def test_quantized_greedy_matches_transformers_on_rounded_weights(method, family
     qwen2 brings q/k/v biases and qwen3 per-head q/k norms through both. One request alone
     with a long context has its attention split over threads by context slices."""
     path = tiny_model_dir(family)
+    # A float32 cache (under block weights the default is bfloat16): the reference rounds
+    # weights and activations only; test_kv_cache_dtype.py covers the 16-bit cache.
     llm = make_llm(path, quantization=method, quantization_group_size=32, block_size=4,
-                   max_num_batched_tokens=16)
+                   max_num_batched_tokens=16, kv_cache_dtype="float32")
     prompts = random_prompts(llm.engine.arch.vocab_size, lens)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -90,3 +92,28 @@ def test_weight_bytes_drop_with_quantization(tiny_model_dir, make_llm):
         make_llm(path, quantization="int3")
     with pytest.raises(ValueError, match="quantization_group_size"):
         make_llm(path, quantization="int4", quantization_group_size=48)
+
+
+def test_fused_decoder_over_a_16bit_cache_matches_the_per_op_path(tiny_model_dir, make_llm, monkeypatch):
+    """The default cache under block weights is bfloat16: the fused decoder writes and reads
+    it as the per-op path does (which test_kv_cache_dtype.py checks against transformers)."""
+    from servelm.model import llama
+
+    path = tiny_model_dir("llama")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+
+    def run():
+        llm = make_llm(path, quantization="int4", block_size=4, max_num_batched_tokens=16)
+        prompts = random_prompts(llm.engine.arch.vocab_size, [5, 90])
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return llm, [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                              o.outputs[0].token_ids)])
+                     for o in outs]
+
+    fused_llm, fused = run()
+    assert fused_llm.engine.executor.worker.kv_dtype == "bfloat16"
+    assert fused_llm.engine.executor.worker.runner.model._fused
+    monkeypatch.setattr(llama, "_decodes_only", lambda meta: False)
+    _, per_op = run()
+    for (ta, la), (tb, lb) in zip(fused, per_op, strict=True):
+        assert ta == tb and max(abs(a - b) for a, b in zip(la, lb)) < 2e-2

@@ -1,5 +1,6 @@
 """The C paged-attention kernel over a quantized KV cache (int8 / fp8 e4m3 bytes with a
-float32 scale per (slot, KV head)), against float32 attention over the dequantized cache."""
+float32 scale per (slot, KV head), or bfloat16 under float32 queries), against float32
+attention over the dequantized cache."""
 
 from __future__ import annotations
 
@@ -123,6 +124,14 @@ def test_float_cache_path_unchanged(dtype):
     assert_matches(out, reference(q, cache.float(), tables, row_req, row_ctx, scale), dtype)
 
 
+def test_float32_queries_over_a_bfloat16_cache():
+    q, kv, tables, row_req, row_ctx = make_inputs(6, 2, 64, seed=3)
+    cache = kv.to(torch.bfloat16)
+    out = cpu_kernels.paged_attention(q, cache, tables, row_req, row_ctx, BS, 64**-0.5)
+    assert out.dtype == torch.float32
+    assert_matches(out, reference(q, cache.float(), tables, row_req, row_ctx, 64**-0.5), torch.float32)
+
+
 def test_supports_quantized_kv_dtypes():
     for dtype in (torch.float32, torch.bfloat16):
         assert cpu_kernels.supports(dtype, 6, 2, 64)
@@ -133,7 +142,8 @@ def test_supports_quantized_kv_dtypes():
             assert cpu_kernels.supports(dtype, 32, 8, 128, kv_dtype=kv_dtype)
             assert not cpu_kernels.supports(dtype, 65, 1, 64, kv_dtype)  # too many heads
             assert not cpu_kernels.supports(dtype, 64, 64, 128, kv_dtype)  # K/V row too long
-    # Compute dtypes without a kernel, and caches in neither q's dtype nor 8 bits.
+    assert cpu_kernels.supports(torch.float32, 6, 2, 64, torch.bfloat16)  # 16-bit cache, float32 q
+    # Compute dtypes without a kernel, and caches of no kernel's dtype.
     assert not cpu_kernels.supports(torch.float16, 6, 2, 64, torch.int8)
-    assert not cpu_kernels.supports(torch.float32, 6, 2, 64, torch.bfloat16)
+    assert not cpu_kernels.supports(torch.bfloat16, 6, 2, 64, torch.float32)
     assert not cpu_kernels.supports(torch.float32, 6, 2, 64, torch.float8_e5m2)

@@ -26,13 +26,14 @@ typedef struct {
 typedef struct {
     qweight_t qkv, o, gate_up, down;
     const float *input_norm, *post_norm, *qkv_bias, *q_norm, *k_norm; /* bias / q,k norms may be NULL */
-    float *k_cache, *v_cache; /* [slots, num_kv, head_dim] */
+    void *k_cache, *v_cache; /* [slots, num_kv, head_dim] float32, or bfloat16 if dims.kv16 */
 } layer_t;
 
 typedef struct {
     int64_t hidden, intermediate, num_heads, num_kv, head_dim, block_size;
     float eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */
+    int64_t kv16;           /* the cache holds bfloat16 */
 } dims_t;
 
 static int matmul(const float *x, int64_t M, int64_t K, const qweight_t *w, int64_t N, float *out,
@@ -70,12 +71,29 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
 #define ATT_CHUNK 32
 #define MAX_GROUP 64 /* query heads per KV head */
 
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even; no NaNs arise here */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Element i of a cache row, float32 or bfloat16 (kv16 is a constant after inlining). */
+#define KV_AT(base, i) (kv16 ? bf16_to_float(((const uint16_t *)(base))[i]) : ((const float *)(base))[i])
+
 /* Row r's query heads against its ctx[r] cached tokens, split over (row, kv head, slice of
  * the context) so that even one row keeps every thread busy. Each slice keeps its own
  * running max, sum and weighted V (online softmax), merged at the end (flash-decoding). */
-static int decode_attention(const float *q, const float *kc, const float *vc, float *out,
-                            const int64_t *tables, int64_t max_blocks, const int64_t *ctx, int64_t T,
-                            int64_t H, int64_t KV, int64_t D, int64_t bs, float scale) {
+static inline __attribute__((always_inline)) int decode_attention(
+    const float *q, const void *kc, const void *vc, float *out, const int64_t *tables, int64_t max_blocks,
+    const int64_t *ctx, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t bs, float scale, const int kv16) {
+    const int64_t elem = kv16 ? 2 : 4;
     const int64_t G = H / KV;
     int64_t longest = 1;
     for (int64_t r = 0; r < T; r++) longest = ctx[r] > longest ? ctx[r] : longest;
@@ -114,18 +132,18 @@ static int decode_attention(const float *q, const float *kc, const float *vc, fl
                      * now, so its loads overlap this chunk's arithmetic. */
                     for (int64_t j = c0 + ATT_CHUNK; j < t1 && j < c0 + 2 * ATT_CHUNK; j++) {
                         const int64_t next = (table[j / bs] * bs + j % bs) * KV + kvh;
-                        for (int64_t i = 0; i < D; i += 16) {
-                            __builtin_prefetch(kc + next * D + i);
-                            __builtin_prefetch(vc + next * D + i);
+                        for (int64_t i = 0; i < D * elem; i += 64) {
+                            __builtin_prefetch((const char *)kc + next * D * elem + i);
+                            __builtin_prefetch((const char *)vc + next * D * elem + i);
                         }
                     }
                     for (int64_t j = 0; j < cn; j++) {
-                        const float *k = kc + slot[j] * D;
+                        const char *k = (const char *)kc + slot[j] * D * elem;
                         for (int64_t g = 0; g < G; g++) {
                             const float *qh = q + (r * H + kvh * G + g) * D;
                             float dot = 0.0f;
                             #pragma omp simd reduction(+:dot)
-                            for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
+                            for (int64_t i = 0; i < D; i++) dot += qh[i] * KV_AT(k, i);
                             s[g][j] = dot * scale;
                         }
                     }
@@ -139,10 +157,10 @@ static int decode_attention(const float *q, const float *kc, const float *vc, fl
                         for (int64_t i = 0; i < D; i++) a[i] *= corr;
                         for (int64_t j = 0; j < cn; j++) {
                             const float p = expf(s[g][j] - mx);
-                            const float *v = vc + slot[j] * D;
+                            const char *v = (const char *)vc + slot[j] * D * elem;
                             l[g] += p;
                             #pragma omp simd
-                            for (int64_t i = 0; i < D; i++) a[i] += p * v[i];
+                            for (int64_t i = 0; i < D; i++) a[i] += p * KV_AT(v, i);
                         }
                         m[g] = mx;
                     }
@@ -197,12 +215,22 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
             rope(row, dm->num_heads, D, c, s);
             rope(k, dm->num_kv, D, c, s);
             memcpy(q + r * qs, row, sizeof(float) * (size_t)qs);
-            memcpy(L->k_cache + slots[r] * kvs, k, sizeof(float) * (size_t)kvs);
-            memcpy(L->v_cache + slots[r] * kvs, v, sizeof(float) * (size_t)kvs);
+            if (dm->kv16) {
+                uint16_t *kd = (uint16_t *)L->k_cache + slots[r] * kvs, *vd = (uint16_t *)L->v_cache + slots[r] * kvs;
+                for (int64_t i = 0; i < kvs; i++) {
+                    kd[i] = float_to_bf16(k[i]);
+                    vd[i] = float_to_bf16(v[i]);
+                }
+            } else {
+                memcpy((float *)L->k_cache + slots[r] * kvs, k, sizeof(float) * (size_t)kvs);
+                memcpy((float *)L->v_cache + slots[r] * kvs, v, sizeof(float) * (size_t)kvs);
+            }
         }
-        if ((rc = decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
-                                   dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale)))
-            break;
+        rc = dm->kv16 ? decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
+                                         dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 1)
+                      : decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
+                                         dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 0);
+        if (rc) break;
         if ((rc = matmul(attn, T, qs, &L->o, H, x, 1))) break;
         rms_norm_rows(x, T, H, L->post_norm, dm->eps, h);
         if ((rc = matmul(h, T, H, &L->gate_up, 2 * I, gu, 0))) break;

@@ -163,6 +163,10 @@ PAGED_ATTENTION_BODY(T, KV_T, LOAD, STORE, KV_LOAD, K_SCALE_AT, V_SCALE_AT)
 
 DEFINE_PAGED_ATTENTION(paged_attention_f32, float, f32_load, F32_STORE)
 DEFINE_PAGED_ATTENTION(paged_attention_bf16, uint16_t, bf16_load, bf16_round)
+
+/* float32 compute over a bfloat16 cache (the default under quantized weights). */
+int paged_attention_bf16kv_f32(PAGED_ATTENTION_PARAMS(float, uint16_t))
+PAGED_ATTENTION_BODY(float, uint16_t, f32_load, F32_STORE, bf16_load, NO_SCALE, NO_SCALE)
 DEFINE_PAGED_ATTENTION_QUANT(paged_attention_i8_f32, float, f32_load, F32_STORE, int8_t, i8_load)
 DEFINE_PAGED_ATTENTION_QUANT(paged_attention_i8_bf16, uint16_t, bf16_load, bf16_round, int8_t, i8_load)
 DEFINE_PAGED_ATTENTION_QUANT(paged_attention_fp8_f32, float, f32_load, F32_STORE, uint8_t, fp8_e4m3_load)
