@@ -70,13 +70,7 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
 
 #define ATT_CHUNK 32
 #define MAX_GROUP 64 /* query heads per KV head */
-
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#define MAX_HEAD_DIM 512
 
 static inline uint16_t float_to_bf16(float f) { /* round to nearest even; no NaNs arise here */
     uint32_t u;
@@ -84,8 +78,19 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even; no NaN
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* Element i of a cache row, float32 or bfloat16 (kv16 is a constant after inlining). */
-#define KV_AT(base, i) (kv16 ? bf16_to_float(((const uint16_t *)(base))[i]) : ((const float *)(base))[i])
+/* A cache row as float32: the row itself, or a bfloat16 row widened into `buf` (a shift per
+ * value, which vectorizes; kv16 is a constant after inlining). */
+static inline __attribute__((always_inline)) const float *kv_row(const void *row, int64_t D, const int kv16,
+                                                                 float *buf) {
+    if (!kv16) return (const float *)row;
+    const uint16_t *h = (const uint16_t *)row;
+    #pragma omp simd
+    for (int64_t i = 0; i < D; i++) {
+        const union { uint32_t u; float f; } wide = {.u = (uint32_t)h[i] << 16};
+        buf[i] = wide.f;
+    }
+    return buf;
+}
 
 /* Row r's query heads against its ctx[r] cached tokens, split over (row, kv head, slice of
  * the context) so that even one row keeps every thread busy. Each slice keeps its own
@@ -102,7 +107,7 @@ static inline __attribute__((always_inline)) int decode_attention(
     const int64_t splits = want < 1 ? 1 : want > most ? most : want;
     float *pm = malloc(sizeof(float) * (size_t)(T * H * splits)), *pl = malloc(sizeof(float) * (size_t)(T * H * splits));
     float *pacc = malloc(sizeof(float) * (size_t)(T * H * splits * D));
-    if (!pm || !pl || !pacc || G > MAX_GROUP) {
+    if (!pm || !pl || !pacc || G > MAX_GROUP || D > MAX_HEAD_DIM) {
         free(pm), free(pl), free(pacc);
         return -2;
     }
@@ -114,6 +119,7 @@ static inline __attribute__((always_inline)) int decode_attention(
                 const int64_t t0 = sp * per, t1 = t0 + per < n ? t0 + per : n;
                 const int64_t *table = tables + r * max_blocks;
                 float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][ATT_CHUNK];
+                float row_buf[MAX_HEAD_DIM];
                 float *acc = pacc + ((r * H + kvh * G) * splits + sp) * D; /* head g at + g * splits * D */
                 for (int64_t g = 0; g < G; g++) {
                     m[g] = -INFINITY;
@@ -138,12 +144,12 @@ static inline __attribute__((always_inline)) int decode_attention(
                         }
                     }
                     for (int64_t j = 0; j < cn; j++) {
-                        const char *k = (const char *)kc + slot[j] * D * elem;
+                        const float *k = kv_row((const char *)kc + slot[j] * D * elem, D, kv16, row_buf);
                         for (int64_t g = 0; g < G; g++) {
                             const float *qh = q + (r * H + kvh * G + g) * D;
                             float dot = 0.0f;
                             #pragma omp simd reduction(+:dot)
-                            for (int64_t i = 0; i < D; i++) dot += qh[i] * KV_AT(k, i);
+                            for (int64_t i = 0; i < D; i++) dot += qh[i] * k[i];
                             s[g][j] = dot * scale;
                         }
                     }
@@ -156,13 +162,19 @@ static inline __attribute__((always_inline)) int decode_attention(
                         #pragma omp simd
                         for (int64_t i = 0; i < D; i++) a[i] *= corr;
                         for (int64_t j = 0; j < cn; j++) {
-                            const float p = expf(s[g][j] - mx);
-                            const char *v = (const char *)vc + slot[j] * D * elem;
-                            l[g] += p;
-                            #pragma omp simd
-                            for (int64_t i = 0; i < D; i++) a[i] += p * KV_AT(v, i);
+                            s[g][j] = expf(s[g][j] - mx);
+                            l[g] += s[g][j];
                         }
                         m[g] = mx;
+                    }
+                    for (int64_t j = 0; j < cn; j++) { /* each V row widened once for all G heads */
+                        const float *v = kv_row((const char *)vc + slot[j] * D * elem, D, kv16, row_buf);
+                        for (int64_t g = 0; g < G; g++) {
+                            float *a = acc + g * splits * D;
+                            const float p = s[g][j];
+                            #pragma omp simd
+                            for (int64_t i = 0; i < D; i++) a[i] += p * v[i];
+                        }
                     }
                 }
                 for (int64_t g = 0; g < G; g++) {
