@@ -35,8 +35,8 @@ def add_serve_parser(bsub) -> None:
                         "llama.cpp")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
-    g.add_argument("--launch-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="servelm's compute dtype when launched")
+    g.add_argument("--launch-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="servelm's compute dtype when launched (auto: its own default)")
     g.add_argument("--launch-max-model-len", type=int, default=4096)
     g.add_argument("--launch-max-num-seqs", type=int, default=None,
                    help="servelm's --max-num-seqs when launched (small values make requests queue)")
