@@ -4,9 +4,11 @@ One command then measures servelm and its peers on the same weights, threads and
 one server at a time so they never compete for the cores: servelm's own `serve` (also as
 `servelm-no-prefix-cache`, `servelm-cpu-offload` with a CPU tier under its prefix cache, or
 `servelm-sjf` etc. under another scheduling policy, `servelm-sjf-learned` with a trained
-output-length predictor) and the
-llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, optional extra), each on
-a free 127.0.0.1 port, reading the same GGUF file.
+output-length predictor), llama.cpp's own C++ `llama-server` (continuous batching over
+`LLAMA_SERVER_SLOTS` slots sharing one unified KV cache; the binary from
+--launch-llama-server, $SERVELM_LLAMA_SERVER or PATH) and the llama.cpp server of
+llama-cpp-python (`python -m llama_cpp.server`, one request at a time, optional extra), each
+on a free 127.0.0.1 port, reading the same GGUF file.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 
 POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
 SYSTEMS = ("servelm", "servelm-no-prefix-cache", "servelm-cpu-offload", *POLICY_VARIANTS,
-           "servelm-sjf-learned", "llama.cpp")
+           "servelm-sjf-learned", "llama-server", "llama.cpp")
 CPU_OFFLOAD_GB = 4.0  # servelm-cpu-offload's CPU tier
+LLAMA_SERVER_SLOTS = 32  # requests llama-server runs at once
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,13 @@ class LaunchSpec:
 
     model: str | None = None  # None: servelm's default GGUF
     num_threads: int = 2
-    dtype: str = "float32"  # servelm only; llama.cpp computes with the file's own quant types
+    dtype: str = "auto"  # servelm only; llama.cpp computes with the file's own quant types
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # servelm only: a small batch makes requests queue
     kv_cache_memory_gb: float | None = None  # servelm only: a small cache forces eviction
     length_predictor: str | None = None  # servelm-sjf-learned's predictor file
     preemption_mode: str | None = None  # servelm only: "recompute" or "swap"
+    llama_server: str | None = None  # llama-server binary (default: $SERVELM_LLAMA_SERVER, PATH)
     startup_timeout_s: float = 180.0
 
 
@@ -88,6 +92,21 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
         if spec.kv_cache_memory_gb is not None:
             cmd += ["--kv-cache-memory-gb", str(spec.kv_cache_memory_gb)]
         return cmd + (["--model", spec.model] if spec.model else [])
+    if system == "llama-server":
+        import shutil
+
+        binary = spec.llama_server or os.environ.get("SERVELM_LLAMA_SERVER") or shutil.which("llama-server")
+        if not binary or not os.access(binary, os.X_OK):
+            raise ValueError("--launch llama-server needs llama.cpp's llama-server binary: give "
+                             "--launch-llama-server PATH, set SERVELM_LLAMA_SERVER, or put it on "
+                             "PATH (docs/benchmarks.md says how to build it)")
+        return [binary, "-m", _gguf(spec.model), "--host", "127.0.0.1", "--port", str(port),
+                "-t", str(spec.num_threads), "-tb", str(spec.num_threads),
+                "-np", str(LLAMA_SERVER_SLOTS), "--kv-unified",
+                "-c", str(spec.max_model_len * LLAMA_SERVER_SLOTS), "--no-webui",
+                # an HTTP thread per slot: with its default (one per core) concurrent streams
+                # beyond that were refused ("Can not write request body")
+                "--threads-http", str(LLAMA_SERVER_SLOTS + 4)]
     if system == "llama.cpp":
         import importlib.util
 

@@ -155,7 +155,10 @@ async def run_rate(target: Target, convs: list[Conversation], turns: _Turns, rat
                 return  # the rest of this conversation depends on an answer it did not get
             answers.append(text)
 
-    connector = aiohttp.TCPConnector(limit=0)  # no hidden client-side cap on concurrency
+    # No hidden client-side cap on concurrency, and a fresh connection per request: reusing a
+    # kept-alive one that the server has just closed (llama-server closes idle ones) fails
+    # the request with "Can not write request body" before it reaches the server.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         tasks = []
         for idx, (conv, at) in enumerate(zip(convs, send_times(len(convs), rate, cfg.burstiness,

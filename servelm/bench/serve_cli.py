@@ -32,12 +32,15 @@ def add_serve_parser(bsub) -> None:
                    help="start these servers one after another on the same GGUF instead of "
                         "using --base-url: servelm, servelm-no-prefix-cache, "
                         "servelm-cpu-offload, servelm-{fcfs,priority,sjf,mlfq}, servelm-sjf-learned, "
-                        "llama.cpp")
+                        "llama-server (llama.cpp's C++ server), llama.cpp (llama-cpp-python's)")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
     g.add_argument("--launch-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="servelm's compute dtype when launched (auto: its own default)")
     g.add_argument("--launch-max-model-len", type=int, default=4096)
+    g.add_argument("--launch-llama-server", default=None, metavar="PATH",
+                   help="llama.cpp's llama-server binary for --launch llama-server (default: "
+                        "$SERVELM_LLAMA_SERVER, else llama-server on PATH)")
     g.add_argument("--launch-max-num-seqs", type=int, default=None,
                    help="servelm's --max-num-seqs when launched (small values make requests queue)")
     g.add_argument("--launch-kv-cache-memory-gb", type=float, default=None,
@@ -115,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max_num_seqs=args.launch_max_num_seqs,
                                kv_cache_memory_gb=args.launch_kv_cache_memory_gb,
                                length_predictor=args.launch_length_predictor,
-                               preemption_mode=args.launch_preemption_mode),
+                               preemption_mode=args.launch_preemption_mode,
+                               llama_server=args.launch_llama_server),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)
     try:

@@ -35,3 +35,21 @@ def test_variants_change_one_engine_option():
 def test_unknown_system_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed .*servelm-cpu-offload"):
         server_command("vllm", LaunchSpec(), 1)
+
+
+def test_llama_server_runs_the_same_file_and_threads_with_its_slots(tmp_path, monkeypatch):
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cmd = server_command("llama-server", LaunchSpec(model=str(gguf), num_threads=3, max_model_len=512,
+                                                    llama_server=str(binary)), 1234)
+    assert cmd[0] == str(binary)
+    flag = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("-")}
+    assert flag["-m"] == str(gguf) and flag["--port"] == "1234" and flag["--host"] == "127.0.0.1"
+    assert flag["-t"] == flag["-tb"] == "3" and flag["-np"] == "32" and flag["-c"] == str(512 * 32)
+    monkeypatch.delenv("SERVELM_LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="--launch-llama-server"):
+        server_command("llama-server", LaunchSpec(model=str(gguf)), 1)
