@@ -10,9 +10,11 @@
  *   sum_j w_j x_j ~= d_w d_x sum_j q_j p_j  (+ m_w sum_j x_j for q4).
  * That reads a weight once per step in its stored size, which is what decode is bound by.
  *
- * Rows of the output are split over OpenMP threads; each thread takes up to four activation
- * rows per pass over a weight row, so a batch reuses each unpacked block.
- * Built at first use by servelm/ops/cpu_kernels.py and called through ctypes.
+ * Rows of the output are split over OpenMP threads. With AVX2 and the scales regrouped
+ * eight rows at a time (the d8/m8/s8 copies), a thread runs eight weight rows against each
+ * activation row in turn (gemv8); otherwise, and for the last N % 8 rows, a tile of up to
+ * four rows by four activation rows. Built on first use by servelm/ops/c_build.py and
+ * called through ctypes (ops/qgemm.py), or included by decoder.c.
  */
 #include <math.h>
 #include <stdint.h>
