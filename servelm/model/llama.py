@@ -132,7 +132,9 @@ class LlamaForCausalLM(nn.Module):
             self._fused = (FusedDecoder(layers, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                                         arch.head_dim, block_size, arch.rms_norm_eps, self.rope.cos,
                                         self.rope.sin)
-                           if self.dtype == torch.float32 and supported(layers) else False)
+                           if self.dtype == torch.float32
+                           and supported(layers, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+                           else False)
         return self._fused or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from servelm.ops import c_build
+from servelm.ops import c_build, qgemm
 from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, kernel_scales
 
 _P = ctypes.c_void_p
@@ -64,11 +64,17 @@ class LayerWeights:
     kv_cache: Tensor  # [2, slots, num_kv, head_dim] float32 or bfloat16
 
 
-def supported(layers: list[LayerWeights]) -> bool:
-    """Whether every layer is in the one form the kernel runs (and the kernel is built)."""
+MAX_HEAD_DIM, MAX_GROUP = 512, 64  # decoder.c's buffers: head size, query heads per KV head
+
+
+def supported(layers: list[LayerWeights], num_heads: int, num_kv: int, head_dim: int) -> bool:
+    """Whether every layer is in the one form the kernel runs, within its sizes (and the
+    kernel is built)."""
     floats = [t for lw in layers for t in (lw.input_norm, lw.post_norm, lw.qkv_bias, lw.q_norm, lw.k_norm)
               if t is not None]
-    return (all(isinstance(w, (BlockQ8, BlockQ4)) for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    weights = [w for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    return (head_dim <= MAX_HEAD_DIM and num_heads // num_kv <= MAX_GROUP
+            and all(isinstance(w, (BlockQ8, BlockQ4)) and qgemm.fits(w.shape[1]) for w in weights)
             and all(isinstance(lw.kv_cache, Tensor) and lw.kv_cache.dtype == layers[0].kv_cache.dtype
                     in (torch.float32, torch.bfloat16) and lw.kv_cache.is_contiguous()
                     and lw.kv_cache.device.type == "cpu" for lw in layers)
@@ -91,7 +97,7 @@ def _qweight(w: QuantWeight) -> _QWeight:
 class FusedDecoder:
     def __init__(self, layers: list[LayerWeights], intermediate: int, num_heads: int, num_kv: int,
                  head_dim: int, block_size: int, eps: float, cos: Tensor, sin: Tensor) -> None:
-        assert supported(layers) and cos.dtype == sin.dtype == torch.float32
+        assert supported(layers, num_heads, num_kv, head_dim) and cos.dtype == sin.dtype == torch.float32
         self._keep = (layers, cos.contiguous(), sin.contiguous())
         self._layers = (_Layer * len(layers))(*(
             _Layer(_qweight(lw.qkv), _qweight(lw.o), _qweight(lw.gate_up), _qweight(lw.down),

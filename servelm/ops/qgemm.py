@@ -56,6 +56,14 @@ def _run(name: str, x: Tensor, weight_ptrs: tuple[int, ...], n: int, group_size:
     return out
 
 
+MAX_COLUMNS = 32768  # qgemm.c's MAX_BLOCKS blocks of 32
+
+
+def fits(columns: int) -> bool:
+    """Whether the kernel takes a weight with this many input columns."""
+    return columns <= MAX_COLUMNS
+
+
 def by_eight(t: Tensor) -> Tensor | None:
     """Per-row values [N, ns] of the first N - N % 8 rows regrouped as [N / 8, ns, 8], so the
     kernel reads eight rows' scales of one block with one load (None when N < 8)."""

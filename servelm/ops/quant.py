@@ -148,7 +148,7 @@ def quantize(w: Tensor | QuantWeight, method: str, group_size: int,
 
 
 def _cpu_matmul(x: Tensor, w: QuantWeight, out: Tensor | None) -> Tensor:
-    if qgemm.load() is None:
+    if qgemm.load() is None or not qgemm.fits(w.shape[1]):
         y = F.linear(x, w.dequantize(x.dtype))
         return y if out is None else out.add_(y)
     x = x.float()

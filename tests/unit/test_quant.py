@@ -127,3 +127,10 @@ def test_gguf_blocks_are_kept_as_stored(tiny_gguf_path):
         assert quantize(b, "int8" if isinstance(b, BlockQ8) else "int4", 128, torch.float32) is b
         x = activations(3, b.shape[1])
         assert ((linear(x, b) - x @ deq.t()).abs() <= activation_rounding_bound(x, deq)).all()
+
+
+def test_weights_wider_than_the_kernel_takes_use_the_torch_path(monkeypatch):
+    monkeypatch.setattr(qgemm, "MAX_COLUMNS", 64)  # the kernel's limit is 32768 columns
+    w = quantize(weights(n=16, k=128), "int8", 32, torch.float32)
+    x = activations(2, 128)
+    torch.testing.assert_close(linear(x, w), x @ w.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-4)
