@@ -78,6 +78,16 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even; no NaN
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#ifdef QGEMM_AVX2
+/* Lane t of the result: the sum of the 8 lanes of v[t], for 8 vectors. */
+static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+#endif
+
 /* A cache row as float32: the row itself, or a bfloat16 row widened into `buf` (a shift per
  * value, which vectorizes; kv16 is a constant after inlining). */
 static inline __attribute__((always_inline)) const float *kv_row(const void *row, int64_t D, const int kv16,
@@ -120,6 +130,9 @@ static inline __attribute__((always_inline)) int decode_attention(
                 const int64_t *table = tables + r * max_blocks;
                 float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][ATT_CHUNK];
                 float row_buf[MAX_HEAD_DIM];
+#ifdef QGEMM_AVX2
+                float rows8[8][MAX_HEAD_DIM];
+#endif
                 float *acc = pacc + ((r * H + kvh * G) * splits + sp) * D; /* head g at + g * splits * D */
                 for (int64_t g = 0; g < G; g++) {
                     m[g] = -INFINITY;
@@ -143,7 +156,29 @@ static inline __attribute__((always_inline)) int decode_attention(
                             __builtin_prefetch((const char *)vc + next * D * elem + i);
                         }
                     }
-                    for (int64_t j = 0; j < cn; j++) {
+                    int64_t j = 0;
+#ifdef QGEMM_AVX2
+                    /* Eight tokens at a time: eight 8-lane partial dot products per head,
+                     * summed across lanes together (one transposing add tree instead of a
+                     * horizontal sum per token and head). */
+                    for (; D % 8 == 0 && j + 8 <= cn; j += 8) {
+                        const float *k8[8];
+                        for (int t = 0; t < 8; t++)
+                            k8[t] = kv_row((const char *)kc + slot[j + t] * D * elem, D, kv16, rows8[t]);
+                        for (int64_t g = 0; g < G; g++) {
+                            const float *qh = q + (r * H + kvh * G + g) * D;
+                            __m256 part[8];
+                            for (int t = 0; t < 8; t++) part[t] = _mm256_setzero_ps();
+                            for (int64_t i = 0; i < D; i += 8) {
+                                const __m256 qv = _mm256_loadu_ps(qh + i);
+                                for (int t = 0; t < 8; t++)
+                                    part[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k8[t] + i), part[t]);
+                            }
+                            _mm256_storeu_ps(s[g] + j, _mm256_mul_ps(sum_lanes8_ps(part), _mm256_set1_ps(scale)));
+                        }
+                    }
+#endif
+                    for (; j < cn; j++) {
                         const float *k = kv_row((const char *)kc + slot[j] * D * elem, D, kv16, row_buf);
                         for (int64_t g = 0; g < G; g++) {
                             const float *qh = q + (r * H + kvh * G + g) * D;
