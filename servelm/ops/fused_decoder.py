@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from servelm.ops import c_build, qgemm
+from servelm.ops.qgemm import ptr
 from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, kernel_scales
 
 _P = ctypes.c_void_p
@@ -82,15 +83,11 @@ def supported(layers: list[LayerWeights], num_heads: int, num_kv: int, head_dim:
             and load() is not None)
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _qweight(w: QuantWeight) -> _QWeight:
     d8, second = kernel_scales(w)
     if isinstance(w, BlockQ8):
-        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, _ptr(d8), None, _ptr(second), w.group_size)
-    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(d8), _ptr(second), None,
+        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, ptr(d8), None, ptr(second), w.group_size)
+    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), ptr(d8), ptr(second), None,
                     w.group_size)
 
 
@@ -101,8 +98,8 @@ class FusedDecoder:
         self._keep = (layers, cos.contiguous(), sin.contiguous())
         self._layers = (_Layer * len(layers))(*(
             _Layer(_qweight(lw.qkv), _qweight(lw.o), _qweight(lw.gate_up), _qweight(lw.down),
-                   lw.input_norm.data_ptr(), lw.post_norm.data_ptr(), _ptr(lw.qkv_bias), _ptr(lw.q_norm),
-                   _ptr(lw.k_norm), lw.kv_cache[0].data_ptr(), lw.kv_cache[1].data_ptr())
+                   lw.input_norm.data_ptr(), lw.post_norm.data_ptr(), ptr(lw.qkv_bias), ptr(lw.q_norm),
+                   ptr(lw.k_norm), lw.kv_cache[0].data_ptr(), lw.kv_cache[1].data_ptr())
             for lw in layers))
         hidden = layers[0].input_norm.shape[0]
         self._dims = _Dims(hidden, intermediate, num_heads, num_kv, head_dim, block_size, eps,

@@ -71,7 +71,8 @@ def by_eight(t: Tensor) -> Tensor | None:
     return t[:n].view(n // 8, 8, -1).transpose(1, 2).contiguous() if n else None
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def ptr(t: Tensor | None) -> int | None:
+    """A tensor's address for a C pointer argument, NULL for None."""
     return None if t is None else t.data_ptr()
 
 
@@ -79,7 +80,7 @@ def q8(x: Tensor, q: Tensor, d: Tensor, d8: Tensor | None, s8: Tensor | None, gr
        out: Tensor | None = None) -> Tensor:
     """x [M, K] float32 times w [N, K] = q * d (d per group): [M, N], or added into `out`.
     d8 = by_eight(d) and s8 = by_eight(block_sums(q)), for the eight-rows-at-a-time kernel."""
-    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr(), _ptr(d8), _ptr(s8)), q.shape[0], group_size, out)
+    return _run("qgemm_q8", x, (q.data_ptr(), d.data_ptr(), ptr(d8), ptr(s8)), q.shape[0], group_size, out)
 
 
 def block_sums(q: Tensor) -> Tensor:
@@ -90,5 +91,5 @@ def block_sums(q: Tensor) -> Tensor:
 def q4(x: Tensor, packed: Tensor, d: Tensor, m: Tensor, d8: Tensor | None, m8: Tensor | None,
        group_size: int, out: Tensor | None = None) -> Tensor:
     """As `q8` for w = q * d + m with q packed two per byte."""
-    return _run("qgemm_q4", x, (packed.data_ptr(), d.data_ptr(), m.data_ptr(), _ptr(d8), _ptr(m8)),
+    return _run("qgemm_q4", x, (packed.data_ptr(), d.data_ptr(), m.data_ptr(), ptr(d8), ptr(m8)),
                 packed.shape[0], group_size, out)

@@ -78,16 +78,6 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even; no NaN
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-#ifdef QGEMM_AVX2
-/* Lane t of the result: the sum of the 8 lanes of v[t], for 8 vectors. */
-static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
-    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-#endif
-
 /* A cache row as float32: the row itself, or a bfloat16 row widened into `buf` (a shift per
  * value, which vectorizes; kv16 is a constant after inlining). */
 static inline __attribute__((always_inline)) const float *kv_row(const void *row, int64_t D, const int kv16,

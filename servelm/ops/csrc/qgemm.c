@@ -231,12 +231,20 @@ static void run_tile(const weights_t *w, int64_t n0, int RN, const acts_t *x, in
 }
 
 #ifdef QGEMM_AVX2
-/* Lane r of the result: the sum of the 8 lanes of v[r], for 8 vectors. */
+/* Lane r of the result: the sum of the 8 lanes of v[r], for 8 vectors; integer and float
+ * versions (the float one serves decoder.c's attention). */
 static inline __m256i sum_lanes8(const __m256i v[8]) {
     const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
     const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
     const __m256i a = _mm256_hadd_epi32(s01, s23), b = _mm256_hadd_epi32(s45, s67);
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 /* Eight weight rows (8g .. 8g+7) against one activation row: each block's eight integer dot
