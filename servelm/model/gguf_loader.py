@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import cache_root
-from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, map_rows
+from servelm.ops.quant import BlockBF16, BlockQ4, BlockQ8, QuantWeight, map_rows
 
 logger = logging.getLogger(__name__)
 
@@ -226,15 +226,17 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int
 
 
 def has_blocks(path: Path) -> bool:
-    """Whether the file's layer matrices include Q8_0/Q4_0/Q4_1 blocks (kept as stored)."""
-    return any(t.tensor_type in _BLOCK_TYPES and t.name.startswith("blk.") for t in open_gguf(path).tensors)
+    """Whether the file's layer matrices include Q8_0/Q4_0/Q4_1 blocks or BF16 (kept as stored)."""
+    return any(t.tensor_type in _BLOCK_TYPES + (_T.BF16,) and t.name.startswith("blk.")
+               for t in open_gguf(path).tensors)
 
 
 def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
                       path: Path, keep_blocks: bool = False) -> dict[str, torch.Tensor | QuantWeight]:
     """Every tensor in HF names and layout. With `keep_blocks`, Q8_0/Q4_0/Q4_1 matrices stay
-    in their blocks (ops.quant, run by kernels that read them as they are); everything else,
-    and everything without `keep_blocks`, is dequantized and cast to `dtype`."""
+    in their blocks and BF16 ones (unless `dtype` is bfloat16 anyway) as BlockBF16 (ops.quant,
+    run by kernels that read them as they are); everything else, and everything without
+    `keep_blocks`, is dequantized and cast to `dtype`."""
     weights: dict[str, torch.Tensor | QuantWeight] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
@@ -254,6 +256,10 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
         if keep_blocks and t.tensor_type in _BLOCK_TYPES and len(shape) == 2:
             blocks = _blocks(t.data, t.tensor_type, shape)
             weights[hf] = map_rows(blocks, partial(_reverse_llama_permute, n_heads=heads)) if permute else blocks
+            continue
+        if keep_blocks and t.tensor_type == _T.BF16 and len(shape) == 2 and dtype != torch.bfloat16:
+            rows = torch.from_numpy(np.array(t.data).view(np.int16).reshape(shape)).view(torch.bfloat16)
+            weights[hf] = BlockBF16(_reverse_llama_permute(rows, heads) if permute else rows)
             continue
         try:
             data = dequantize(t.data, t.tensor_type)

@@ -3,7 +3,7 @@
 The model binds its weights and KV caches once (`FusedDecoder(...)`); each decode-only
 step then passes the residual rows, positions, cache slots, block tables and context
 lengths. It runs only where its arithmetic is the torch path's: float32 activations,
-block-quantized matmul weights (ops/quant.py) and a float32 or bfloat16 KV cache; anything
+block-quantized or bfloat16 matmul weights (ops/quant.py) and a float32 or bfloat16 KV cache; anything
 else keeps the per-op torch path, which stays the reference.
 """
 
@@ -18,13 +18,14 @@ from torch import Tensor
 
 from servelm.ops import c_build, qgemm
 from servelm.ops.qgemm import ptr
-from servelm.ops.quant import BlockQ4, BlockQ8, QuantWeight, kernel_scales
+from servelm.ops.quant import BlockBF16, BlockQ4, BlockQ8, QuantWeight, kernel_layout
 
 _P = ctypes.c_void_p
 
 
 class _QWeight(ctypes.Structure):
-    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("d8", _P), ("m8", _P), ("s8", _P), ("group", ctypes.c_int64)]
+    _fields_ = [("q", _P), ("d", _P), ("m", _P), ("d8", _P), ("m8", _P), ("s8", _P), ("qi", _P),
+                ("bf16", _P), ("group", ctypes.c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -75,7 +76,8 @@ def supported(layers: list[LayerWeights], num_heads: int, num_kv: int, head_dim:
               if t is not None]
     weights = [w for lw in layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
     return (head_dim <= MAX_HEAD_DIM and num_heads // num_kv <= MAX_GROUP
-            and all(isinstance(w, (BlockQ8, BlockQ4)) and qgemm.fits(w.shape[1]) for w in weights)
+            and all(isinstance(w, (BlockQ8, BlockQ4)) and qgemm.fits(w.shape[1])
+                    or isinstance(w, BlockBF16) and w.w.is_contiguous() for w in weights)
             and all(isinstance(lw.kv_cache, Tensor) and lw.kv_cache.dtype == layers[0].kv_cache.dtype
                     in (torch.float32, torch.bfloat16) and lw.kv_cache.is_contiguous()
                     and lw.kv_cache.device.type == "cpu" for lw in layers)
@@ -84,11 +86,14 @@ def supported(layers: list[LayerWeights], num_heads: int, num_kv: int, head_dim:
 
 
 def _qweight(w: QuantWeight) -> _QWeight:
-    d8, second = kernel_scales(w)
+    if isinstance(w, BlockBF16):
+        return _QWeight(bf16=w.w.data_ptr())
+    d8, second, qi = kernel_layout(w)
     if isinstance(w, BlockQ8):
-        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, ptr(d8), None, ptr(second), w.group_size)
-    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), ptr(d8), ptr(second), None,
-                    w.group_size)
+        return _QWeight(w.q.data_ptr(), w.d.data_ptr(), None, ptr(d8), None, ptr(second), ptr(qi), None,
+                        w.group_size)
+    return _QWeight(w.packed.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), ptr(d8), ptr(second), None, ptr(qi),
+                    None, w.group_size)
 
 
 class FusedDecoder:

@@ -10,6 +10,8 @@ Q8_0, Q4_0 and Q4_1 tensors load straight into these classes, so the file's own 
 
 - BlockQ8: w = q * d, q in [-127, 127], d = max |w| / 127 over the group.
 - BlockQ4: w = q * d + m, q in [0, 15], d = (max - min) / 15, m = min over the group.
+- BlockBF16: bfloat16 rows as a BF16 GGUF stores them, run against float32 activations
+  (csrc/bgemm.c), so a float32 model reads half the weight bytes.
 
 A GPU backend registers its own matmuls in `KERNELS` under its device type.
 """
@@ -78,7 +80,23 @@ class BlockQ4:
         return (g * self.d.float()[..., None] + self.m.float()[..., None]).view(n, k).to(dtype)
 
 
-QuantWeight = BlockQ8 | BlockQ4
+@dataclass
+class BlockBF16:
+    w: Tensor  # [N, K] bfloat16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return self.w.to(dtype)
+
+
+QuantWeight = BlockQ8 | BlockQ4 | BlockBF16
 
 
 def pack_q4(q: Tensor, d: Tensor, m: Tensor, group_size: int = BLOCK) -> BlockQ4:
@@ -92,19 +110,22 @@ def pack_q4(q: Tensor, d: Tensor, m: Tensor, group_size: int = BLOCK) -> BlockQ4
 
 def map_rows(w: QuantWeight, fn: Callable[[Tensor], Tensor]) -> QuantWeight:
     """`w` with `fn` (a reordering of rows, say) applied to each of its per-row tensors."""
-    return type(w)(*(fn(getattr(w, f.name)) for f in fields(w) if f.name != "group_size"),
-                   group_size=w.group_size)
+    return type(w)(**{f.name: fn(v) if isinstance(v := getattr(w, f.name), Tensor) else v for f in fields(w)})
+
+
+def _settings(w: QuantWeight) -> tuple:
+    """The format: class and non-tensor fields (group size)."""
+    return type(w), *(v for f in fields(w) if not isinstance(v := getattr(w, f.name), Tensor))
 
 
 def cat_rows(parts: list[Tensor | QuantWeight], dtype: torch.dtype) -> Tensor | QuantWeight:
     """Stack weights along their output rows (fusing q/k/v or gate/up); blocks stay blocks
     only when every part has the same format and group size."""
     first = parts[0]
-    if not isinstance(first, Tensor) and all(type(p) is type(first) and p.group_size == first.group_size
-                                             for p in parts):
-        return type(first)(*(torch.cat([getattr(p, f.name) for p in parts])
-                             for f in fields(first) if f.name != "group_size"),
-                           group_size=first.group_size)
+    if all(not isinstance(p, Tensor) and _settings(p) == _settings(first) for p in parts):
+        return type(first)(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                              if isinstance(getattr(first, f.name), Tensor) else getattr(first, f.name)
+                              for f in fields(first)})
     return torch.cat([p if isinstance(p, Tensor) else p.dequantize(dtype) for p in parts])
 
 
@@ -148,25 +169,31 @@ def quantize(w: Tensor | QuantWeight, method: str, group_size: int,
 
 
 def _cpu_matmul(x: Tensor, w: QuantWeight, out: Tensor | None) -> Tensor:
+    if isinstance(w, BlockBF16):
+        if qgemm.load_bf16() is None:
+            y = F.linear(x.to(torch.bfloat16), w.w).float()  # as the kernel, but rounds its output too
+            return y if out is None else out.add_(y)
+        return qgemm.bf16(x.float(), w.w, out)
     if qgemm.load() is None or not qgemm.fits(w.shape[1]):
         y = F.linear(x, w.dequantize(x.dtype))
         return y if out is None else out.add_(y)
     x = x.float()
     if isinstance(w, BlockQ8):
-        return qgemm.q8(x, w.q, w.d, *kernel_scales(w), w.group_size, out)
-    return qgemm.q4(x, w.packed, w.d, w.m, *kernel_scales(w), w.group_size, out)
+        return qgemm.q8(x, w.q, w.d, *kernel_layout(w), w.group_size, out)
+    return qgemm.q4(x, w.packed, w.d, w.m, *kernel_layout(w), w.group_size, out)
 
 
-def kernel_scales(w: QuantWeight) -> tuple[Tensor | None, Tensor | None]:
-    """The scales and, for 4-bit, the mins (8-bit: each block's sum of q) regrouped eight
-    rows at a time for the decode kernel, made on first use and kept with the weight: an
-    extra 1/6 (8-bit) or 1/5 (4-bit) of its bytes, read by a decode step instead of the
-    row-major scales."""
-    cached = w.__dict__.get("_kernel_scales")
+def kernel_layout(w: QuantWeight) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The weight as the C kernel reads it eight rows at a time: the scales and, for 4-bit,
+    the mins (8-bit: each block's sum of q) regrouped by eight, and the values interleaved
+    (qgemm.interleave). Made on first use and kept with the weight, beside the row-major
+    tensors that lookups and the torch fallback read."""
+    cached = w.__dict__.get("_kernel_layout")
     if cached is None:
+        values = w.q if isinstance(w, BlockQ8) else w.packed
         second = qgemm.block_sums(w.q) if isinstance(w, BlockQ8) else w.m
-        cached = (qgemm.by_eight(w.d), qgemm.by_eight(second))
-        w.__dict__["_kernel_scales"] = cached
+        cached = (qgemm.by_eight(w.d), qgemm.by_eight(second), qgemm.interleave(values))
+        w.__dict__["_kernel_layout"] = cached
     return cached
 
 
@@ -174,6 +201,7 @@ def kernel_scales(w: QuantWeight) -> tuple[Tensor | None, Tensor | None]:
 KERNELS: dict[tuple[str, type], Callable[[Tensor, QuantWeight, Tensor | None], Tensor]] = {
     ("cpu", BlockQ8): _cpu_matmul,
     ("cpu", BlockQ4): _cpu_matmul,
+    ("cpu", BlockBF16): _cpu_matmul,
 }
 
 

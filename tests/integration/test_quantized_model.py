@@ -117,3 +117,36 @@ def test_fused_decoder_over_a_16bit_cache_matches_the_per_op_path(tiny_model_dir
     _, per_op = run()
     for (ta, la), (tb, lb) in zip(fused, per_op, strict=True):
         assert ta == tb and max(abs(a - b) for a, b in zip(la, lb)) < 2e-2
+
+
+def bf16_activations(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
+
+
+def test_bf16_gguf_greedy_matches_transformers_on_rounded_activations(tiny_model_dir, tiny_tokenizer,
+                                                                      make_llm, tmp_path):
+    """A BF16 GGUF keeps its bfloat16 matrices (defaults: float32 compute, csrc/bgemm.c),
+    decodes through the fused decoder, and matches transformers on the same bfloat16 values
+    with each matmul's input rounded to bfloat16 as the kernel rounds it."""
+    import gguf
+    from fixtures_models import write_tiny_llama_gguf
+
+    path = tiny_model_dir("llama")
+    file = write_tiny_llama_gguf(path, tmp_path / "bf16.gguf", tiny_tokenizer,
+                                 matrix_types=[gguf.GGMLQuantizationType.BF16])
+    llm = make_llm(str(file), block_size=4, max_num_batched_tokens=16, kv_cache_dtype="float32")
+    assert llm.engine.executor.worker.runner.model.dtype == torch.float32
+    prompts = random_prompts(llm.engine.arch.vocab_size, [5, 17, 30])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.executor.worker.runner.model._fused, "decodes ran the fused decoder"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16().float())
+    model.save_pretrained(tmp_path / "rounded")
+    check_against(outputs, hf_reference(tmp_path / "rounded", prompts, 12, prepare=bf16_activations),
+                  lp_tol=2e-2)

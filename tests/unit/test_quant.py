@@ -1,7 +1,9 @@
-"""Block-quantized weights (ops/quant.py) and their C matmuls (csrc/qgemm.c): rounding stays
-within half a step of each group's scale, and every matmul path (AVX2 build, portable C
-build, pure-torch fallback) stays within the bound that rounding the activations to int8
-implies, computed here from the definition, against a float matmul of the same weights."""
+"""Block-quantized and bfloat16 weights (ops/quant.py) and their C matmuls (csrc/qgemm.c,
+csrc/bgemm.c): rounding stays within half a step of each group's scale, and every matmul
+path (SIMD build, portable C build, pure-torch fallback) stays within the bound that
+rounding the activations to int8 implies, computed here from the definition, against a
+float matmul of the same weights; bfloat16 weights match a float matmul of the bfloat16-
+rounded activations."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from servelm.ops import c_build, qgemm, quant
-from servelm.ops.quant import BlockQ4, BlockQ8, embedding, linear, linear_add, quantize
+from servelm.ops.quant import BlockBF16, BlockQ4, BlockQ8, embedding, linear, linear_add, quantize
 
 
 def weights(n: int = 64, k: int = 128) -> torch.Tensor:
@@ -54,15 +56,18 @@ def test_q4_packing_is_gguf_order():
 def _paths(monkeypatch, path: str) -> None:
     if path == "torch":
         monkeypatch.setattr(qgemm, "load", lambda: None)
+        monkeypatch.setattr(qgemm, "load_bf16", lambda: None)
     elif path == "portable C":
-        lib = c_build.load("qgemm", native=False)
-        assert lib is not None
+        lib, bf16 = c_build.load("qgemm", native=False), c_build.load("bgemm", native=False)
+        assert lib is not None and bf16 is not None
         monkeypatch.setattr(qgemm, "load", lambda: qgemm.bind(lib))
+        bf16.bgemm_bf16.argtypes = qgemm.load_bf16().bgemm_bf16.argtypes
+        monkeypatch.setattr(qgemm, "load_bf16", lambda: bf16)
 
 
 @pytest.mark.parametrize("path", ["native C", "portable C", "torch"])
 @pytest.mark.parametrize("fmt,group", [("int8", 32), ("int8", 128), ("int4", 32), ("int4", 64)])
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 9])  # 9: tiles of 4 activation rows and a remainder
 def test_matmul_paths_agree_within_the_activation_rounding_bound(monkeypatch, path, fmt, group, rows):
     _paths(monkeypatch, path)
     w = quantize(weights(n=52, k=256), fmt, group, torch.float32)  # 52: 6 groups of 8 rows + 4
@@ -76,6 +81,19 @@ def test_matmul_paths_agree_within_the_activation_rounding_bound(monkeypatch, pa
     start = residual.clone()
     added = linear_add(x, w, residual)
     assert ((added - start - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("path", ["native C", "portable C", "torch"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_bf16_weights_match_a_float_matmul_of_rounded_activations(monkeypatch, path, rows):
+    _paths(monkeypatch, path)
+    w = BlockBF16(weights(n=38, k=200).bfloat16())  # 38 rows: tiles of 4 + 2; 200 columns: 6 x 32 + 8
+    x = activations(rows, 200)
+    exact = x.bfloat16().float() @ w.w.float().t()
+    tol = {"rtol": 1e-2, "atol": 1e-1} if path == "torch" else {"rtol": 1e-5, "atol": 1e-4}  # torch: bf16 out
+    torch.testing.assert_close(linear(x, w), exact, **tol)
+    residual = torch.randn(rows, 38)
+    torch.testing.assert_close(linear_add(x, w, residual.clone()), residual + exact, **tol)
 
 
 def test_bfloat16_activations_run_through_the_kernel():
@@ -121,6 +139,12 @@ def test_gguf_blocks_are_kept_as_stored(tiny_gguf_path):
     _, floats, _ = load_gguf(tiny_gguf_path, torch.float32)
     blocks = {k: v for k, v in kept.items() if isinstance(v, (BlockQ8, BlockQ4))}
     assert {type(b) for b in blocks.values()} == {BlockQ8, BlockQ4}, "the fixture has Q8_0 and Q4 tensors"
+    rows = {k: v for k, v in kept.items() if isinstance(v, BlockBF16)}
+    assert rows, "the fixture has BF16 tensors"
+    for name, r in rows.items():
+        assert torch.equal(r.w.float(), floats[name])
+    _, as_bf16, _ = load_gguf(tiny_gguf_path, torch.bfloat16, keep_blocks=True)
+    assert not any(isinstance(as_bf16[name], BlockBF16) for name in rows), "bf16 compute takes plain tensors"
     for name, b in blocks.items():
         deq = b.dequantize(torch.float32)
         torch.testing.assert_close(deq, floats[name], rtol=0, atol=1e-6)

@@ -7,11 +7,12 @@
  * into the paged cache, paged attention, the output projection added into the residual,
  * RMSNorm, gate/up, SiLU * up and the down projection added into the residual.
  *
- * The matmuls read block-quantized weights (qgemm.c, included so one library holds the step)
- * and attention reads the float32 cache through the block tables. Rows are decodes only:
+ * The matmuls read block-quantized or bfloat16 weights (qgemm.c, bgemm.c, included so one
+ * library holds the step) and attention reads the cache through the block tables. Rows are decodes only:
  * row r attends to cache indices [0, ctx[r]) of its request and its own K/V goes to slot
  * slots[r]. Everything is float32.
  */
+#include "bgemm.c"
 #include "qgemm.c"
 #include <omp.h>
 
@@ -20,6 +21,8 @@ typedef struct {
     const uint16_t *d, *m;   /* m: NULL for 8-bit */
     const uint16_t *d8, *m8; /* [N / 8, ns, 8] copies (qgemm.c), or NULL */
     const float *s8;         /* 8-bit: per-block sums of q (qgemm.c), or NULL */
+    const uint8_t *qi;       /* q interleaved eight rows at a time (qgemm.c), or NULL */
+    const uint16_t *bf16;    /* bfloat16 rows [N, K] (bgemm.c) instead of blocks, or NULL */
     int64_t group;
 } qweight_t;
 
@@ -38,8 +41,9 @@ typedef struct {
 
 static int matmul(const float *x, int64_t M, int64_t K, const qweight_t *w, int64_t N, float *out,
                   int accumulate) {
+    if (w->bf16) return bgemm_bf16(x, M, K, w->bf16, N, out, N, accumulate);
     weights_t wt;
-    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m, w->d8, w->m8, w->s8)) return -1;
+    if (make_weights(&wt, K, w->group, w->m != NULL, w->q, w->d, w->m, w->d8, w->m8, w->s8, w->qi)) return -1;
     return qgemm(x, M, &wt, N, out, N, accumulate);
 }
 

@@ -24,6 +24,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define QGEMM_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+#define QGEMM_VNNI 1 /* one instruction for 32 byte products summed in fours (dpbusd) */
+#endif
 #endif
 
 #define BLOCK 32
@@ -77,12 +80,14 @@ typedef struct {
     const uint16_t *d, *m;        /* [N, ns] fp16 */
     const uint16_t *d8, *m8;      /* the same for the first N - N % 8 rows as [N / 8, ns, 8], or NULL */
     const float *s8;              /* 8-bit: sum of each block's q for those rows, [N / 8, nb, 8], or NULL */
+    const uint8_t *qi;            /* those rows' q interleaved eight at a time (gemm8), or NULL */
 } weights_t;
 
 typedef struct {
     const int8_t *q; /* [M, K] */
     const float *d;  /* [M, nb] scale per block */
     const float *s;  /* [M, nb] d * sum(q) per block */
+    const uint8_t *u; /* [M, K] q + 128 (for gemm8's 8-bit weights with VNNI), or NULL */
 } acts_t;
 
 #ifdef QGEMM_AVX2
@@ -93,16 +98,19 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* 32 products of unsigned bytes u and signed bytes s, summed into 8 int32 lanes. */
-static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+/* acc + 32 products of unsigned bytes u and signed bytes s, summed four at a time into
+ * 8 int32 lanes (without VNNI, maddubs' 16-bit pair sums must not overflow). */
+static inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_epi32(acc, u, s);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) { return dot_u8s8_add(_mm256_setzero_si256(), u, s); }
 
 /* Block b of a weight row as 32 bytes: signed values (8-bit) or 0..15 (4-bit, unpacked). */
 static inline __m256i load_block(int q4, const uint8_t *row, int64_t b) {
@@ -257,7 +265,7 @@ static inline __attribute__((always_inline)) void gemv8(const weights_t *w, cons
     const int64_t K = w->K, nb = w->nb, row_bytes = q4 ? K / 2 : K;
     const uint8_t *rows = w->q + 8 * g * row_bytes;
     const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+#ifdef QGEMM_VNNI
     /* 8-bit with VNNI: x + 128 is unsigned, so dpbusd multiplies it by the signed weights
      * directly; sum_j (x_j + 128) w_j overshoots by 128 sum_j w_j, taken off once per row
      * and block from the stored sums. Two instructions fewer per row and block than |w|
@@ -295,6 +303,116 @@ static inline __attribute__((always_inline)) void gemv8(const weights_t *w, cons
     const __m256 res = _mm256_add_ps(_mm256_fnmadd_ps(_mm256_set1_ps(128.0f), corr, acc), macc);
     _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), res) : res);
 }
+
+/* The interleaved copy (`qi`) of the first N - N % 8 rows: for each group of eight rows and
+ * each block, the rows' bytes in 4-byte pieces, piece-major, each piece all eight rows:
+ *   8-bit: 8 pieces x 8 rows x 4 bytes; piece c holds columns 4c .. 4c+3 of the block;
+ *   4-bit: 4 pieces x 8 rows x 4 bytes; piece j's low nibbles are columns 4j .. 4j+3, its
+ *          high nibbles 16+4j .. 16+4j+3 (GGUF's nibble order, regrouped).
+ * One 32-byte load is then four columns of eight rows, and one multiply-add against those
+ * four activation bytes (broadcast) adds into lane r the part of row r's block dot: the eight
+ * dots come out in one vector without horizontal sums, and each load serves every
+ * activation row of a tile. */
+#define QI_BYTES(q4) ((q4) ? 128 : 256)
+
+/* acc + the four-byte dot products of pieces: 4-bit weights (unsigned) times activations;
+ * 8-bit weights times activations + 128 (VNNI; the 128 sum_j w_j is taken off later) or,
+ * without VNNI, |w| times x with w's sign (no overflow of maddubs' 16-bit sums). */
+static inline __m256i piece_dot(__m256i acc, const int q4, __m256i wv, __m256i xb) {
+    if (q4) return dot_u8s8_add(acc, wv, xb);
+#ifdef QGEMM_VNNI
+    return dot_u8s8_add(acc, xb, wv);
+#else
+    return dot_u8s8_add(acc, _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xb, wv));
+#endif
+}
+
+/* Eight weight rows (group g) against RM activation rows m0 .. m0+RM-1. */
+static inline __attribute__((always_inline)) void gemm8(const weights_t *w, const int q4, int64_t g,
+                                                        const acts_t *x, int64_t m0, const int RM,
+                                                        float *out, int64_t ldo, int accumulate,
+                                                        const uint8_t *ahead) {
+    const int64_t K = w->K, nb = w->nb;
+    const uint8_t *blocks = w->qi + g * nb * QI_BYTES(q4);
+    const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
+#ifdef QGEMM_VNNI
+    const float *s8 = q4 ? NULL : w->s8 + g * nb * 8;
+    const uint8_t *xs8 = q4 ? (const uint8_t *)x->q : x->u; /* the bytes multiplied */
+#else
+    const uint8_t *xs8 = (const uint8_t *)x->q;
+#endif
+    __m256 acc[RM], macc[RM];
+    for (int i = 0; i < RM; i++) acc[i] = macc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = blocks + b * QI_BYTES(q4);
+        if (ahead) /* decode: the group a later iteration reads, fetched from DRAM meanwhile */
+            for (int i = 0; i < QI_BYTES(q4); i += 64) _mm_prefetch((const char *)ahead + b * QI_BYTES(q4) + i, _MM_HINT_T0);
+        __m256i wv[8];
+        if (q4) {
+            for (int j = 0; j < 4; j++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 * j));
+                wv[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+                wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
+            }
+        } else {
+            for (int c = 0; c < 8; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(blk + 32 * c));
+        }
+        const int64_t si = (b / w->per_scale) * 8;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d8 + si)));
+        const __m256 mins = q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m8 + si))) : d;
+        for (int i = 0; i < RM; i++) {
+            const uint8_t *xb = xs8 + (m0 + i) * K + b * BLOCK;
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* two chains */
+            for (int c = 0; c < 8; c += 2) {
+                int32_t p0, p1;
+                memcpy(&p0, xb + 4 * c, 4);
+                memcpy(&p1, xb + 4 * c + 4, 4);
+                s0 = piece_dot(s0, q4, wv[c], _mm256_set1_epi32(p0));
+                s1 = piece_dot(s1, q4, wv[c + 1], _mm256_set1_epi32(p1));
+            }
+            __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+#ifdef QGEMM_VNNI
+            if (!q4) dot = _mm256_fnmadd_ps(_mm256_set1_ps(128.0f), _mm256_loadu_ps(s8 + b * 8), dot);
+#endif
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x->d[(m0 + i) * nb + b])), dot, acc[i]);
+            if (q4) macc[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(x->s[(m0 + i) * nb + b]), macc[i]);
+        }
+    }
+    for (int i = 0; i < RM; i++) {
+        float *o = out + (m0 + i) * ldo + 8 * g;
+        const __m256 res = _mm256_add_ps(acc[i], macc[i]);
+        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), res) : res);
+    }
+}
+
+#define GEMM8_ROWS 4 /* activation rows per tile */
+
+/* Every activation row against groups of eight interleaved rows, GEMM8_ROWS rows a tile. */
+static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t groups, float *out,
+                      int64_t ldo, int accumulate) {
+    const int64_t group_bytes = w->nb * QI_BYTES(w->q4);
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM8_ROWS) {
+            const uint8_t *ahead = M <= GEMM8_ROWS && g + 2 < groups ? w->qi + (g + 2) * group_bytes : NULL;
+            const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
+#define G8(q4, rm) gemm8(w, q4, g, x, m0, rm, out, ldo, accumulate, ahead)
+#define ROWS(q4)                                                     \
+            switch (RM) {                                            \
+            case 4: G8(q4, 4); break;                                \
+            case 3: G8(q4, 3); break;                                \
+            case 2: G8(q4, 2); break;                                \
+            default: G8(q4, 1); break;                               \
+            }
+            if (w->q4) {
+                ROWS(1)
+            } else {
+                ROWS(0)
+            }
+#undef ROWS
+#undef G8
+        }
+}
 #endif
 
 /* out[m, n] (+)= sum_k x[m, k] w[n, k]: quantize x, then split the weight rows over threads.
@@ -311,10 +429,25 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
         return -2;
     }
     quantize_activations(x, M, K, xq, xd, xs);
-    const acts_t acts = {xq, xd, xs};
+    acts_t acts = {xq, xd, xs, NULL};
     int64_t first = 0; /* rows before this one ran eight at a time */
 #ifdef QGEMM_AVX2
-    if (w->d8 != NULL) {
+    if (w->qi != NULL && w->d8 != NULL && (w->q4 || w->s8 != NULL)) {
+        uint8_t *xu = NULL;
+#ifdef QGEMM_VNNI
+        if (!w->q4) {
+            if (!(xu = malloc((size_t)(M * K)))) {
+                free(xq), free(xd), free(xs);
+                return -2;
+            }
+            for (int64_t i = 0; i < M * K; i++) xu[i] = (uint8_t)(xq[i] ^ 0x80);
+            acts.u = xu;
+        }
+#endif
+        first = N - N % 8;
+        gemm8_all(w, &acts, M, first / 8, out, ldo, accumulate);
+        free(xu);
+    } else if (w->d8 != NULL) {
         /* Eight weight rows at a time against each activation row in turn: the eight rows
          * (a few KB) stay in L1 while the activation rows stream past. */
         first = N - N % 8;
@@ -325,7 +458,7 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
                 /* Decode is bound by reading the weights: while a group runs, the group two
                  * ahead is fetched (1.09x a decode step, in-process A/B). */
                 const uint8_t *ahead = m == 0 && g + 2 < groups ? w->q + (g + 2) * group_bytes : NULL;
-                const acts_t row = {xq + m * K, xd + m * nb, xs + m * nb};
+                const acts_t row = {xq + m * K, xd + m * nb, xs + m * nb, NULL};
                 if (w->q4)
                     gemv8(w, 1, g, &row, out + m * ldo, accumulate, ahead);
                 else
@@ -346,9 +479,9 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
 
 static int make_weights(weights_t *w, int64_t K, int64_t group, int q4, const void *q,
                         const uint16_t *d, const uint16_t *m, const uint16_t *d8, const uint16_t *m8,
-                        const float *s8) {
+                        const float *s8, const uint8_t *qi) {
     if (K % BLOCK != 0 || group % BLOCK != 0 || K % group != 0) return -1;
-    *w = (weights_t){K, K / BLOCK, group / BLOCK, K / group, q4, q, d, m, d8, m8, s8};
+    *w = (weights_t){K, K / BLOCK, group / BLOCK, K / group, q4, q, d, m, d8, m8, s8, qi};
     return 0;
 }
 
@@ -356,17 +489,17 @@ static int make_weights(weights_t *w, int64_t K, int64_t group, int q4, const vo
  * d8 / m8: the scales (and mins) of the first N - N % 8 rows as [N / 8, ns, 8], or NULL;
  * s8: for 8-bit, those rows' per-block sums of q as [N / 8, nb, 8] floats, or NULL. */
 int qgemm_q8(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
-             const uint16_t *wd8, const float *ws8, int64_t N, int64_t group, float *out, int64_t ldo,
-             int accumulate) {
+             const uint16_t *wd8, const float *ws8, const uint8_t *wqi, int64_t N, int64_t group,
+             float *out, int64_t ldo, int accumulate) {
     weights_t w;
-    if (make_weights(&w, K, group, 0, wq, wd, NULL, wd8, NULL, ws8)) return -1;
+    if (make_weights(&w, K, group, 0, wq, wd, NULL, wd8, NULL, ws8, wqi)) return -1;
     return qgemm(x, M, &w, N, out, ldo, accumulate);
 }
 
 int qgemm_q4(const float *x, int64_t M, int64_t K, const uint8_t *wq, const uint16_t *wd,
-             const uint16_t *wm, const uint16_t *wd8, const uint16_t *wm8, int64_t N, int64_t group,
-             float *out, int64_t ldo, int accumulate) {
+             const uint16_t *wm, const uint16_t *wd8, const uint16_t *wm8, const uint8_t *wqi, int64_t N,
+             int64_t group, float *out, int64_t ldo, int accumulate) {
     weights_t w;
-    if (make_weights(&w, K, group, 1, wq, wd, wm, wd8, wm8, NULL)) return -1;
+    if (make_weights(&w, K, group, 1, wq, wd, wm, wd8, wm8, NULL, wqi)) return -1;
     return qgemm(x, M, &w, N, out, ldo, accumulate);
 }
