@@ -72,6 +72,16 @@ static void rope(float *x, int64_t heads, int64_t d, const float *cos, const flo
     }
 }
 
+#ifdef QGEMM_AVX2
+/* Lane t of the result: the sum of the 8 lanes of v[t]. */
+static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+#endif
+
 #define ATT_CHUNK 32
 #define MAX_GROUP 64 /* query heads per KV head */
 #define MAX_HEAD_DIM 512

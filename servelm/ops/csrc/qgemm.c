@@ -10,11 +10,12 @@
  *   sum_j w_j x_j ~= d_w d_x sum_j q_j p_j  (+ m_w sum_j x_j for q4).
  * That reads a weight once per step in its stored size, which is what decode is bound by.
  *
- * Rows of the output are split over OpenMP threads. With AVX2 and the scales regrouped
- * eight rows at a time (the d8/m8/s8 copies), a thread runs eight weight rows against each
- * activation row in turn (gemv8); otherwise, and for the last N % 8 rows, a tile of up to
- * four rows by four activation rows. Built on first use by servelm/ops/c_build.py and
- * called through ctypes (ops/qgemm.py), or included by decoder.c.
+ * Rows of the output are split over OpenMP threads. With AVX2 and the weights copied into
+ * a layout that interleaves eight rows (qi, with the d8/m8/s8 scales regrouped to match), a
+ * thread runs eight weight rows against up to four activation rows at a time (gemm8);
+ * otherwise, and for the last N % 8 rows, a tile of up to four rows by four activation rows
+ * of the row-major blocks. Built on first use by servelm/ops/c_build.py and called through
+ * ctypes (ops/qgemm.py), or included by decoder.c.
  */
 #include <math.h>
 #include <stdint.h>
@@ -239,185 +240,12 @@ static void run_tile(const weights_t *w, int64_t n0, int RN, const acts_t *x, in
 }
 
 #ifdef QGEMM_AVX2
-/* Lane r of the result: the sum of the 8 lanes of v[r], for 8 vectors; integer and float
- * versions (the float one serves decoder.c's attention). */
-static inline __m256i sum_lanes8(const __m256i v[8]) {
-    const __m256i s01 = _mm256_hadd_epi32(v[0], v[1]), s23 = _mm256_hadd_epi32(v[2], v[3]);
-    const __m256i s45 = _mm256_hadd_epi32(v[4], v[5]), s67 = _mm256_hadd_epi32(v[6], v[7]);
-    const __m256i a = _mm256_hadd_epi32(s01, s23), b = _mm256_hadd_epi32(s45, s67);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
-    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67);
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-/* Eight weight rows (8g .. 8g+7) against one activation row: each block's eight integer dot
- * products are summed into one vector whose lane r is row r's, then scaled by the eight
- * rows' scales at once, read from the [N / 8, ns, 8] copy. Per row and block this costs the
- * load, unpack and one multiply-add instruction, plus an eighth of the shared work. */
-static inline __attribute__((always_inline)) void gemv8(const weights_t *w, const int q4, int64_t g,
-                                                        const acts_t *x, float *out, int accumulate,
-                                                        const uint8_t *ahead) {
-    const int64_t K = w->K, nb = w->nb, row_bytes = q4 ? K / 2 : K;
-    const uint8_t *rows = w->q + 8 * g * row_bytes;
-    const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
-#ifdef QGEMM_VNNI
-    /* 8-bit with VNNI: x + 128 is unsigned, so dpbusd multiplies it by the signed weights
-     * directly; sum_j (x_j + 128) w_j overshoots by 128 sum_j w_j, taken off once per row
-     * and block from the stored sums. Two instructions fewer per row and block than |w|
-     * times x with w's sign. */
-    const float *s8 = !q4 && w->s8 ? w->s8 + g * nb * 8 : NULL;
-#else
-    const float *s8 = NULL;
-#endif
-    __m256 corr = _mm256_setzero_ps();
-    /* `ahead` (or NULL): rows a later call reads, fetched from DRAM a piece per block. */
-    const int64_t lines = ahead ? 8 * row_bytes / 64 : 0, per_block = (lines + nb - 1) / nb;
-    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        for (int64_t i = b * per_block; i < (b + 1) * per_block && i < lines; i++)
-            _mm_prefetch((const char *)ahead + i * 64, _MM_HINT_T0);
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + b * BLOCK));
-        __m256i dots[8];
-        const __m256i xu = _mm256_xor_si256(xv, _mm256_set1_epi8((char)0x80)); /* x + 128 */
-        for (int r = 0; r < 8; r++) {
-            const __m256i wv = load_block(q4, rows + r * row_bytes, b);
-            dots[r] = q4 ? dot_u8s8(wv, xv)
-                      : s8 ? dot_u8s8(xu, wv)
-                           : dot_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-        }
-        const int64_t si = (b / w->per_scale) * 8;
-        const __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d8 + si))),
-                                           _mm256_set1_ps(x->d[b]));
-        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum_lanes8(dots)), acc);
-        if (s8) corr = _mm256_fmadd_ps(scale, _mm256_loadu_ps(s8 + b * 8), corr);
-        if (q4)
-            macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m8 + si))),
-                                   _mm256_set1_ps(x->s[b]), macc);
-    }
-    float *o = out + 8 * g;
-    const __m256 res = _mm256_add_ps(_mm256_fnmadd_ps(_mm256_set1_ps(128.0f), corr, acc), macc);
-    _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), res) : res);
-}
-
-/* The interleaved copy (`qi`) of the first N - N % 8 rows: for each group of eight rows and
- * each block, the rows' bytes in 4-byte pieces, piece-major, each piece all eight rows:
- *   8-bit: 8 pieces x 8 rows x 4 bytes; piece c holds columns 4c .. 4c+3 of the block;
- *   4-bit: 4 pieces x 8 rows x 4 bytes; piece j's low nibbles are columns 4j .. 4j+3, its
- *          high nibbles 16+4j .. 16+4j+3 (GGUF's nibble order, regrouped).
- * One 32-byte load is then four columns of eight rows, and one multiply-add against those
- * four activation bytes (broadcast) adds into lane r the part of row r's block dot: the eight
- * dots come out in one vector without horizontal sums, and each load serves every
- * activation row of a tile. */
-#define QI_BYTES(q4) ((q4) ? 128 : 256)
-
-/* acc + the four-byte dot products of pieces: 4-bit weights (unsigned) times activations;
- * 8-bit weights times activations + 128 (VNNI; the 128 sum_j w_j is taken off later) or,
- * without VNNI, |w| times x with w's sign (no overflow of maddubs' 16-bit sums). */
-static inline __m256i piece_dot(__m256i acc, const int q4, __m256i wv, __m256i xb) {
-    if (q4) return dot_u8s8_add(acc, wv, xb);
-#ifdef QGEMM_VNNI
-    return dot_u8s8_add(acc, xb, wv);
-#else
-    return dot_u8s8_add(acc, _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xb, wv));
-#endif
-}
-
-/* Eight weight rows (group g) against RM activation rows m0 .. m0+RM-1. */
-static inline __attribute__((always_inline)) void gemm8(const weights_t *w, const int q4, int64_t g,
-                                                        const acts_t *x, int64_t m0, const int RM,
-                                                        float *out, int64_t ldo, int accumulate,
-                                                        const uint8_t *ahead) {
-    const int64_t K = w->K, nb = w->nb;
-    const uint8_t *blocks = w->qi + g * nb * QI_BYTES(q4);
-    const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
-#ifdef QGEMM_VNNI
-    const float *s8 = q4 ? NULL : w->s8 + g * nb * 8;
-    const uint8_t *xs8 = q4 ? (const uint8_t *)x->q : x->u; /* the bytes multiplied */
-#else
-    const uint8_t *xs8 = (const uint8_t *)x->q;
-#endif
-    __m256 acc[RM], macc[RM];
-    for (int i = 0; i < RM; i++) acc[i] = macc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = blocks + b * QI_BYTES(q4);
-        if (ahead) /* decode: the group a later iteration reads, fetched from DRAM meanwhile */
-            for (int i = 0; i < QI_BYTES(q4); i += 64) _mm_prefetch((const char *)ahead + b * QI_BYTES(q4) + i, _MM_HINT_T0);
-        __m256i wv[8];
-        if (q4) {
-            for (int j = 0; j < 4; j++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 * j));
-                wv[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
-                wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0f));
-            }
-        } else {
-            for (int c = 0; c < 8; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(blk + 32 * c));
-        }
-        const int64_t si = (b / w->per_scale) * 8;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d8 + si)));
-        const __m256 mins = q4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m8 + si))) : d;
-        for (int i = 0; i < RM; i++) {
-            const uint8_t *xb = xs8 + (m0 + i) * K + b * BLOCK;
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* two chains */
-            for (int c = 0; c < 8; c += 2) {
-                int32_t p0, p1;
-                memcpy(&p0, xb + 4 * c, 4);
-                memcpy(&p1, xb + 4 * c + 4, 4);
-                s0 = piece_dot(s0, q4, wv[c], _mm256_set1_epi32(p0));
-                s1 = piece_dot(s1, q4, wv[c + 1], _mm256_set1_epi32(p1));
-            }
-            __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-#ifdef QGEMM_VNNI
-            if (!q4) dot = _mm256_fnmadd_ps(_mm256_set1_ps(128.0f), _mm256_loadu_ps(s8 + b * 8), dot);
-#endif
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x->d[(m0 + i) * nb + b])), dot, acc[i]);
-            if (q4) macc[i] = _mm256_fmadd_ps(mins, _mm256_set1_ps(x->s[(m0 + i) * nb + b]), macc[i]);
-        }
-    }
-    for (int i = 0; i < RM; i++) {
-        float *o = out + (m0 + i) * ldo + 8 * g;
-        const __m256 res = _mm256_add_ps(acc[i], macc[i]);
-        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), res) : res);
-    }
-}
-
-#define GEMM8_ROWS 4 /* activation rows per tile */
-
-/* Every activation row against groups of eight interleaved rows, GEMM8_ROWS rows a tile. */
-static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t groups, float *out,
-                      int64_t ldo, int accumulate) {
-    const int64_t group_bytes = w->nb * QI_BYTES(w->q4);
-    #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; g++)
-        for (int64_t m0 = 0; m0 < M; m0 += GEMM8_ROWS) {
-            const uint8_t *ahead = M <= GEMM8_ROWS && g + 2 < groups ? w->qi + (g + 2) * group_bytes : NULL;
-            const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
-#define G8(q4, rm) gemm8(w, q4, g, x, m0, rm, out, ldo, accumulate, ahead)
-#define ROWS(q4)                                                     \
-            switch (RM) {                                            \
-            case 4: G8(q4, 4); break;                                \
-            case 3: G8(q4, 3); break;                                \
-            case 2: G8(q4, 2); break;                                \
-            default: G8(q4, 1); break;                               \
-            }
-            if (w->q4) {
-                ROWS(1)
-            } else {
-                ROWS(0)
-            }
-#undef ROWS
-#undef G8
-        }
-}
+#include "qgemm_rows8.c"
 #endif
 
 /* out[m, n] (+)= sum_k x[m, k] w[n, k]: quantize x, then split the weight rows over threads.
- * One activation row (decode) takes four weight rows per tile; more take one weight row
- * against up to four activation rows, reusing each loaded weight block. */
+ * Rows outside gemm8 tile as: one activation row (decode) against four weight rows; more,
+ * one weight row against up to four activation rows, reusing each loaded weight block. */
 static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float *out, int64_t ldo,
                  int accumulate) {
     const int64_t K = w->K, nb = w->nb;
@@ -447,23 +275,6 @@ static int qgemm(const float *x, int64_t M, const weights_t *w, int64_t N, float
         first = N - N % 8;
         gemm8_all(w, &acts, M, first / 8, out, ldo, accumulate);
         free(xu);
-    } else if (w->d8 != NULL) {
-        /* Eight weight rows at a time against each activation row in turn: the eight rows
-         * (a few KB) stay in L1 while the activation rows stream past. */
-        first = N - N % 8;
-        const int64_t groups = first / 8, group_bytes = 8 * (w->q4 ? K / 2 : K);
-        #pragma omp parallel for schedule(static)
-        for (int64_t g = 0; g < groups; g++)
-            for (int64_t m = 0; m < M; m++) {
-                /* Decode is bound by reading the weights: while a group runs, the group two
-                 * ahead is fetched (1.09x a decode step, in-process A/B). */
-                const uint8_t *ahead = m == 0 && g + 2 < groups ? w->q + (g + 2) * group_bytes : NULL;
-                const acts_t row = {xq + m * K, xd + m * nb, xs + m * nb, NULL};
-                if (w->q4)
-                    gemv8(w, 1, g, &row, out + m * ldo, accumulate, ahead);
-                else
-                    gemv8(w, 0, g, &row, out + m * ldo, accumulate, ahead);
-            }
     }
 #endif
     const int64_t rows_per_tile = M == 1 ? 4 : 1;
@@ -487,7 +298,8 @@ static int make_weights(weights_t *w, int64_t K, int64_t group, int q4, const vo
 
 /* out[m, n] (+)= sum_k x[m, k] w[n, k]. x: [M, K] float32 contiguous; out: rows `ldo` apart.
  * d8 / m8: the scales (and mins) of the first N - N % 8 rows as [N / 8, ns, 8], or NULL;
- * s8: for 8-bit, those rows' per-block sums of q as [N / 8, nb, 8] floats, or NULL. */
+ * s8: for 8-bit, those rows' per-block sums of q as [N / 8, nb, 8] floats, or NULL;
+ * qi: those rows' values interleaved (qgemm_rows8.c), or NULL. */
 int qgemm_q8(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
              const uint16_t *wd8, const float *ws8, const uint8_t *wqi, int64_t N, int64_t group,
              float *out, int64_t ldo, int accumulate) {
