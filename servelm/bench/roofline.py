@@ -1,8 +1,10 @@
 """`servelm bench roofline`: how close servelm runs to what this machine can do at all.
 
 Tokens per second alone cannot say whether an engine is good or the machine is slow. So this
-benchmark first measures the machine's own ceilings, with the same dtype and thread count the
-engine uses: peak matmul FLOP/s (best of square `torch.matmul`s) and achievable memory
+benchmark first measures the machine's own ceilings, with the thread count the engine uses:
+peak matmul FLOP/s (best of square `torch.matmul`s in the engine's dtype and in bfloat16,
+whichever is higher, so a float32 engine running 8-bit integer kernels is not measured
+against the slower float32 GEMM) and achievable memory
 bandwidth (best of a streaming sum and a copy over buffers far larger than the caches). Then it
 runs servelm twice and reports each run against the ceiling that bounds it:
 
@@ -160,13 +162,15 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     llm = LLM(model, **engine)  # sets torch's thread count, which the probes below then use
     info = llm.engine.worker_info  # the model's shape and sizes, from the worker
     arch, source, torch_dtype = info.arch, info.model_source, getattr(torch, dtype)
-    say(f"measuring peak {dtype} matmul FLOP/s and memory bandwidth "
-        f"({torch.get_num_threads()} threads) ...")
+    dtypes = dict.fromkeys((torch_dtype, torch.bfloat16))
+    say(f"measuring peak {' and '.join(str(d).removeprefix('torch.') for d in dtypes)} matmul FLOP/s "
+        f"and memory bandwidth ({torch.get_num_threads()} threads) ...")
     if cfg.quick:
-        peak = measure_peak_flops(torch_dtype, (128, 256), 0.02)
+        peaks = [measure_peak_flops(d, (128, 256), 0.02) for d in dtypes]
         bw = measure_bandwidth(64 * 2**20, 2)
     else:
-        peak, bw = measure_peak_flops(torch_dtype), measure_bandwidth()
+        peaks, bw = [measure_peak_flops(d) for d in dtypes], measure_bandwidth()
+    peak = max(peaks, key=lambda p: p["flops"])
 
     tok = llm.get_tokenizer()
     prompts = random_token_prompts(tok, cfg.num_prompts + 1, cfg.input_len, cfg.seed)
@@ -209,7 +213,7 @@ def run_roofline(cfg: RooflineConfig) -> dict[str, Any]:
     result.update({
         "model": {"source": str(source), "family": arch.family, "decoder_matmul_params": decoder_matmul_params(arch),
                   "lm_head_params": arch.vocab_size * arch.hidden_size},
-        "peak_flops": peak, "bandwidth": bw,
+        "peak_flops": peak, "peak_flops_by_dtype": {p["dtype"]: p["flops"] for p in peaks}, "bandwidth": bw,
         "ridge_point_flops_per_byte": peak["flops"] / bw["bytes_per_s"],
         "throughput_mode": throughput, "decode": decode,
         "energy": {"throughput_mode": {**tp_energy.as_dict(n_out), "tokens": "output"},

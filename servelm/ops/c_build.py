@@ -5,7 +5,8 @@ Each kernel is one C file built with `-O3 -march=native -fopenmp` into
 sources and the CPU's flags, so an edited source or another CPU builds afresh and concurrent
 builders race harmlessly. The .so shares torch's OpenMP runtime, so its thread count follows
 `torch.set_num_threads`. Without a compiler, or with SERVELM_DISABLE_C_KERNELS=1, `load`
-returns None and callers keep their pure-torch path.
+returns None and callers keep their pure-torch path. `main()` builds them all ahead of
+time (`make setup` runs it), so the first request does not wait for gcc.
 """
 
 from __future__ import annotations
@@ -77,3 +78,19 @@ def load(name: str, native: bool = True) -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)
     return ctypes.CDLL(str(target))
+
+
+LIBRARIES = ("paged_attention", "qgemm", "bgemm", "decoder")  # the kernels servelm loads
+
+
+def build_all() -> list[str]:
+    """Build every kernel for this CPU now; returns those that could not be built."""
+    return [name for name in LIBRARIES if load(name) is None]
+
+
+def main() -> None:
+    """`make setup` runs this so the first request does not wait for gcc."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    failed = build_all()
+    print(f"servelm C kernels built in {cache_dir()}" if not failed
+          else f"servelm C kernels not built ({', '.join(failed)}): torch fallbacks will run")

@@ -7,6 +7,8 @@ rounded activations."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -51,6 +53,12 @@ def test_q4_packing_is_gguf_order():
     packed = quant.pack_q4(q, torch.ones(16, 2), torch.zeros(16, 2))
     assert packed.packed[0, 0] == (0 | 16 << 4) and packed.packed[0, 16] == 0 | (0 << 4)
     assert torch.equal(packed.values(), q.to(torch.uint8))
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler here")
+def test_every_kernel_builds_ahead_of_time():
+    """`make setup` builds them all, so a user never waits for gcc at the first request."""
+    assert c_build.build_all() == []
 
 
 def _paths(monkeypatch, path: str) -> None:
