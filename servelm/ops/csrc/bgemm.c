@@ -3,9 +3,10 @@
  * rounded to bfloat16 once, then every product of two bfloat16 values is summed in float32.
  *
  * With AVX512-BF16 one instruction (vdpbf16ps) multiplies 32 pairs and adds them into 16
- * float lanes; a tile of four weight rows against up to four activation rows keeps sixteen
- * such sums going, and each row's lanes are summed once at the end. Without it, the same
- * sums in plain C (the compiler vectorizes them). Rows of the output are split over OpenMP
+ * float lanes (with AVX-512 alone, 16 values widened to float32 and one fma); a tile of four
+ * weight rows against up to four activation rows keeps sixteen such sums going, and each
+ * row's lanes are summed once at the end. Without AVX-512, the same sums in plain C (the
+ * compiler vectorizes them). Rows of the output are split over OpenMP
  * threads. Built by servelm/ops/c_build.py; called through ctypes (ops/qgemm.py) or
  * included by decoder.c.
  */
@@ -13,9 +14,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define BGEMM_AVX512 1
+#if defined(__AVX512BF16__) /* one vdpbf16ps: 32 products of bfloat16 pairs into 16 lanes */
+#define BGEMM_STEP 32
+typedef __m512bh bgemm_vec;
+static inline bgemm_vec bgemm_load(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+static inline __m512 bgemm_dot(__m512 acc, bgemm_vec a, bgemm_vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+#else /* AVX-512 without BF16: widen 16 values to float32 (a shift) and fma them, exact as above */
+#define BGEMM_STEP 16
+typedef __m512 bgemm_vec;
+static inline bgemm_vec bgemm_load(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline __m512 bgemm_dot(__m512 acc, bgemm_vec a, bgemm_vec b) { return _mm512_fmadd_ps(a, b, acc); }
+#endif
 #endif
 
 static inline uint16_t bgemm_round_bf16(float f) { /* to nearest even; NaN stays NaN */
@@ -44,14 +59,14 @@ static inline __attribute__((always_inline)) void bgemm_tile(const uint16_t *x, 
     __m512 acc[BGEMM_ROWS][BGEMM_ROWS];
     for (int r = 0; r < RN; r++)
         for (int i = 0; i < RM; i++) acc[r][i] = _mm512_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
-        if (RM == 1) /* decode reads weights from DRAM: ask for the thread's tile after next */
+    for (; k + BGEMM_STEP <= K; k += BGEMM_STEP) {
+        if (RM == 1 && k % 32 == 0) /* decode reads weights from DRAM: ask for the tile after next */
             for (int r = 0; r < RN; r++) _mm_prefetch((const char *)(w + (n0 + 2 * RN + r) * K + k), _MM_HINT_T0);
-        __m512bh xv[BGEMM_ROWS];
-        for (int i = 0; i < RM; i++) xv[i] = (__m512bh)_mm512_loadu_si512(x + (m0 + i) * K + k);
+        bgemm_vec xv[BGEMM_ROWS];
+        for (int i = 0; i < RM; i++) xv[i] = bgemm_load(x + (m0 + i) * K + k);
         for (int r = 0; r < RN; r++) {
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
-            for (int i = 0; i < RM; i++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], wv, xv[i]);
+            const bgemm_vec wv = bgemm_load(w + (n0 + r) * K + k);
+            for (int i = 0; i < RM; i++) acc[r][i] = bgemm_dot(acc[r][i], wv, xv[i]);
         }
     }
     for (int r = 0; r < RN; r++)
