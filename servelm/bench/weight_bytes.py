@@ -26,20 +26,13 @@ def main() -> None:
     p.add_argument("--tie-word-embeddings", action="store_true")
     args = p.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from servelm import LLM
-    from servelm.model.loader import load_tokenizer
+    from servelm.bench.random_model import save_random_llama
 
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-                         num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size,
-                         tie_word_embeddings=args.tie_word_embeddings)
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        load_tokenizer(None).save_pretrained(folder)  # any tokenizer: nothing is generated
+        save_random_llama(folder, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                          num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                          vocab_size=args.vocab_size, tie_word_embeddings=args.tie_word_embeddings)
         result = {"shape": vars(args)}
         for method in (None, "int8", "int4"):
             llm = LLM(folder, dtype="bfloat16", quantization=method, num_kv_blocks=4,
