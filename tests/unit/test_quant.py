@@ -91,6 +91,22 @@ def test_matmul_paths_agree_within_the_activation_rounding_bound(monkeypatch, pa
     assert ((added - start - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_many_rows_take_the_exact_float_gemm(monkeypatch, fmt):
+    """A long prefill chunk multiplies the dequantized weight in float32 (no activation
+    rounding), into the residual too; fewer rows keep the block kernel."""
+    monkeypatch.setattr(quant, "FLOAT_GEMM_ROWS", 6)
+    w = quantize(weights(n=52, k=256), fmt, 32, torch.float32)
+    deq = w.dequantize(torch.float32)
+    for rows, bound in ((6, 1e-4), (5, None)):
+        x = activations(rows, 256)
+        exact = x @ deq.t()
+        err = (linear(x, w) - exact).abs()
+        assert (err <= 1e-4).all() if bound else err.max() > 1e-4  # the kernel rounds x to int8
+    x, residual = activations(6, 256), torch.randn(6, 52)
+    assert torch.allclose(linear_add(x, w, residual.clone()), residual + x @ deq.t(), atol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["native C", "portable C", "torch"])
 @pytest.mark.parametrize("rows", [1, 6])
 def test_bf16_weights_match_a_float_matmul_of_rounded_activations(monkeypatch, path, rows):
