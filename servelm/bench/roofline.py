@@ -3,8 +3,8 @@
 Tokens per second alone cannot say whether an engine is good or the machine is slow. So this
 benchmark first measures the machine's own ceilings, with the thread count the engine uses:
 peak matmul FLOP/s (best of square `torch.matmul`s in the engine's dtype and in bfloat16,
-whichever is higher, so a float32 engine running 8-bit integer kernels is not measured
-against the slower float32 GEMM) and achievable memory
+whichever is higher: an engine whose weights run in integer kernels is held to the machine's
+best GEMM, not to its own dtype's) and achievable memory
 bandwidth (best of a streaming sum and a copy over buffers far larger than the caches). Then it
 runs servelm twice and reports each run against the ceiling that bounds it:
 

@@ -55,7 +55,7 @@ def test_q4_packing_is_gguf_order():
     assert torch.equal(packed.values(), q.to(torch.uint8))
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler here")
+@pytest.mark.skipif(shutil.which("gcc") is None or c_build.disabled(), reason="no C compiler here, or kernels off")
 def test_every_kernel_builds_ahead_of_time():
     """`make setup` builds them all, so a user never waits for gcc at the first request."""
     assert c_build.build_all() == []
@@ -98,11 +98,9 @@ def test_many_rows_take_the_exact_float_gemm(monkeypatch, fmt):
     monkeypatch.setattr(quant, "FLOAT_GEMM_ROWS", 6)
     w = quantize(weights(n=52, k=256), fmt, 32, torch.float32)
     deq = w.dequantize(torch.float32)
-    for rows, bound in ((6, 1e-4), (5, None)):
-        x = activations(rows, 256)
-        exact = x @ deq.t()
-        err = (linear(x, w) - exact).abs()
-        assert (err <= 1e-4).all() if bound else err.max() > 1e-4  # the kernel rounds x to int8
+    assert ((linear(activations(6, 256), w) - activations(6, 256) @ deq.t()).abs() <= 1e-4).all()
+    if qgemm.load() is not None:  # five rows stay on the kernel, which rounds x to int8
+        assert (linear(activations(5, 256), w) - activations(5, 256) @ deq.t()).abs().max() > 1e-4
     x, residual = activations(6, 256), torch.randn(6, 52)
     assert torch.allclose(linear_add(x, w, residual.clone()), residual + x @ deq.t(), atol=1e-4)
 
