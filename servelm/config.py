@@ -94,6 +94,17 @@ class EngineConfig:
         "512}' (methods: streamingllm, h2o, snapkv; see servelm/kv/compression.py); turns "
         "prefix caching off", metavar="JSON")
 
+    tensor_parallel_size: int = option(
+        1, "worker processes that each hold a slice of every layer (tensor parallelism on "
+        "torch.distributed); each holds its KV heads' cache, so KV capacity grows with it",
+        minimum=1)
+    pipeline_parallel_size: int = option(
+        1, "worker processes (stages) that each hold a range of the layers, with up to this "
+        "many micro-batches in flight", minimum=1)
+    distributed_timeout_s: float = option(
+        60.0, "with several workers: how long setting up the process group, or one collective, "
+        "may wait for the other ranks", above=0)
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -105,6 +116,13 @@ class EngineConfig:
             raise ValueError("length_predictor is used only by scheduling_policy 'sjf', "
                              f"got scheduling_policy {self.scheduling_policy!r}")
         spec = SpecConfig.parse(self.speculative_config)  # raises on a bad one
+        if spec is not None and self.pipeline_parallel_size > 1 and (
+                spec.method != "ngram" or spec.tree):
+            # A draft model's or a tree's drafts would have to match on every stage, and
+            # layer-skip drafting runs layers that other stages hold.
+            raise ValueError("with pipeline_parallel_size > 1, speculative_config supports only "
+                             f"method 'ngram' without a tree, got {spec.method!r}"
+                             + (" with a tree" if spec.tree else ""))
         if CompressionConfig.parse(self.kv_compression) is not None:
             if spec is not None:
                 raise ValueError("kv_compression cannot be combined with speculative_config")

@@ -66,6 +66,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "network: needs PyPI (pip download) on first run; reuses the cache after"
     )
+    config.addinivalue_line(
+        "markers", "multiprocess: starts tensor/pipeline-parallel worker processes (slow; "
+        "skip while iterating with -m 'not multiprocess')"
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")

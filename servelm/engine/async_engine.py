@@ -31,6 +31,10 @@ class EngineStepError(RuntimeError):
     """The engine failed while this request was in flight."""
 
 
+class EngineDeadError(EngineStepError):
+    """The engine's workers are gone (a process died or hung): no request can run."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -45,6 +49,7 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self.fatal_error: Exception | None = None  # set once the executor reports it cannot run
         self.engine: LLMEngine
         built = threading.Event()
         failed: list[BaseException] = []
@@ -80,6 +85,8 @@ class AsyncLLM:
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput whenever the request makes progress; the last is finished.
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._streams[request_id] = stream
@@ -138,6 +145,10 @@ class AsyncLLM:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
+            if self.fatal_error is not None:
+                dead = EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
+                self._deliver(request_id, dead, last=True)
+                continue
             try:
                 self.engine.add_request(request_id, prompt, params, stream=True, priority=priority)
             except Exception as exc:  # a rejected prompt: the caller raises it (400 in the server)
@@ -147,6 +158,7 @@ class AsyncLLM:
         while not self._stopped:
             self._drain_inbox()
             if not self.engine.has_unfinished_requests():
+                self._check_executor()  # a worker that dies while idle shows within a second
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()  # an add after wait() returned is drained just below
                 continue
@@ -154,12 +166,24 @@ class AsyncLLM:
                 outputs = self.engine.step()
             except Exception as exc:  # fail what was in flight, keep the loop alive
                 logger.exception("engine step failed")
+                self._check_executor()
                 self._fail_all(exc)
                 continue
             loops = {loop for out in outputs
                      if (loop := self._deliver(out.request_id, out, last=out.finished)) is not None}
             for loop in loops:
                 self._wait_for(loop)
+
+    def _check_executor(self) -> None:
+        """Ask the executor whether its workers can still run steps (engine thread only);
+        once they cannot, every request is refused with the reason."""
+        if self.fatal_error is not None:
+            return
+        try:
+            self.engine.executor.check_health()
+        except Exception as exc:
+            logger.error("the engine's workers cannot run steps: %s", exc)
+            self.fatal_error = exc
 
     @staticmethod
     def _wait_for(loop: asyncio.AbstractEventLoop) -> None:

@@ -23,6 +23,7 @@ from gguf.quants import dequantize
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import cache_root
+from servelm.model.sharding import Index, Shard, index_shape
 from servelm.ops.quant import BlockBF16, BlockQ4, BlockQ8, QuantWeight, map_rows
 
 logger = logging.getLogger(__name__)
@@ -231,12 +232,32 @@ def has_blocks(path: Path) -> bool:
                for t in open_gguf(path).tensors)
 
 
-def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
-                      path: Path, keep_blocks: bool = False) -> dict[str, torch.Tensor | QuantWeight]:
+def _read_slice(t: Any, shape: tuple[int, ...], index: Index, path: Path) -> np.ndarray:
+    """`index` (rows, or all rows and a range of columns) of a tensor's stored data, read
+    from the memory map without the rest. A stored row is `shape[-1]` columns in whole
+    blocks, so a column range must start and end on block boundaries."""
+    data = t.data
+    if not index:
+        return data
+    if len(index) == 1:
+        return data[index[0]]
+    cols, units = index[1], data.shape[-1]
+    lo, hi = cols.start * units, cols.stop * units
+    if lo % shape[-1] or hi % shape[-1]:
+        raise ValueError(f"{path}: cannot split {t.name!r} ({t.tensor_type.name}, {shape[-1]} columns) "
+                         f"at columns {cols.start}-{cols.stop}: not on its block boundaries; "
+                         "choose another tensor_parallel_size")
+    return data[:, lo // shape[-1]:hi // shape[-1]]
+
+
+def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype, path: Path,
+                      keep_blocks: bool = False,
+                      shard: Shard | None = None) -> dict[str, torch.Tensor | QuantWeight]:
     """Every tensor in HF names and layout. With `keep_blocks`, Q8_0/Q4_0/Q4_1 matrices stay
     in their blocks and BF16 ones (unless `dtype` is bfloat16 anyway) as BlockBF16 (ops.quant,
     run by kernels that read them as they are); everything else, and everything without
-    `keep_blocks`, is dequantized and cast to `dtype`."""
+    `keep_blocks`, is dequantized and cast to `dtype`. `shard`: only what a parallel rank
+    holds (model/sharding.py), read as slices of the file, under stage-local names."""
     weights: dict[str, torch.Tensor | QuantWeight] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
@@ -251,18 +272,26 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype,
             )
         # GGUF lists dims fastest-first (ne[0] = columns); torch wants them slowest-first.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        index: Index = ()
+        if shard is not None and not shard.is_whole:
+            picked = shard.select(hf, arch)
+            if picked is None:
+                continue
+            hf, index = picked
+        stored = _read_slice(t, shape, index, path)
+        shape = index_shape(shape, index)
         permute = arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name)
-        heads = arch.num_heads if ".attn_q." in t.name else arch.num_kv_heads
+        heads = shape[0] // arch.head_dim  # whole heads: a shard's rows hold some of them
         if keep_blocks and t.tensor_type in _BLOCK_TYPES and len(shape) == 2:
-            blocks = _blocks(t.data, t.tensor_type, shape)
+            blocks = _blocks(stored, t.tensor_type, shape)
             weights[hf] = map_rows(blocks, partial(_reverse_llama_permute, n_heads=heads)) if permute else blocks
             continue
         if keep_blocks and t.tensor_type == _T.BF16 and len(shape) == 2 and dtype != torch.bfloat16:
-            rows = torch.from_numpy(np.array(t.data).view(np.int16).reshape(shape)).view(torch.bfloat16)
+            rows = torch.from_numpy(np.array(stored).view(np.int16).reshape(shape)).view(torch.bfloat16)
             weights[hf] = BlockBF16(_reverse_llama_permute(rows, heads) if permute else rows)
             continue
         try:
-            data = dequantize(t.data, t.tensor_type)
+            data = dequantize(stored, t.tensor_type)
         except Exception as e:
             raise ValueError(f"{path}: cannot decode tensor {t.name!r}: {e}") from None
         if not data.flags.writeable:  # F32 comes back as a read-only view of the file
@@ -320,11 +349,14 @@ def _save_atomically(tok: Any, target: Path) -> None:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: bool = False,
-              with_tokenizer: bool = True) -> tuple[ModelArch, dict[str, torch.Tensor | QuantWeight], Any]:
+              with_tokenizer: bool = True, shard: Shard | None = None,
+              ) -> tuple[ModelArch, dict[str, torch.Tensor | QuantWeight], Any]:
     """Read a GGUF file into (arch, HF-named weights, tokenizer or None)."""
     path = Path(path)
     reader = open_gguf(path)
     arch = ModelArch.from_hf_config(gguf_config(reader, path))
-    weights = load_gguf_weights(reader, arch, dtype, path, keep_blocks)
+    if shard is not None:
+        shard.check(arch)
+    weights = load_gguf_weights(reader, arch, dtype, path, keep_blocks, shard)
     tokenizer = load_gguf_tokenizer(path, reader) if with_tokenizer else None
     return arch, weights, tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,12 @@ def weight_files(folder: Path) -> list[Path]:
     raise ValueError(f"{folder} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
-def load_hf_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read every tensor from the folder's safetensors file(s), cast to `dtype`."""
+def load_hf_weights(folder: Path, dtype: torch.dtype,
+                    select: Callable[[str], tuple[str, tuple[slice, ...]] | None] | None = None,
+                    ) -> dict[str, torch.Tensor]:
+    """Read every tensor from the folder's safetensors file(s), cast to `dtype`. `select`
+    (a parallel rank's, model/sharding.py): name -> (name to keep it under, slice to read),
+    or None to skip it; a slice is read from the file without the rest of the tensor."""
     weights: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         try:
@@ -86,9 +91,14 @@ def load_hf_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
                 for name in f.keys():
                     if name.endswith(_DROPPED_SUFFIXES):
                         continue
-                    if name in weights:
+                    picked = (name, None) if select is None else select(name)
+                    if picked is None:
+                        continue
+                    local, index = picked
+                    if local in weights:
                         raise ValueError(f"tensor {name!r} appears in more than one shard ({path.name})")
-                    weights[name] = f.get_tensor(name).to(dtype)
+                    tensor = f.get_tensor(name) if not index else f.get_slice(name)[index]
+                    weights[local] = tensor.to(dtype)
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error type for damaged files

@@ -3,6 +3,12 @@
 Takes one flat batch of tokens from many requests (no padding, no batch dimension);
 attention reads per-step metadata from `ops.attention`. Q/K/V and gate/up projections are
 fused into single matmuls at load time, because on CPU each extra op costs real time.
+
+Under tensor parallelism (model/sharding.py) the same code runs on each rank's slice: the
+arch it is built with is the rank's (its heads, MLP columns and layers), o_proj and
+down_proj end in one all-reduce each, and the embedding and LM head hold a range of the
+vocabulary. A pipeline stage holds some layers; `forward` then takes and returns the
+residual stream instead of token ids and normalized hidden states.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from servelm.distributed.parallel import SINGLE, ParallelContext
 from servelm.model.arch import ModelArch
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
+from servelm.model.sharding import vocab_range
 from servelm.ops.attention import AttentionBackend, AttentionMetadata, current_attention_metadata
 from servelm.ops.attention_scores import accumulate_attention
 from servelm.ops.fused_decoder import FusedDecoder, LayerWeights, supported
@@ -33,9 +41,19 @@ def _decodes_only(meta: AttentionMetadata) -> bool:
             and meta.decodes[0].mask is None)
 
 
+def _row_parallel(x: torch.Tensor, w: torch.Tensor | QuantWeight, residual: torch.Tensor,
+                  parallel: ParallelContext) -> torch.Tensor:
+    """residual + x @ w.T where each rank holds some of w's input columns: the partial
+    products are summed over the ranks first."""
+    if parallel.tp_size == 1:
+        return linear_add(x, w, residual)
+    return residual + parallel.all_reduce(linear(x, w))
+
+
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, parallel: ParallelContext) -> None:
         super().__init__()
+        self.parallel = parallel
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -68,13 +86,14 @@ class Attention(nn.Module):
         o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
         if meta.scored and self.scores is not None:
             accumulate_attention(q, self.kv_cache, self.scores, meta, self.scale)
-        return linear_add(o.reshape(t, self.q_size), self.o_weight, residual)
+        return _row_parallel(o.reshape(t, self.q_size), self.o_weight, residual, self.parallel)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, parallel: ParallelContext) -> None:
         super().__init__()
-        self.attn = Attention(arch, backend)
+        self.parallel = parallel
+        self.attn = Attention(arch, backend, parallel)
         self.eps = arch.rms_norm_eps
         self.input_norm: torch.Tensor
         self.post_attn_norm: torch.Tensor
@@ -86,15 +105,17 @@ class DecoderLayer(nn.Module):
         x = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, residual=x)
         h = linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
         gate, up = h.split(self.intermediate, dim=-1)
-        return linear_add(F.silu(gate) * up, self.down_weight, x)
+        return _row_parallel(F.silu(gate) * up, self.down_weight, x, self.parallel)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, backend: AttentionBackend, dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, parallel: ParallelContext = SINGLE) -> None:
+        """`arch`: this rank's part (ModelArch of its heads and layers; Shard.local_arch)."""
         super().__init__()
-        self.arch = arch
-        self.layers = nn.ModuleList(DecoderLayer(arch, backend) for _ in range(arch.num_layers))
+        self.arch, self.parallel = arch, parallel
+        self.vocab = vocab_range(arch.vocab_size, parallel.tp_size, parallel.tp_rank)
+        self.layers = nn.ModuleList(DecoderLayer(arch, backend, parallel) for _ in range(arch.num_layers))
         self.dtype = dtype
         self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype)
         self.embed: torch.Tensor
@@ -103,10 +124,12 @@ class LlamaForCausalLM(nn.Module):
         self._fused: FusedDecoder | bool | None = None  # False: not eligible
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                num_layers: int | None = None) -> torch.Tensor:
+                num_layers: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]. `num_layers`
-        runs only the first layers (early exit, for layer-skip drafting)."""
-        x = embedding(input_ids, self.embed, self.dtype)
+        runs only the first layers (early exit, for layer-skip drafting). A pipeline stage
+        after the first starts from the previous stage's `residual`; one before the last
+        returns its residual stream un-normalized."""
+        x = self._embed(input_ids) if residual is None else residual
         meta = current_attention_metadata()
         fused = self._fused_decoder(meta.block_size) if _decodes_only(meta) else None
         if fused is not None:
@@ -117,12 +140,25 @@ class LlamaForCausalLM(nn.Module):
             cos, sin = self.rope.lookup(positions)
             for layer in self.layers[:num_layers]:
                 x = layer(x, cos, sin)
+        if not self.parallel.is_last_stage:
+            return x
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows; with the vocabulary split, each rank fills the rows of its ids
+        and leaves zeros, and the all-reduce sums them into whole rows."""
+        if self.parallel.tp_size == 1:
+            return embedding(ids, self.embed, self.dtype)
+        ours = (ids >= self.vocab.start) & (ids < self.vocab.stop)
+        x = embedding((ids - self.vocab.start) * ours, self.embed, self.dtype)
+        return self.parallel.all_reduce(x.masked_fill_(~ours[:, None], 0.0))
 
     def _fused_decoder(self, block_size: int) -> FusedDecoder | None:
         """The one-call decode step (ops/fused_decoder.py) when this model's weights and cache
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
+        if self._fused is None and self.parallel.tp_size > 1:
+            self._fused = False  # it runs whole layers: no all-reduce between its matmuls
         if self._fused is None:
             layers = [LayerWeights(a.qkv_weight, a.o_weight, layer.gate_up_weight, layer.down_weight,
                                    layer.input_norm, layer.post_attn_norm, a.qkv_bias, a.q_norm, a.k_norm,
@@ -138,7 +174,13 @@ class LlamaForCausalLM(nn.Module):
         return self._fused or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head).float()
+        """Logits over the whole vocabulary (each rank's range gathered, on every rank)."""
+        logits = linear(hidden, self.lm_head).float()
+        if self.parallel.tp_size == 1:
+            return logits
+        per = -(-self.arch.vocab_size // self.parallel.tp_size)  # the last range may be short
+        logits = F.pad(logits, (0, per - logits.shape[-1]))
+        return self.parallel.all_gather_columns(logits)[:, : self.arch.vocab_size]
 
     def quantize(self, method: str, group_size: int) -> None:
         """Quantize every matmul weight and the embedding table (8-bit rows: a lookup
@@ -150,9 +192,11 @@ class LlamaForCausalLM(nn.Module):
             a.o_weight = quantize(a.o_weight, method, group_size, self.dtype)
             layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size, self.dtype)
             layer.down_weight = quantize(layer.down_weight, method, group_size, self.dtype)
-        tied = self.lm_head is self.embed
-        self.embed = quantize(self.embed, "int8", group_size, self.dtype)
-        self.lm_head = self.embed if tied else quantize(self.lm_head, method, group_size, self.dtype)
+        tied = self.lm_head is not None and self.lm_head is self.embed
+        if self.embed is not None:
+            self.embed = quantize(self.embed, "int8", group_size, self.dtype)
+        if self.lm_head is not None:
+            self.lm_head = self.embed if tied else quantize(self.lm_head, method, group_size, self.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight the model holds (a tied LM head counted once)."""
@@ -168,7 +212,8 @@ class LlamaForCausalLM(nn.Module):
     def decode_weight_bytes(self) -> int:
         """Bytes one decode step reads in full: every weight but the embedding table, of
         which a step gathers only its tokens' rows (a tied LM head still reads all of it)."""
-        return self.weight_bytes() - (0 if self.lm_head is self.embed else self.embed.nbytes)
+        skipped = self.embed is not None and self.lm_head is not self.embed
+        return self.weight_bytes() - (self.embed.nbytes if skipped else 0)
 
     def _layer_weights(self) -> list[torch.Tensor | QuantWeight | None]:
         out: list[torch.Tensor | QuantWeight | None] = []
@@ -179,11 +224,13 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take HF-named tensors, fusing q/k/v and gate/up. Consumes `weights`."""
+        """Take HF-named tensors, fusing q/k/v and gate/up. Consumes `weights`. A pipeline
+        stage has the embedding (first; last when tied), final norm and LM head (last) only
+        where it runs them."""
         w = weights
-        self.embed = w.pop("model.embed_tokens.weight")
-        self.final_norm = w.pop("model.norm.weight")
-        self.lm_head = self.embed if self.arch.tie_word_embeddings else w.pop("lm_head.weight")
+        self.embed = w.pop("model.embed_tokens.weight", None)
+        self.final_norm = w.pop("model.norm.weight", None)
+        self.lm_head = self.embed if self.arch.tie_word_embeddings else w.pop("lm_head.weight", None)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             a = layer.attn

@@ -17,8 +17,15 @@ import torch
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import default_model_path
-from servelm.model.gguf_loader import has_blocks, load_gguf, load_gguf_tokenizer
+from servelm.model.gguf_loader import (
+    gguf_config,
+    has_blocks,
+    load_gguf,
+    load_gguf_tokenizer,
+    open_gguf,
+)
 from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
+from servelm.model.sharding import Shard, index_shape
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,11 +46,14 @@ class LoadedModel:
 
 
 def load_model(model: str | None, dtype: torch.dtype = torch.float32,
-               keep_blocks: bool = False, with_tokenizer: bool = True) -> LoadedModel:
+               keep_blocks: bool = False, with_tokenizer: bool = True,
+               shard: Shard | None = None) -> LoadedModel:
     """Load `model`: None (the default GGUF), an HF folder, a folder with one .gguf, or a .gguf.
     `keep_blocks`: a GGUF's Q8_0/Q4_0/Q4_1 matrices stay in their blocks (`ops.quant`)
     instead of being dequantized to `dtype`. `with_tokenizer=False`: weights and
-    shape only (a worker needs no tokenizer; rebuilding a GGUF's takes seconds).
+    shape only (a worker needs no tokenizer; rebuilding a GGUF's takes seconds). `shard`:
+    read only the slices a tensor/pipeline-parallel rank holds (model/sharding.py), under
+    stage-local layer names; `arch` stays the whole model's.
 
     Raises FileNotFoundError for a path that does not exist and ValueError for anything else
     that servelm cannot load (bad config, damaged or incomplete weights, unsupported types).
@@ -57,21 +67,35 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32,
     start = time.perf_counter()
     gguf = _gguf_in(path)
     if gguf is not None:
-        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_blocks, with_tokenizer)
+        arch, weights, tokenizer = load_gguf(gguf, dtype, keep_blocks, with_tokenizer, shard)
         source = gguf
     else:
         arch = load_hf_arch(path)
-        weights = load_hf_weights(path, dtype)
+        if shard is not None:
+            shard.check(arch)
+        weights = load_hf_weights(path, dtype, _selector(arch, shard))
         tokenizer = load_hf_tokenizer(path) if with_tokenizer else None
         source = path
     if arch.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # tied: the embedding matrix is the head
-    check_weights(arch, weights, str(source))
+    check_weights(arch, weights, str(source), shard)
     if not arch.eos_token_ids and getattr(tokenizer, "eos_token_id", None) is not None:
         arch = replace(arch, eos_token_ids=(int(tokenizer.eos_token_id),))
     logger.info("loaded %s (%s, %d layers) in %.1fs", source, arch.family, arch.num_layers,
                 time.perf_counter() - start)
     return LoadedModel(arch=arch, weights=weights, tokenizer=tokenizer, source=str(source))
+
+
+def load_arch(model: str | None) -> ModelArch:
+    """Only the shape of what `load_model(model)` would load: read from config.json or the
+    GGUF's metadata, no weights."""
+    path = Path(default_model_path() if model is None else model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    gguf = _gguf_in(path.resolve())
+    if gguf is not None:
+        return ModelArch.from_hf_config(gguf_config(open_gguf(gguf), gguf))
+    return load_hf_arch(path.resolve())
 
 
 def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
@@ -140,8 +164,25 @@ def _gguf_in(path: Path) -> Path | None:
     return ggufs[0] if ggufs else None
 
 
-def expected_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
-    """Every parameter the model needs for `arch`, with its HF shape (out, in)."""
+def _selector(arch: ModelArch, shard: Shard | None):
+    return None if shard is None or shard.is_whole else (lambda name: shard.select(name, arch))
+
+
+def expected_weight_shapes(arch: ModelArch, shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model needs for `arch`, with its HF shape (out, in); with a
+    `shard`, the part that rank holds, under its local names."""
+    shapes = _whole_weight_shapes(arch)
+    if shard is None or shard.is_whole:
+        return shapes
+    local = {}
+    for name, shape in shapes.items():
+        picked = shard.select(name, arch)
+        if picked is not None:
+            local[picked[0]] = index_shape(shape, picked[1])
+    return local
+
+
+def _whole_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (arch.vocab_size, h),
@@ -171,9 +212,10 @@ def expected_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(arch: ModelArch, weights: dict[str, torch.Tensor], source: str) -> None:
+def check_weights(arch: ModelArch, weights: dict[str, torch.Tensor], source: str,
+                  shard: Shard | None = None) -> None:
     """Refuse missing, unexpected or misshapen tensors: each would silently corrupt outputs."""
-    expected = expected_weight_shapes(arch)
+    expected = expected_weight_shapes(arch, shard)
     missing = [k for k in expected if k not in weights]
     if missing:
         raise ValueError(f"{source}: {len(missing)} weight(s) missing for {arch.family}: {_few(missing)}")

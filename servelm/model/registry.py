@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from servelm.distributed.parallel import SINGLE, ParallelContext
 from servelm.model.arch import ModelArch
 from servelm.model.llama import LlamaForCausalLM
 from servelm.ops.attention import AttentionBackend
@@ -17,10 +18,12 @@ MODEL_CLASSES = {
 
 
 def build_model(arch: ModelArch, weights: dict[str, torch.Tensor], backend: AttentionBackend,
-                dtype: torch.dtype, max_positions: int) -> LlamaForCausalLM:
+                dtype: torch.dtype, max_positions: int,
+                parallel: ParallelContext = SINGLE) -> LlamaForCausalLM:
+    """`arch`: the part this rank builds (model/sharding.py), `weights` its slices."""
     cls = MODEL_CLASSES.get(arch.family)
     if cls is None:
         raise ValueError(f"unsupported architecture family {arch.family!r}; allowed: {sorted(MODEL_CLASSES)}")
-    model = cls(arch, backend, dtype, max_positions)
+    model = cls(arch, backend, dtype, max_positions, parallel)
     model.load_weights(weights)
     return model.eval()

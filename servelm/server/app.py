@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from servelm import __version__
-from servelm.engine.async_engine import AsyncLLM, EngineStepError
+from servelm.engine.async_engine import AsyncLLM, EngineDeadError, EngineStepError
 from servelm.outputs import CompletionOutput, RequestOutput
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
@@ -50,6 +50,10 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
     async def _failed(_: Request, exc: EngineStepError) -> JSONResponse:
         return error(500, str(exc), err_type="server_error")
 
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error(503, str(exc), err_type="server_error")
+
     @app.exception_handler(ValueError)
     async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
         return error(400, str(exc))
@@ -80,8 +84,11 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
             raise ValueError(f"tokens must be integers in [0, {vocab}), got {bad[0]}")
         return {"prompt": tok.decode(body.tokens)}
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, str] | JSONResponse:
+        if llm.fatal_error is not None:  # a worker died or hung: a load balancer should move on
+            return JSONResponse(status_code=503, content={
+                "status": "unhealthy", "error": str(llm.fatal_error)})
         return {"status": "ok"}
 
     @app.get("/version")

@@ -3,6 +3,12 @@ proposed, one forward pass over every scheduled token, then sampling or verifica
 
 Everything it gets and returns is plain data (servelm/step_io.py); the model, the KV
 tensors and each request's random generator stay here.
+
+Every tensor-parallel rank runs all of this alike, sampling included: the logits are
+gathered whole on each rank and every rank holds the same generators, so the ranks stay
+in step (drafts and all) without sending sampled tokens around; the engine keeps the
+output of one. A pipeline stage before the last sends its residual stream on instead of
+sampling; the ranks after it receive it in place of the embedding.
 """
 
 from __future__ import annotations
@@ -69,9 +75,15 @@ class ModelRunner:
                                  self.dtype, split_decodes=self.attention.pads_decodes)
         if self.cache.kv.scores is not None:
             self._mark_scored(batch, states, chunks)
+        parallel = self.model.parallel
         with attention_context(batch.attn):
-            hidden = self.model(batch.input_ids, batch.positions)
-        self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
+            residual = None if parallel.is_first_stage else parallel.recv_prev(
+                (len(batch.input_ids), self.model.arch.hidden_size), self.dtype)
+            hidden = self.model(batch.input_ids, batch.positions, residual=residual)
+        if parallel.is_last_stage:
+            self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
+        else:
+            parallel.send_next(hidden)
         out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
                                   if self.compression is not None else [0] * len(states))
         return out

@@ -2,7 +2,10 @@
 
 It loads the weights, sizes the KV cache from the memory budget, and then runs whatever
 `SchedulerOutput` it is handed. An executor owns one (in this process) or several (in
-others); the engine only ever sees the `WorkerInfo` and the `ModelRunnerOutput`s.
+others); the engine only ever sees the `WorkerInfo` and the `ModelRunnerOutput`s. As one
+rank of tensor/pipeline parallelism it loads and caches only its part of the model
+(model/sharding.py); every rank then holds as many KV blocks as the tightest one, so the
+engine's block ids mean the same slots everywhere.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import os
 import torch
 
 from servelm.config import EngineConfig
+from servelm.distributed.parallel import SINGLE, ParallelContext
 from servelm.model.arch import ModelArch
 from servelm.model.llama import LlamaForCausalLM
 from servelm.model.loader import LoadedModel, compute_dtype, kv_storage, load_model
 from servelm.model.registry import build_model
+from servelm.model.sharding import Shard
 from servelm.ops.attention import AttentionBackend, select_backend
 from servelm.ops.quant import METHODS
 from servelm.speculative.config import SpecConfig
@@ -30,29 +35,31 @@ from servelm.worker.model_runner import ModelRunner
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelContext = SINGLE) -> None:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
         self.config = config
         dtype = compute_dtype(config.dtype, config.model, config.quantization)
         self.kv_dtype = kv = kv_storage(config.kv_cache_dtype, dtype, config.model, config.quantization)
+        shard = Shard(parallel.tp_size, parallel.tp_rank, parallel.pp_size, parallel.pp_rank)
         # The tokenizer is the engine's: the worker sees token ids only.
         loaded = load_model(config.model, dtype, keep_blocks=config.quantization != "none",
-                            with_tokenizer=False)
+                            with_tokenizer=False, shard=shard)
         arch, spec = loaded.arch, config.spec
+        local = shard.local_arch(arch)  # this rank's heads and layers
         draft = load_draft(spec, loaded, dtype) if spec else None
-        per_block = config.block_size * kv_bytes_per_token(arch, dtype, kv)
+        per_block = config.block_size * kv_bytes_per_token(local, dtype, kv)
         # A draft model's cache shares the block tables, so each block also costs its bytes.
         draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, kv)
                            if draft else 0)
-        num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_per_block))
+        num_blocks = parallel.all_reduce_min(config.num_kv_blocks or max(
+            1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_per_block)))
         max_model_len = _max_model_len(config, arch, num_blocks)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
-        attention = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, kv)
-        model = self._build_model(loaded, attention, dtype, max_model_len)
-        cache = CacheEngine(arch, config.block_size, dtype, kv, num_blocks,
+        attention = select_backend(dtype, local.num_heads, local.num_kv_heads, local.head_dim, kv)
+        model = self._build_model(loaded, local, attention, dtype, max_model_len, parallel)
+        cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks,
                             num_swap, num_offload, config.compression)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.kv.layer(i)
@@ -63,18 +70,21 @@ class Worker:
         keep_freed_memory_in_heap()  # for the steps; loading gave its temporaries back to the OS
         self.runner = ModelRunner(model, attention, cache, proposer, config.block_size, dtype,
                                   config.compression)
+        total = parallel.all_reduce_sum  # the figures of all ranks together
         self.info = WorkerInfo(
             arch=arch, model_source=loaded.source,
             max_model_len=max_model_len, num_kv_blocks=num_blocks, num_swap_blocks=num_swap,
-            num_offload_blocks=num_offload, kv_bytes_per_token=per_block // config.block_size,
-            model_weight_bytes=model.weight_bytes(), decode_weight_bytes=model.decode_weight_bytes())
+            num_offload_blocks=num_offload, kv_bytes_per_token=total(per_block // config.block_size),
+            model_weight_bytes=total(model.weight_bytes()),
+            decode_weight_bytes=total(model.decode_weight_bytes()))
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(step)
 
-    def _build_model(self, loaded: LoadedModel, attention: AttentionBackend, dtype: torch.dtype,
-                     max_model_len: int) -> LlamaForCausalLM:
-        model = build_model(loaded.arch, loaded.weights, attention, dtype, max_model_len)
+    def _build_model(self, loaded: LoadedModel, arch: ModelArch, attention: AttentionBackend,
+                     dtype: torch.dtype, max_model_len: int,
+                     parallel: ParallelContext = SINGLE) -> LlamaForCausalLM:
+        model = build_model(arch, loaded.weights, attention, dtype, max_model_len, parallel)
         if self.config.quantization in METHODS:
             model.quantize(self.config.quantization, self.config.quantization_group_size)
         return model
@@ -100,7 +110,8 @@ class Worker:
                                 attention.pads_decodes)
         arch = draft.arch
         backend = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype)
-        model = self._build_model(draft, backend, dtype, max_model_len)
+        # A draft model runs whole on every rank: small, and identical on each.
+        model = self._build_model(draft, arch, backend, dtype, max_model_len)
         cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.layer(i)

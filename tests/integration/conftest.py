@@ -1,7 +1,9 @@
-"""Engine fixtures: every LLM a test builds is checked for leaked KV blocks afterwards."""
+"""Engine fixtures: every LLM a test builds is checked for leaked KV blocks afterwards and
+shut down, and no worker process may outlive a test."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,5 +23,16 @@ def make_llm() -> Iterator[Callable[..., LLM]]:
         return llm
 
     yield make
-    for llm in built:
-        assert_no_leaks(llm.engine)
+    try:
+        for llm in built:
+            assert_no_leaks(llm.engine)
+    finally:
+        for llm in built:
+            llm.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_workers_left() -> Iterator[None]:
+    yield
+    left = multiprocessing.active_children()
+    assert not left, f"worker processes left running: {left}"

@@ -1,0 +1,118 @@
+"""Where this process sits among the ranks, and the collectives the model calls.
+
+Ranks are laid out tensor-parallel first: global rank = pp_rank * tp_size + tp_rank, so
+the T ranks of one pipeline stage are consecutive. With one rank every collective is a
+no-op and nothing touches torch.distributed, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelContext:
+    tp_size: int = 1
+    pp_size: int = 1
+    rank: int = 0  # global
+    tp_group: Any = field(default=None, repr=False)  # torch ProcessGroup of this stage's ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank whose step output goes back to the engine: tp rank 0 of the last stage."""
+        return self.is_last_stage and self.tp_rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over this stage's tensor-parallel ranks, in place."""
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, n] on each rank -> [rows, tp_size * n], rank order."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest `value` over every rank (KV blocks: the tightest rank decides)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def all_reduce_sum(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def send_next(self, x: torch.Tensor) -> None:
+        """Hand activations to the same tensor-parallel rank of the next stage."""
+        dist.send(x.contiguous(), self.rank + self.tp_size)
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        x = torch.empty(shape, dtype=dtype)
+        dist.recv(x, self.rank - self.tp_size)
+        return x
+
+
+SINGLE = ParallelContext()
+
+
+def init_parallel(tp_size: int, pp_size: int, rank: int, port: int, timeout_s: float,
+                  backend: str = "gloo") -> ParallelContext:
+    """Join the world of tp_size x pp_size ranks at 127.0.0.1:`port` and make each stage's
+    tensor-parallel group. Every rank must call it; collectives and the rendezvous give up
+    after `timeout_s` with an error instead of waiting forever."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    world = tp_size * pp_size
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timeout)
+    except Exception as e:
+        raise RuntimeError(
+            f"rank {rank} of {world} could not join the process group at 127.0.0.1:{port} within "
+            f"{timeout_s:g}s ({e}); check that every worker process started (the others' logs) and "
+            "that nothing else holds the port") from None
+    ctx = ParallelContext(tp_size, pp_size, rank)
+    for stage in range(pp_size):  # every rank takes part in creating every group
+        ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
+        group = dist.new_group(ranks, timeout=timeout) if tp_size > 1 else None
+        if stage == ctx.pp_rank:
+            ctx.tp_group = group
+    return ctx
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,160 @@
+"""T x P worker processes on torch.distributed, one per tensor/pipeline-parallel rank.
+
+The engine schedules once; each step's `SchedulerOutput` is pickled once and the same bytes
+go down every worker's pipe. Every rank answers each step (the output rank with the
+`ModelRunnerOutput`, the others with None), so a rank that fails reports it. While
+waiting, the executor watches the processes and their heartbeats: a worker that dies, or
+stops stamping its heartbeat for `HEARTBEAT_TIMEOUT_S` (stopped, wedged), fails the step
+within seconds with an error naming it, and takes the other workers down with it rather
+than leaving them blocked in a collective. Workers also die with the engine's process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from servelm.config import EngineConfig
+from servelm.executor.base import Executor
+from servelm.executor.worker_process import run_worker
+from servelm.model.loader import compute_dtype, load_arch
+from servelm.model.sharding import Shard
+from servelm.step_io import ModelRunnerOutput, SchedulerOutput
+
+HEARTBEAT_TIMEOUT_S = 5.0
+_POLL_S = 0.2
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process died, hung or raised; the executor can run no more steps."""
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        Shard(tp, 0, pp, 0).check(load_arch(config.model))  # a bad split fails here, not in T x P logs
+        self.world_size = tp * pp
+        self.output_rank = (pp - 1) * tp  # tp rank 0 of the last stage
+        # The cores shared out: more threads than cores would make the ranks preempt each other.
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
+        # Decided here once, so that every rank computes in the same dtype.
+        dtype = str(compute_dtype(config.dtype, config.model, config.quantization))
+        config = dataclasses.replace(config, num_threads=threads, dtype=dtype.removeprefix("torch."))
+        self._startup_s = config.distributed_timeout_s
+        self._error: WorkerFailed | None = None
+        ctx = mp.get_context("spawn")  # never fork a process that runs threads
+        self._beats = ctx.Array("d", self.world_size, lock=False)  # 0 until a rank first stamps
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        port = _free_port()
+        self._started = time.monotonic()
+        atexit.register(self.shutdown)
+        for rank in range(self.world_size):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=run_worker, name=f"servelm-worker-{rank}", daemon=True,
+                               args=(config, rank, port, theirs, self._beats, os.getpid()))
+            proc.start()
+            theirs.close()
+            self._conns.append(ours)
+            self._procs.append(proc)
+        try:
+            self.info = self._collect("ready")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self.check_health()
+        data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send_bytes(data)
+            except OSError:
+                self._fail(f"worker rank {rank} is gone (its pipe closed)")
+        return self._collect("out")
+
+    def _collect(self, kind: str) -> Any:
+        """One reply of `kind` from every rank; the output rank's payload."""
+        pending = set(range(self.world_size))
+        result = None
+        while pending:
+            ready = wait([self._conns[r] for r in pending] + [p.sentinel for p in self._procs], _POLL_S)
+            for obj in ready:
+                if obj in self._conns:
+                    rank = self._conns.index(obj)
+                    try:
+                        got, payload = obj.recv()
+                    except (EOFError, OSError):
+                        self._fail(f"worker rank {rank} closed its pipe")
+                    if got == "error":
+                        self._fail(f"worker rank {rank} failed: {payload}")
+                    pending.discard(rank)
+                    if rank == self.output_rank:
+                        result = payload
+            for rank, proc in enumerate(self._procs):
+                if proc.exitcode is not None and rank in pending:
+                    self._fail(f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+            self._check_heartbeats()
+        return result
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for rank in range(self.world_size):
+            beat = self._beats[rank]
+            if beat == 0.0 and now - self._started > self._startup_s:
+                self._fail(f"worker rank {rank} did not start within {self._startup_s:g}s "
+                           "(distributed_timeout_s)")
+            if beat and now - beat > HEARTBEAT_TIMEOUT_S:
+                self._fail(f"worker rank {rank} (pid {self._procs[rank].pid}) has not answered "
+                           f"for {now - beat:.1f}s: hung or stopped")
+
+    def _fail(self, message: str) -> None:
+        self._error = WorkerFailed(message)
+        self._kill()
+        raise self._error
+
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._procs:
+            raise RuntimeError("the executor was shut down")
+        dead = [r for r, p in enumerate(self._procs) if p.exitcode is not None]
+        if dead:
+            self._fail(f"worker rank {dead[0]} exited with code {self._procs[dead[0]].exitcode}")
+        self._check_heartbeats()
+
+    def shutdown(self) -> None:
+        """Ask every worker to stop, give them a few seconds, then kill what is left."""
+        for conn in self._conns:
+            try:
+                conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5.0
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self._kill()
+        atexit.unregister(self.shutdown)
+
+    def _kill(self) -> None:
+        for proc in self._procs:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in self._procs:
+            proc.join(5.0)
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
