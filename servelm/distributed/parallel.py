@@ -21,6 +21,7 @@ class ParallelContext:
     pp_size: int = 1
     rank: int = 0  # global
     tp_group: Any = field(default=None, repr=False)  # torch ProcessGroup of this stage's ranks
+    _sending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -77,8 +78,13 @@ class ParallelContext:
         return int(t.item())
 
     def send_next(self, x: torch.Tensor) -> None:
-        """Hand activations to the same tensor-parallel rank of the next stage."""
-        dist.send(x.contiguous(), self.rank + self.tp_size)
+        """Hand activations to the same tensor-parallel rank of the next stage without
+        waiting for it to take them (this stage goes on with the next micro-batch); the
+        previous send is waited for first, so at most one is outstanding."""
+        if self._sending is not None:
+            self._sending[0].wait()
+        x = x.contiguous()
+        self._sending = (dist.isend(x, self.rank + self.tp_size), x)
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype)

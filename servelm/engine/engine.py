@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from servelm.config import EngineConfig
@@ -25,6 +26,7 @@ from servelm.kv.manager import KVCacheManager, cdiv
 from servelm.model.loader import load_tokenizer
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.step_io import SchedulerOutput
 
 logger = logging.getLogger("servelm")
 
@@ -48,7 +50,9 @@ class LLMEngine:
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode,
                                    Policy(config.scheduling_policy, predictor=self._predictor()),
-                                   config.spec, self.max_model_len)
+                                   config.spec, self.max_model_len,
+                                   num_micro_batches=config.pipeline_parallel_size)
+        self._in_flight: deque[SchedulerOutput] = deque()  # submitted, output not collected
         self.outputs = OutputProcessor()
         self.num_steps = 0
         # Everything made so far (weights' wrappers, tokenizer and GGUF tables) lives as long
@@ -136,11 +140,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, apply its tokens. Returns outputs for finished
-        requests, and for streaming requests that produced something this step."""
-        step = self.scheduler.schedule()
-        if step.is_empty:
+        requests, and for streaming requests that produced something this step.
+
+        With P pipeline stages it first fills the pipeline with up to P micro-batches (each
+        of requests not already in flight), then applies the oldest one's output."""
+        while len(self._in_flight) < self.config.pipeline_parallel_size:
+            step = self.scheduler.schedule()
+            if step.is_empty:
+                break
+            self.executor.submit(step)
+            self._in_flight.append(step)
+            if not step.scheduled:
+                break
+        if not self._in_flight:
             return []
-        result = self.executor.execute_model(step)
+        step = self._in_flight.popleft()
+        try:
+            result = self.executor.collect()
+        except Exception:  # the workers failed: the other steps in flight are lost too
+            self._in_flight.clear()
+            self.scheduler.abandon_in_flight()
+            raise
         if not step.scheduled:
             return []
         self.num_steps += 1

@@ -9,7 +9,10 @@ cache already holds (prefix caching) and computes only the rest. When blocks run
 most recently admitted (under a policy: the worst-ranked) running request is preempted, by
 recompute (its blocks are freed, their cached contents findable until evicted, and it goes
 back to the front of the waiting queue) or by swap (its KV is copied to CPU swap space and
-back). What the worker must do is described in a plain `SchedulerOutput`
+back). Under pipeline parallelism up to `num_micro_batches` steps are in flight at once:
+a request in flight sits out the steps scheduled before its output is back (it is never
+preempted meanwhile), and each step takes at most its share of the requests, so that the
+micro-batches keep every stage busy. What the worker must do is described in a plain `SchedulerOutput`
 (engine/step_builder.py); what it did comes back as a `ModelRunnerOutput`, from which this
 class appends tokens, checks stops, and finishes, frees or caches blocks.
 """
@@ -37,7 +40,8 @@ COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "spec_proposed_tok
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
                  preemption_mode: str = "recompute", policy: Policy | None = None,
-                 spec: SpecConfig | None = None, max_model_len: int | None = None) -> None:
+                 spec: SpecConfig | None = None, max_model_len: int | None = None,
+                 num_micro_batches: int = 1) -> None:
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -45,6 +49,8 @@ class Scheduler:
         self.policy = policy or Policy()
         self.spec = spec
         self.max_model_len = max_model_len
+        self.num_micro_batches = num_micro_batches
+        self.in_flight: set[str] = set()  # ids scheduled in steps whose output is not back yet
         self.step_count = 0
         self.requests: dict[str, Request] = {}  # every request not finished yet
         self.waiting: deque[Request] = deque()
@@ -78,19 +84,25 @@ class Scheduler:
         if self.policy.reorders:
             self._order_by_policy(out)
 
+        # A micro-batch's share of the requests (all of them without pipeline parallelism).
+        seats = -(-min(self.max_num_seqs, len(self.requests)) // self.num_micro_batches)
+
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
         # Draft tokens ride along with a decode while budget and blocks allow; they are the
         # first thing given up.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < seats:
             req = self.running[i]
+            if req.request_id in self.in_flight:
+                i += 1
+                continue
             drafts = self._num_drafts(req, budget) if speculating else 0
             if drafts and not self.kv.can_allocate(req.request_id, req.num_tokens + drafts):
                 drafts = 0
             n = min(req.num_tokens + drafts - req.num_computed_tokens, budget)
             total = req.num_kv_tokens + n  # slots needed
             while not self.kv.can_allocate(req.request_id, total):
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim, out)
                 if victim is req:
                     break
@@ -103,7 +115,8 @@ class Scheduler:
 
         # 2. Queued requests: swapped-out ones resume (KV copied back in), waiting ones are
         # admitted, best first, unless this step already had to preempt for memory.
-        while budget > 0 and not self._preempted and len(self.running) < self.max_num_seqs:
+        while (budget > 0 and not self._preempted and len(self.running) < self.max_num_seqs
+               and len(out.scheduled) < seats):
             req = self._next_queued()
             if req is None:
                 break
@@ -113,6 +126,7 @@ class Scheduler:
                 break
             budget -= n
         out.offload, out.restore = self.kv.take_tier_copies()
+        self.in_flight.update(s.req_id for s in out.scheduled)
         return out
 
     def update_from_output(self, step: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
@@ -122,6 +136,7 @@ class Scheduler:
         that are done. Returns the requests that got tokens this step."""
         now = time.monotonic()
         progressed = []
+        self.in_flight.difference_update(s.req_id for s in step.scheduled)
         for sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted in zip(
                 step.scheduled, result.sampled_token_ids, result.logprobs, result.prompt_logprobs,
                 result.num_draft_tokens, result.num_accepted_tokens, result.num_evicted_tokens):
@@ -249,9 +264,10 @@ class Scheduler:
         self.swapped = deque(sorted(self.swapped, key=key))
         while self.running and len(self.running) >= self.max_num_seqs:
             best = self._next_queued()
-            if best is None or not key(best) < key(self.running[-1]):
+            victim = self._victim()
+            if best is None or victim is None or not key(best) < key(victim):
                 break
-            victim = self.running.pop()
+            self.running.remove(victim)
             victim.num_preemptions += 1
             self.num_policy_preemptions += 1
             self._park(victim, out)
@@ -259,6 +275,14 @@ class Scheduler:
                 self.swapped = deque(sorted([*self.swapped, victim], key=key))
             else:
                 self.waiting = deque(sorted([*self.waiting, victim], key=key))
+
+    def _victim(self) -> Request | None:
+        """The newest running request not in flight: the one to preempt."""
+        return next((r for r in reversed(self.running) if r.request_id not in self.in_flight), None)
+
+    def abandon_in_flight(self) -> None:
+        """The workers lost the steps in flight (they failed): nothing is in flight."""
+        self.in_flight.clear()
 
     @staticmethod
     def _prompt_done(req: Request) -> bool:

@@ -4,11 +4,16 @@ The engine never holds a model. It hands each step's `SchedulerOutput` to an `Ex
 gets a `ModelRunnerOutput` back; whether the worker runs in this process, in other
 processes (tensor and pipeline parallel ranks) or on other machines is the executor's
 business.
+
+Pipeline parallelism keeps several steps in flight: `submit` hands a step over without
+waiting, `collect` returns the oldest submitted step's output. Executors that run one step
+at a time get both from `execute_model`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 
@@ -19,6 +24,14 @@ class Executor(ABC):
     @abstractmethod
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every worker; the output of the one that samples."""
+
+    def submit(self, step: SchedulerOutput) -> None:
+        """Start `step`; its output comes from a later `collect`, in submission order."""
+        self.__dict__.setdefault("_submitted", deque()).append(step)
+
+    def collect(self) -> ModelRunnerOutput:
+        """The output of the oldest step submitted and not yet collected."""
+        return self.execute_model(self.__dict__["_submitted"].popleft())
 
     @abstractmethod
     def check_health(self) -> None:

@@ -70,7 +70,18 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, in rank order (empty once shut down)."""
+        return [p.pid for p in self._procs]
+
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(step)
+        return self.collect()
+
+    def submit(self, step: SchedulerOutput) -> None:
+        """Every rank gets the step at once; the first pipeline stage starts on it while
+        the later ones still work on earlier steps."""
         self.check_health()
         data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self._conns):
@@ -78,6 +89,11 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(data)
             except OSError:
                 self._fail(f"worker rank {rank} is gone (its pipe closed)")
+
+    def collect(self) -> ModelRunnerOutput:
+        """Each rank answers its steps in order, so the next reply of every rank is the
+        oldest step's."""
+        self.check_health()
         return self._collect("out")
 
     def _collect(self, kind: str) -> Any:
