@@ -101,6 +101,10 @@ class EngineConfig:
     pipeline_parallel_size: int = option(
         1, "worker processes (stages) that each hold a range of the layers, with up to this "
         "many micro-batches in flight", minimum=1)
+    allreduce: str = option(
+        "shm", "tensor parallelism's all-reduce: shm (through memory the ranks share, one "
+        "machine; microseconds) or gloo (torch.distributed over loopback TCP; about a "
+        "millisecond per call on CPU)", choices=("shm", "gloo"))
     distributed_timeout_s: float = option(
         60.0, "with several workers: how long setting up the process group, or one collective, "
         "may wait for the other ranks", above=0)

@@ -81,6 +81,8 @@ class ModelRunnerOutput:
     num_draft_tokens: list[int] = field(default_factory=list)  # drafts verified
     num_accepted_tokens: list[int] = field(default_factory=list)  # of which accepted
     num_evicted_tokens: list[int] = field(default_factory=list)  # K/V dropped by KV compression
+    # Tensor parallelism: the all-reduces the output rank ran this step (calls, bytes, seconds).
+    allreduce: tuple[int, int, float] = (0, 0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def add_bench_parser(sub: Any, add_engine_args: AddEngineArgs) -> None:
     _add_roofline(bsub, add_engine_args)
     add_serve_parser(bsub)
     _add_latency(bsub, add_engine_args)
+    _add_parallel(bsub, add_engine_args)
     _add_spec(bsub, add_engine_args)
 
 
@@ -131,6 +132,25 @@ def _add_latency(bsub: Any, add_engine_args: AddEngineArgs) -> None:
                    help="llama.cpp's llama-bench binary, run on the same GGUF as a peer "
                         "(default: $SERVELM_LLAMA_BENCH, else llama-bench on PATH)")
     _output_group(p, "latency", detailed=True)
+
+
+# ---- parallel ------------------------------------------------------------------------------
+
+def _add_parallel(bsub: Any, add_engine_args: AddEngineArgs) -> None:
+    p = _bench(bsub, add_engine_args, "parallel",
+               "tensor x pipeline-parallel layouts side by side: latency, throughput, all-reduce "
+               "time and bytes per step", "run_parallel", "ParallelConfig")
+    g = p.add_argument_group("workload")
+    g.add_argument("--layouts", type=listed(str, "TxP layouts"), default=["1x1", "2x1", "1x2"],
+                   help="comma-separated T x P layouts (1x1 is always measured)")
+    g.add_argument("--input-len", type=int, default=128, help="prompt tokens of the latency requests")
+    g.add_argument("--output-len", type=int, default=64, help="output tokens of the latency requests")
+    g.add_argument("--num-iters", type=int, default=3, help="latency requests per round")
+    g.add_argument("--num-prompts", type=int, default=64, help="throughput requests per round")
+    g.add_argument("--max-output-len", type=int, default=128, help="throughput: longest output")
+    g.add_argument("--rounds", type=int, default=2, help="times every layout runs, in turn")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    _output_group(p, "parallel")
 
 
 # ---- roofline ------------------------------------------------------------------------------

@@ -8,11 +8,30 @@ no-op and nothing touches torch.distributed, so single-process code pays nothing
 from __future__ import annotations
 
 import datetime
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from servelm.distributed import shm_allreduce
+
+
+@dataclass
+class CollectiveStats:
+    """All-reduces run by this rank since the last `take`: how many, their bytes, and the
+    seconds spent in them (waiting for slower ranks included)."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def take(self) -> CollectiveStats:
+        taken = CollectiveStats(self.calls, self.bytes, self.seconds)
+        self.calls, self.bytes, self.seconds = 0, 0, 0.0
+        return taken
 
 
 @dataclass
@@ -21,6 +40,8 @@ class ParallelContext:
     pp_size: int = 1
     rank: int = 0  # global
     tp_group: Any = field(default=None, repr=False)  # torch ProcessGroup of this stage's ranks
+    stats: CollectiveStats = field(default_factory=CollectiveStats)
+    shm_allreduce: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
     _sending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -51,13 +72,26 @@ class ParallelContext:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over this stage's tensor-parallel ranks, in place."""
         if self.tp_size > 1:
-            dist.all_reduce(x, group=self.tp_group)
+            start = time.perf_counter()
+            if self.shm_allreduce is not None:
+                self.shm_allreduce(x)
+            else:
+                dist.all_reduce(x, group=self.tp_group)
+            self.stats.seconds += time.perf_counter() - start
+            self.stats.calls += 1
+            self.stats.bytes += x.nbytes
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, n] on each rank -> [rows, tp_size * n], rank order."""
         if self.tp_size == 1:
             return x
+        if self.shm_allreduce is not None:  # each rank's part beside zeros, summed: exact
+            n = x.shape[-1]
+            out = x.new_zeros(*x.shape[:-1], self.tp_size * n)
+            out[..., self.tp_rank * n:(self.tp_rank + 1) * n] = x
+            self.shm_allreduce(out)
+            return out
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=-1)
@@ -96,10 +130,12 @@ SINGLE = ParallelContext()
 
 
 def init_parallel(tp_size: int, pp_size: int, rank: int, port: int, timeout_s: float,
-                  backend: str = "gloo") -> ParallelContext:
+                  allreduce: str = "shm", backend: str = "gloo") -> ParallelContext:
     """Join the world of tp_size x pp_size ranks at 127.0.0.1:`port` and make each stage's
     tensor-parallel group. Every rank must call it; collectives and the rendezvous give up
-    after `timeout_s` with an error instead of waiting forever."""
+    after `timeout_s` with an error instead of waiting forever. `allreduce`: "shm" sums
+    through shared memory (shm_allreduce.py) where its C kernel builds, "gloo" through the
+    process group."""
     timeout = datetime.timedelta(seconds=timeout_s)
     world = tp_size * pp_size
     try:
@@ -116,6 +152,10 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, port: int, timeout_s: f
         group = dist.new_group(ranks, timeout=timeout) if tp_size > 1 else None
         if stage == ctx.pp_rank:
             ctx.tp_group = group
+    lib = shm_allreduce.load() if tp_size > 1 and allreduce == "shm" else None
+    if lib is not None:
+        ranks = list(range(ctx.pp_rank * tp_size, (ctx.pp_rank + 1) * tp_size))
+        ctx.shm_allreduce = shm_allreduce.ShmAllReduce(lib, ctx.tp_group, ranks, rank, timeout_s)
     return ctx
 
 

@@ -34,7 +34,7 @@ def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, bea
 
     try:
         parallel = init_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, rank,
-                                 port, config.distributed_timeout_s)
+                                 port, config.distributed_timeout_s, config.allreduce)
         worker = Worker(config, parallel)
         conn.send(("ready", worker.info))
         while True:

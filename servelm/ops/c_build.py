@@ -80,7 +80,7 @@ def load(name: str, native: bool = True) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
-LIBRARIES = ("paged_attention", "qgemm", "bgemm", "decoder")  # the kernels servelm loads
+LIBRARIES = ("paged_attention", "qgemm", "bgemm", "decoder", "shm_allreduce")  # the kernels servelm loads
 
 
 def build_all() -> list[str]:

@@ -86,6 +86,8 @@ class ModelRunner:
             parallel.send_next(hidden)
         out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
                                   if self.compression is not None else [0] * len(states))
+        stats = parallel.stats.take()
+        out.allreduce = (stats.calls, stats.bytes, stats.seconds)
         return out
 
     def _propose(self, scheduled: list[ScheduledRequest],

@@ -60,13 +60,14 @@ def test_gguf_blocks_split_like_one_process(tp, pp, tiny_gguf_path, make_llm):
 def test_int8_weights_and_seeded_sampling_match_across_tp(tiny_model_dir, make_llm):
     """int8 groups fall on the same columns in a shard as in the whole matrix, so the
     quantized values are the same; every rank samples from the same gathered logits with
-    the request's own generator, so a seeded sample is too."""
+    the request's own generator, so a seeded sample is too. (T=2 sums through gloo here,
+    everywhere else through shared memory.)"""
     path = tiny_model_dir("llama")
     prompts = random_prompts(300, [6, 19])
     sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)
     runs = []
     for tp in (1, 2):
-        llm = make_llm(path, tensor_parallel_size=tp, quantization="int8", **F32)
+        llm = make_llm(path, tensor_parallel_size=tp, quantization="int8", allreduce="gloo", **F32)
         runs.append((tokens(llm.generate(prompts, GREEDY, use_tqdm=False)),
                      [[c.token_ids for c in o.outputs]
                       for o in llm.generate(prompts, sampled, use_tqdm=False)]))
