@@ -121,12 +121,12 @@ class EngineConfig:
                              f"got scheduling_policy {self.scheduling_policy!r}")
         spec = SpecConfig.parse(self.speculative_config)  # raises on a bad one
         if spec is not None and self.pipeline_parallel_size > 1 and (
-                spec.method != "ngram" or spec.tree):
-            # A draft model's or a tree's drafts would have to match on every stage, and
-            # layer-skip drafting runs layers that other stages hold.
-            raise ValueError("with pipeline_parallel_size > 1, speculative_config supports only "
-                             f"method 'ngram' without a tree, got {spec.method!r}"
-                             + (" with a tree" if spec.tree else ""))
+                spec.method == "layer_skip" or spec.tree):
+            # Layer-skip drafting runs layers and an LM head that other stages hold, and a
+            # tree's accepted path would have to reach every stage before its K/V moves.
+            raise ValueError("with pipeline_parallel_size > 1, speculative_config takes method "
+                             "'ngram' or 'draft_model' without a tree, got "
+                             f"{spec.method!r}" + (" with a tree" if spec.tree else ""))
         if CompressionConfig.parse(self.kv_compression) is not None:
             if spec is not None:
                 raise ValueError("kv_compression cannot be combined with speculative_config")

@@ -28,6 +28,9 @@ class NewRequestData:
     params: SamplingParams
     seed: int | None  # the worker draws this request's samples from its own generator
     stop_token_ids: list[int]  # its stop ids and EOS (unless ignored): banned before min_tokens
+    # Sampled drafts come from a generator of their own, seeded alike on every pipeline
+    # stage (the request's generator is also drawn on by verification, on the last stage only).
+    draft_seed: int = 0
 
 
 @dataclass(slots=True)

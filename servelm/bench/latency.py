@@ -203,6 +203,7 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
     ids: dict[str, list[list[int]]] = {}
     result["servelm"], ids["servelm"] = _timed_system(
         partial(run_servelm, llm, output_len=cfg.output_len), batches, cfg)
+    llm.shutdown()  # tensor/pipeline-parallel workers too, before the peers run
     del llm
     say(f"servelm: TTFT median {result['servelm']['ttft_s']['median'] * 1e3:.1f} ms")
     if not cfg.skip_hf:

@@ -94,7 +94,7 @@ def _measure(cfg: ParallelConfig, layout: str, model: str | None, engine: dict[s
         after = llm.get_metrics()
         reqs = synthetic_requests(tok, cfg.num_prompts, cfg.max_output_len, cfg.seed)
         start = time.perf_counter()
-        outs = greedy(llm, [r.prompt_token_ids for r in reqs], [r.max_tokens for r in reqs])
+        outs = greedy(llm, [r.prompt_token_ids for r in reqs], [r.output_len for r in reqs])
         elapsed = time.perf_counter() - start
     steps = after["num_steps"] - before["num_steps"]
     calls, nbytes, seconds = (after[k] - before[k] for k in (

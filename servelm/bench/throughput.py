@@ -144,6 +144,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     say("running servelm ...")
     sv, sv_samples = run_servelm(llm, requests, show_progress=not cfg.quiet)
     say(f"servelm: {sv['output_tok_s']:.1f} output tok/s in {sv['elapsed_s']:.1f}s")
+    llm.shutdown()  # tensor/pipeline-parallel workers too, before the peers run
     del llm
     result = new_result("throughput", cfg, dtype, dataset=name, dataset_path=path)
     result["workload"] = summary

@@ -9,6 +9,8 @@ requests that finished, so the worker can forget them.
 
 from __future__ import annotations
 
+import random
+
 from servelm.engine.request import Request
 from servelm.kv.manager import KVCacheManager
 from servelm.step_io import NewRequestData, ScheduledRequest, SchedulerOutput
@@ -33,10 +35,19 @@ class StepBuilder:
         """Schedule `req` for `num_new_tokens` (its blocks already allocated)."""
         if req.num_synced_tokens == 0:
             self.out.new_requests.append(NewRequestData(
-                req.request_id, req.prompt_token_ids, req.params, req.seed, sorted(req.stop_token_ids)))
+                req.request_id, req.prompt_token_ids, req.params, req.seed, sorted(req.stop_token_ids),
+                _draft_seed(req.seed)))
             req.num_synced_tokens = req.num_prompt_tokens
         tokens, table, start = req.all_token_ids, self.kv.block_table(req.request_id), req.num_synced_blocks
         self.out.scheduled.append(ScheduledRequest(
             req.request_id, num_new_tokens, req.num_computed_tokens, req.num_evicted_tokens,
             tokens[req.num_synced_tokens:], start, table[start:], num_draft_tokens))
         req.num_synced_tokens, req.num_synced_blocks = len(tokens), len(table)
+
+
+def _draft_seed(seed: int | None) -> int:
+    """A seeded request's drafts are reproducible too, from a seed unlike its own (two
+    generators with one seed would draw the same numbers); an unseeded one's are fresh."""
+    if seed is None:
+        return random.getrandbits(63)
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)

@@ -53,6 +53,9 @@ class ModelRunner:
         self.block_size, self.dtype, self.compression = block_size, dtype, compression
         self.states = RequestStates()
         self.sampler = Sampler()
+        # A stage before the last verifies nothing: its drafts of each request's last step,
+        # until the tokens the engine appended show which were accepted.
+        self._unverified: dict[str, list[int]] = {}
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -60,6 +63,8 @@ class ModelRunner:
         if self.proposer is not None:
             for req_id in stale:
                 self.proposer.reset(req_id)
+                self._unverified.pop(req_id, None)
+            self._learn_verification(step)
         if step.moves_kv:  # before any block is written again
             self.cache.move_kv(step)
         scheduled = step.scheduled
@@ -84,16 +89,29 @@ class ModelRunner:
             self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
         else:
             parallel.send_next(hidden)
+            self._unverified.update((st.req_id, d.token_ids) for st, d in zip(states, drafts) if d)
         out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
                                   if self.compression is not None else [0] * len(states))
         stats = parallel.stats.take()
         out.allreduce = (stats.calls, stats.bytes, stats.seconds)
         return out
 
+    def _learn_verification(self, step: SchedulerOutput) -> None:
+        """Tell the proposer which of a request's unverified drafts were accepted: those
+        that the tokens appended since repeat, up to the last (the target's own, which
+        never equals the draft it replaced)."""
+        for s in step.scheduled:
+            drafts = self._unverified.pop(s.req_id, None)
+            if drafts is not None:
+                new, n = s.new_token_ids, 0
+                while n < min(len(drafts), len(new) - 1) and drafts[n] == new[n]:
+                    n += 1
+                self.proposer.accepted(s.req_id, list(range(1, n + 1)))
+
     def _propose(self, scheduled: list[ScheduledRequest],
                  states: list[CachedRequestState]) -> list[Draft | None]:
         asks = [(i, DraftRequest(s.req_id, st.token_ids, st.num_computed_tokens, st.params,
-                                 st.generator, st.block_table, s.num_draft_tokens))
+                                 st.draft_generator(), st.block_table, s.num_draft_tokens))
                 for i, (s, st) in enumerate(zip(scheduled, states)) if s.num_draft_tokens]
         drafts: list[Draft | None] = [None] * len(scheduled)
         if asks:

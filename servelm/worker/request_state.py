@@ -29,6 +29,14 @@ class CachedRequestState:
     num_computed_tokens: int = 0
     num_evicted_tokens: int = 0
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were sent (position 0 has none)
+    draft_seed: int = 0
+    _draft_generator: torch.Generator | None = None
+
+    def draft_generator(self) -> torch.Generator:
+        """What a proposer draws sampled drafts from (made on first use)."""
+        if self._draft_generator is None:
+            self._draft_generator = torch.Generator().manual_seed(self.draft_seed)
+        return self._draft_generator
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +64,8 @@ class RequestStates(dict[str, CachedRequestState]):
         for new in step.new_requests:
             gen = None if new.seed is None else torch.Generator().manual_seed(new.seed)
             self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
-                                                  gen, list(new.prompt_token_ids), new.stop_token_ids)
+                                                  gen, list(new.prompt_token_ids), new.stop_token_ids,
+                                                  draft_seed=new.draft_seed)
         for sched in step.scheduled:
             self._apply(sched)
         return [*step.finished_req_ids, *(s.req_id for s in step.scheduled if s.block_table_start == 0)]
