@@ -12,9 +12,10 @@ back to the front of the waiting queue) or by swap (its KV is copied to CPU swap
 back). Under pipeline parallelism up to `num_micro_batches` steps are in flight at once:
 a request in flight sits out the steps scheduled before its output is back (it is never
 preempted meanwhile), and each step takes at most its share of the requests, so that the
-micro-batches keep every stage busy. What the worker must do is described in a plain `SchedulerOutput`
-(engine/step_builder.py); what it did comes back as a `ModelRunnerOutput`, from which this
-class appends tokens, checks stops, and finishes, frees or caches blocks.
+micro-batches keep every stage busy. What the worker must do is described in a plain
+`SchedulerOutput` (engine/step_builder.py); what it did comes back as a
+`ModelRunnerOutput`, from which this class appends tokens, checks stops, and finishes,
+frees or caches blocks.
 """
 
 from __future__ import annotations

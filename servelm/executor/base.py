@@ -21,17 +21,20 @@ from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 class Executor(ABC):
     info: WorkerInfo  # set once the workers have loaded the model
 
+    def __init__(self) -> None:
+        self._submitted: deque[SchedulerOutput] = deque()
+
     @abstractmethod
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every worker; the output of the one that samples."""
 
     def submit(self, step: SchedulerOutput) -> None:
         """Start `step`; its output comes from a later `collect`, in submission order."""
-        self.__dict__.setdefault("_submitted", deque()).append(step)
+        self._submitted.append(step)
 
     def collect(self) -> ModelRunnerOutput:
         """The output of the oldest step submitted and not yet collected."""
-        return self.execute_model(self.__dict__["_submitted"].popleft())
+        return self.execute_model(self._submitted.popleft())
 
     @abstractmethod
     def check_health(self) -> None:

@@ -10,6 +10,7 @@ from servelm.worker.worker import Worker
 
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
         self.worker: Worker | None = Worker(config)
         self.info = self.worker.info
 

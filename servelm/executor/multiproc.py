@@ -38,6 +38,7 @@ class WorkerFailed(RuntimeError):
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         Shard(tp, 0, pp, 0).check(load_arch(config.model))  # a bad split fails here, not in T x P logs
         self.world_size = tp * pp
@@ -65,7 +66,7 @@ class MultiprocExecutor(Executor):
             self._conns.append(ours)
             self._procs.append(proc)
         try:
-            self.info = self._collect("ready")
+            self.info = self._collect()  # each rank's "ready" once it has loaded its part
         except BaseException:
             self.shutdown()
             raise
@@ -94,10 +95,10 @@ class MultiprocExecutor(Executor):
         """Each rank answers its steps in order, so the next reply of every rank is the
         oldest step's."""
         self.check_health()
-        return self._collect("out")
+        return self._collect()
 
-    def _collect(self, kind: str) -> Any:
-        """One reply of `kind` from every rank; the output rank's payload."""
+    def _collect(self) -> Any:
+        """One reply from every rank; the output rank's payload."""
         pending = set(range(self.world_size))
         result = None
         while pending:

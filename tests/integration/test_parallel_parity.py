@@ -29,16 +29,18 @@ def test_greedy_matches_transformers(tp, pp, tiny_model_dir, make_llm):
     check_against(llm.generate(prompts, GREEDY, use_tqdm=False), hf_reference(path, prompts, 12), 1e-3)
 
 
-@pytest.mark.parametrize("family,overrides,tp", [
-    ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}, 4),  # 2 KV heads, 4 ranks
-    ("qwen2", {"tie_word_embeddings": True}, 2),  # q/k/v biases split, tied vocab-parallel head
-    ("qwen3", {"num_key_value_heads": 1}, 2),  # q/k norms, one KV head for both ranks
+@pytest.mark.parametrize("family,overrides,tp,pp", [
+    ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}, 4, 1),  # 2 KV heads, 4 ranks
+    # q/k/v biases split; a tied vocab-parallel table on the first stage and, as the LM
+    # head, on the last
+    ("qwen2", {"tie_word_embeddings": True}, 2, 2),
+    ("qwen3", {"num_key_value_heads": 1}, 2, 1),  # q/k norms, one KV head for both ranks
 ])
-def test_split_heads_match_one_process(family, overrides, tp, tiny_model_dir, make_llm):
+def test_split_heads_match_transformers(family, overrides, tp, pp, tiny_model_dir, make_llm):
     path = tiny_model_dir(family, **overrides)
     prompts = random_prompts(300, [7, 30])
     refs = hf_reference(path, prompts, 12)
-    llm = make_llm(path, tensor_parallel_size=tp, **F32)
+    llm = make_llm(path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **F32)
     check_against(llm.generate(prompts, GREEDY, use_tqdm=False), refs, 1e-3)
 
 
@@ -57,17 +59,19 @@ def test_gguf_blocks_split_like_one_process(tp, pp, tiny_gguf_path, make_llm):
     assert tokens(split.generate(prompts, params, use_tqdm=False)) == one
 
 
-def test_int8_weights_and_seeded_sampling_match_across_tp(tiny_model_dir, make_llm):
-    """int8 groups fall on the same columns in a shard as in the whole matrix, so the
+@pytest.mark.parametrize("method,allreduce", [("int8", "gloo"), ("int4", "shm")])
+def test_quantized_weights_and_seeded_sampling_match_across_tp(method, allreduce, tiny_model_dir,
+                                                               make_llm):
+    """int8/int4 groups fall on the same columns in a shard as in the whole matrix, so the
     quantized values are the same; every rank samples from the same gathered logits with
-    the request's own generator, so a seeded sample is too. (T=2 sums through gloo here,
-    everywhere else through shared memory.)"""
+    the request's own generator, so a seeded sample is too. Both all-reduces."""
     path = tiny_model_dir("llama")
     prompts = random_prompts(300, [6, 19])
     sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)
     runs = []
     for tp in (1, 2):
-        llm = make_llm(path, tensor_parallel_size=tp, quantization="int8", allreduce="gloo", **F32)
+        llm = make_llm(path, tensor_parallel_size=tp, quantization=method, allreduce=allreduce,
+                       kv_cache_dtype="float32", **F32)
         runs.append((tokens(llm.generate(prompts, GREEDY, use_tqdm=False)),
                      [[c.token_ids for c in o.outputs]
                       for o in llm.generate(prompts, sampled, use_tqdm=False)]))
