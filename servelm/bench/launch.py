@@ -46,6 +46,8 @@ class LaunchSpec:
     kv_cache_memory_gb: float | None = None  # servelm only: a small cache forces eviction
     length_predictor: str | None = None  # servelm-sjf-learned's predictor file
     preemption_mode: str | None = None  # servelm only: "recompute" or "swap"
+    tensor_parallel_size: int = 1  # servelm only: worker processes; threads shared out among them
+    pipeline_parallel_size: int = 1
     llama_server: str | None = None  # llama-server binary (default: $SERVELM_LLAMA_SERVER, PATH)
     startup_timeout_s: float = 180.0
 
@@ -72,9 +74,13 @@ def _gguf(model: str | None) -> str:
 
 def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
     if system.startswith("servelm"):
+        ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
         cmd = [sys.executable, "-m", "servelm.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--num-threads", str(spec.num_threads), "--dtype", spec.dtype,
-               "--max-model-len", str(spec.max_model_len)]
+               "--port", str(port), "--num-threads", str(max(1, spec.num_threads // ranks)),
+               "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len)]
+        if ranks > 1:
+            cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size),
+                    "--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
         if system == "servelm-no-prefix-cache":  # the same server with prefix caching off
             cmd.append("--no-enable-prefix-caching")
         if system == "servelm-cpu-offload":

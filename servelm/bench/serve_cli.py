@@ -47,6 +47,11 @@ def add_serve_parser(bsub) -> None:
                    help="servelm's --kv-cache-memory-gb when launched (small values force eviction)")
     g.add_argument("--launch-preemption-mode", default=None, choices=["recompute", "swap"],
                    help="servelm's --preemption-mode when launched")
+    g.add_argument("--launch-tensor-parallel-size", type=int, default=1,
+                   help="servelm's --tensor-parallel-size when launched (--launch-threads shared "
+                        "out among the worker processes)")
+    g.add_argument("--launch-pipeline-parallel-size", type=int, default=1,
+                   help="servelm's --pipeline-parallel-size when launched")
     g.add_argument("--launch-length-predictor", default=None, metavar="FILE",
                    help="servelm-sjf-learned's --length-predictor")
     g = p.add_argument_group("dataset")
@@ -119,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                kv_cache_memory_gb=args.launch_kv_cache_memory_gb,
                                length_predictor=args.launch_length_predictor,
                                preemption_mode=args.launch_preemption_mode,
+                               tensor_parallel_size=args.launch_tensor_parallel_size,
+                               pipeline_parallel_size=args.launch_pipeline_parallel_size,
                                llama_server=args.launch_llama_server),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)

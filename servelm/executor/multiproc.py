@@ -111,7 +111,11 @@ class MultiprocExecutor(Executor):
                     except (EOFError, OSError):
                         self._fail(f"worker rank {rank} closed its pipe")
                     if got == "error":
-                        self._fail(f"worker rank {rank} failed: {payload}")
+                        exc, text = payload
+                        if not hasattr(self, "info") and isinstance(exc, (ValueError, OSError)):
+                            self._kill()  # bad input found while loading: raised as it is,
+                            raise exc  # like one process would (the others would say the same)
+                        self._fail(f"worker rank {rank} failed: {text}")
                     pending.discard(rank)
                     if rank == self.output_rank:
                         result = payload

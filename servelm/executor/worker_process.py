@@ -48,8 +48,13 @@ def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, bea
             out = worker.execute_model(step)
             conn.send(("out", out if parallel.is_output_rank else None))
     except BaseException as exc:  # the engine reports it; the other ranks are out of step now
+        text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
         try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"))
+            pickle.dumps(exc)
+        except Exception:
+            exc = None  # the engine gets the text alone
+        try:
+            conn.send(("error", (exc, text)))
         except OSError:
             pass
         os._exit(1)  # not a clean teardown: peers may be blocked in a collective with us

@@ -90,6 +90,11 @@ def test_a_split_the_model_cannot_take_is_refused_up_front(tiny_model_dir):
         LLM(str(tiny_model_dir("llama")), tensor_parallel_size=3)
 
 
+def test_bad_input_found_by_the_workers_is_raised_as_by_one_process(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"max_model_len \(4096\) exceeds the model's context length"):
+        LLM(str(tiny_model_dir("llama")), dtype="float32", pipeline_parallel_size=2, max_model_len=4096)
+
+
 def test_a_process_group_that_cannot_form_says_what_to_check(tiny_model_dir, monkeypatch):
     """The rendezvous port is taken: rank 0 cannot serve it, and says so."""
     import socket

@@ -32,6 +32,13 @@ def test_variants_change_one_engine_option():
         server_command("servelm-sjf-learned", LaunchSpec(), 1)
 
 
+def test_a_parallel_server_shares_the_threads_among_its_ranks():
+    split = engine_options("servelm", num_threads=4, tensor_parallel_size=2)
+    assert split["tensor_parallel_size"] == 2 and split["pipeline_parallel_size"] == 1
+    assert split["num_threads"] == 2
+    assert engine_options("servelm", num_threads=2)["tensor_parallel_size"] == 1
+
+
 def test_unknown_system_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed .*servelm-cpu-offload"):
         server_command("vllm", LaunchSpec(), 1)
