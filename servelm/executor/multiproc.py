@@ -1,7 +1,9 @@
 """T x P worker processes on torch.distributed, one per tensor/pipeline-parallel rank.
 
 The engine schedules once; each step's `SchedulerOutput` is pickled once and the same bytes
-go down every worker's pipe. Every rank answers each step (the output rank with the
+go down every worker's pipe, written by a sender thread: with pipeline stages a step goes
+out while a later stage is still writing an earlier step's output, and two large messages
+written toward each other on one pipe would each wait for the other to be read. Every rank answers each step (the output rank with the
 `ModelRunnerOutput`, the others with None), so a rank that fails reports it. While
 waiting, the executor watches the processes and their heartbeats: a worker that dies, or
 stops stamping its heartbeat for `HEARTBEAT_TIMEOUT_S` (stopped, wedged), fails the step
@@ -16,7 +18,9 @@ import dataclasses
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import socket
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -54,6 +58,10 @@ class MultiprocExecutor(Executor):
         self._beats = ctx.Array("d", self.world_size, lock=False)  # 0 until a rank first stamps
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._send_failed: int | None = None  # a rank whose pipe would not take a step
+        self._sender = threading.Thread(target=self._send_loop, name="servelm-step-sender", daemon=True)
+        self._sender.start()
         port = _free_port()
         self._started = time.monotonic()
         atexit.register(self.shutdown)
@@ -84,12 +92,16 @@ class MultiprocExecutor(Executor):
         """Every rank gets the step at once; the first pipeline stage starts on it while
         the later ones still work on earlier steps."""
         self.check_health()
-        data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
-        for rank, conn in enumerate(self._conns):
-            try:
-                conn.send_bytes(data)
-            except OSError:
-                self._fail(f"worker rank {rank} is gone (its pipe closed)")
+        self._outbox.put(pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _send_loop(self) -> None:
+        """Write each queued message to every worker, in order, until None."""
+        while (data := self._outbox.get()) is not None:
+            for rank, conn in enumerate(list(self._conns)):
+                try:
+                    conn.send_bytes(data)
+                except (OSError, ValueError):  # closed: its process is gone or going
+                    self._send_failed = rank
 
     def collect(self) -> ModelRunnerOutput:
         """Each rank answers its steps in order, so the next reply of every rank is the
@@ -146,6 +158,8 @@ class MultiprocExecutor(Executor):
             raise self._error
         if not self._procs:
             raise RuntimeError("the executor was shut down")
+        if self._send_failed is not None:
+            self._fail(f"worker rank {self._send_failed} is gone (its pipe closed)")
         dead = [r for r, p in enumerate(self._procs) if p.exitcode is not None]
         if dead:
             self._fail(f"worker rank {dead[0]} exited with code {self._procs[dead[0]].exitcode}")
@@ -153,12 +167,11 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         """Ask every worker to stop, give them a few seconds, then kill what is left."""
-        for conn in self._conns:
-            try:
-                conn.send_bytes(pickle.dumps(None))
-            except OSError:
-                pass
+        if self._procs:
+            self._outbox.put(pickle.dumps(None))  # after every step already queued
+        self._outbox.put(None)
         deadline = time.monotonic() + 5.0
+        self._sender.join(5.0)
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         self._kill()

@@ -107,3 +107,27 @@ def test_abort_while_in_flight_leaves_nothing_behind(tiny_model_dir, make_llm):
             done[out.request_id] = out.outputs[0].token_ids
     assert set(done) == {"r0", "r2", "r3"}
     assert [done[f"r{i}"] for i in (0, 2, 3)] == [want[i] for i in (0, 2, 3)]
+
+
+def test_large_steps_and_outputs_keep_flowing_through_the_pipeline(tiny_model_dir, make_llm):
+    """A step larger than a pipe holds goes out to the last stage while that stage writes an
+    earlier step's large output back: the engine sends from a thread of its own, so the
+    two writes never wait on each other (they did: this hung)."""
+    import random
+    import threading
+
+    llm = make_llm(tiny_model_dir("llama"), dtype="float32", pipeline_parallel_size=2,
+                   max_num_batched_tokens=80_000, max_num_seqs=512, num_kv_blocks=10_000,
+                   enable_prefix_caching=False)
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(256, 400) for _ in range(500)]} for _ in range(300)]
+    params = [SamplingParams(max_tokens=1, prompt_logprobs=5 if i % 2 else None) for i in range(300)]
+    done: list = []
+    worker = threading.Thread(target=lambda: done.extend(llm.generate(prompts, params, use_tqdm=False)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=180)
+    if worker.is_alive():
+        llm.engine.executor.shutdown()  # unblock nothing, but leave no process behind
+        pytest.fail("the pipeline stalled")
+    assert len(done) == 300
