@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,21 +16,17 @@ import torch
 import torch.distributed as dist
 
 from servelm.distributed import shm_allreduce
+from servelm.distributed.shm_allreduce import ShmAllReduce
 
 
 @dataclass
 class CollectiveStats:
-    """All-reduces run by this rank since the last `take`: how many, their bytes, and the
-    seconds spent in them (waiting for slower ranks included)."""
+    """All-reduces run by this rank: how many, their bytes, and the seconds spent in them
+    (waiting for slower ranks included)."""
 
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
-
-    def take(self) -> CollectiveStats:
-        taken = CollectiveStats(self.calls, self.bytes, self.seconds)
-        self.calls, self.bytes, self.seconds = 0, 0, 0.0
-        return taken
 
 
 @dataclass
@@ -40,8 +35,8 @@ class ParallelContext:
     pp_size: int = 1
     rank: int = 0  # global
     tp_group: Any = field(default=None, repr=False)  # torch ProcessGroup of this stage's ranks
-    stats: CollectiveStats = field(default_factory=CollectiveStats)
-    shm_allreduce: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
+    stats: CollectiveStats = field(default_factory=CollectiveStats)  # gloo's, counted here
+    shm_allreduce: ShmAllReduce | None = field(default=None, repr=False)
     _sending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -71,16 +66,25 @@ class ParallelContext:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over this stage's tensor-parallel ranks, in place."""
-        if self.tp_size > 1:
-            start = time.perf_counter()
-            if self.shm_allreduce is not None:
-                self.shm_allreduce(x)
-            else:
-                dist.all_reduce(x, group=self.tp_group)
-            self.stats.seconds += time.perf_counter() - start
-            self.stats.calls += 1
-            self.stats.bytes += x.nbytes
+        if self.tp_size == 1:
+            return x
+        if self.shm_allreduce is not None:  # it counts its own calls, C callers' too
+            self.shm_allreduce(x)
+            return x
+        start = time.perf_counter()
+        dist.all_reduce(x, group=self.tp_group)
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += 1
+        self.stats.bytes += x.nbytes
         return x
+
+    def take_stats(self) -> CollectiveStats:
+        """The all-reduces (not the logit gathers) since the last take."""
+        taken, self.stats = self.stats, CollectiveStats()
+        if self.shm_allreduce is not None:
+            calls, nbytes, seconds = self.shm_allreduce.take_counts()
+            taken = CollectiveStats(taken.calls + calls, taken.bytes + nbytes, taken.seconds + seconds)
+        return taken
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, n] on each rank -> [rows, tp_size * n], rank order."""
@@ -90,7 +94,7 @@ class ParallelContext:
             n = x.shape[-1]
             out = x.new_zeros(*x.shape[:-1], self.tp_size * n)
             out[..., self.tp_rank * n:(self.tp_rank + 1) * n] = x
-            self.shm_allreduce(out)
+            self.shm_allreduce(out, counted=False)
             return out
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)

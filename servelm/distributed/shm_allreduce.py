@@ -18,13 +18,17 @@ from servelm.ops import c_build
 SLOT_BYTES = 1 << 21  # per rank and buffer; larger tensors go through in chunks
 
 
+class _Ctx(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("slot_bytes", ctypes.c_int64), ("rank", ctypes.c_int64),
+                ("world", ctypes.c_int64), ("seq", ctypes.c_uint64), ("timeout_s", ctypes.c_double),
+                ("calls", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("seconds", ctypes.c_double)]
+
+
 def load() -> ctypes.CDLL | None:
     lib = c_build.load("shm_allreduce")
     if lib is not None:
-        lib.shm_allreduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64,
-                                          ctypes.c_double]
-        lib.shm_allreduce_f32.restype = ctypes.c_int
+        lib.shm_allreduce.argtypes = [ctypes.POINTER(_Ctx), ctypes.c_void_p, ctypes.c_int64]
+        lib.shm_allreduce.restype = ctypes.c_int
         lib.shm_allreduce_header_bytes.restype = ctypes.c_int64
     return lib
 
@@ -52,20 +56,34 @@ class ShmAllReduce:
         dist.barrier(group=group)  # everyone has it mapped
         if self.index == 0:
             os.unlink(name[0])
-        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.segment))
-        self.seq = 0
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.segment))
+        self.ctx = _Ctx(base, SLOT_BYTES, self.index, self.world, 0, timeout_s, 0, 0, 0.0)
 
-    def __call__(self, x: torch.Tensor) -> None:
-        """Sum `x` over the ranks, in place (float32 arithmetic, every rank the same bits)."""
+    def take_counts(self) -> tuple[int, int, float]:
+        """(calls, bytes, seconds) of the all-reduces since the last take, whoever called
+        them (Python or the fused decoder)."""
+        c = self.ctx
+        counts = (c.calls, c.bytes, c.seconds)
+        c.calls, c.bytes, c.seconds = 0, 0, 0.0
+        return counts
+
+    @property
+    def c_hook(self) -> tuple[int, int]:
+        """(function, its first argument) for C code that sums through the same segment:
+        `int fn(void *ctx, float *x, int64_t n)`."""
+        return ctypes.cast(self.lib.shm_allreduce, ctypes.c_void_p).value, ctypes.addressof(self.ctx)
+
+    def __call__(self, x: torch.Tensor, counted: bool = True) -> None:
+        """Sum `x` over the ranks, in place (float32 arithmetic, every rank the same bits).
+        `counted=False` leaves it out of `take_counts` (a gather done as a sum)."""
+        c = self.ctx
+        before = (c.calls, c.bytes, c.seconds)
         flat = x.view(-1) if x.dtype == torch.float32 and x.is_contiguous() else x.float().reshape(-1)
-        per = SLOT_BYTES // 4
-        for start in range(0, flat.numel(), per):
-            chunk = flat[start:start + per]
-            self.seq += 1
-            rc = self.lib.shm_allreduce_f32(self.base, SLOT_BYTES, self.index, self.world, self.seq,
-                                            chunk.data_ptr(), chunk.numel(), self.timeout_s)
-            if rc:
-                raise RuntimeError(f"all-reduce: tensor-parallel rank {-1 - rc} of this stage did "
-                                   f"not arrive within {self.timeout_s:g}s")
+        rc = self.lib.shm_allreduce(ctypes.byref(self.ctx), flat.data_ptr(), flat.numel())
+        if rc:
+            raise RuntimeError(f"all-reduce: tensor-parallel rank {-1 - rc} of this stage did "
+                               f"not arrive within {self.timeout_s:g}s")
         if flat.data_ptr() != x.data_ptr():
             x.copy_(flat.view(x.shape))
+        if not counted:
+            c.calls, c.bytes, c.seconds = before

@@ -157,8 +157,9 @@ class LlamaForCausalLM(nn.Module):
         """The one-call decode step (ops/fused_decoder.py) when this model's weights and cache
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
-        if self._fused is None and self.parallel.tp_size > 1:
-            self._fused = False  # it runs whole layers: no all-reduce between its matmuls
+        hook = getattr(self.parallel.shm_allreduce, "c_hook", None)
+        if self._fused is None and self.parallel.tp_size > 1 and hook is None:
+            self._fused = False  # its all-reduces must be callable from C: the shared-memory one
         if self._fused is None:
             layers = [LayerWeights(a.qkv_weight, a.o_weight, layer.gate_up_weight, layer.down_weight,
                                    layer.input_norm, layer.post_attn_norm, a.qkv_bias, a.q_norm, a.k_norm,
@@ -167,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
             arch = self.arch
             self._fused = (FusedDecoder(layers, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                                         arch.head_dim, block_size, arch.rms_norm_eps, self.rope.cos,
-                                        self.rope.sin)
+                                        self.rope.sin, hook if self.parallel.tp_size > 1 else None)
                            if self.dtype == torch.float32
                            and supported(layers, arch.num_heads, arch.num_kv_heads, arch.head_dim)
                            else False)

@@ -36,7 +36,8 @@ class _Layer(ctypes.Structure):
 class _Dims(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("hidden", "intermediate", "num_heads", "num_kv", "head_dim",
                                               "block_size")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _P), ("sin", _P), ("kv16", ctypes.c_int64)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _P), ("sin", _P), ("kv16", ctypes.c_int64),
+        ("allreduce", _P), ("allreduce_ctx", _P)]
 
 
 @lru_cache(maxsize=1)
@@ -98,7 +99,10 @@ def _qweight(w: QuantWeight) -> _QWeight:
 
 class FusedDecoder:
     def __init__(self, layers: list[LayerWeights], intermediate: int, num_heads: int, num_kv: int,
-                 head_dim: int, block_size: int, eps: float, cos: Tensor, sin: Tensor) -> None:
+                 head_dim: int, block_size: int, eps: float, cos: Tensor, sin: Tensor,
+                 allreduce: tuple[int, int] | None = None) -> None:
+        """`allreduce`: under tensor parallelism, the C function and context that sum the
+        output and down projections over the ranks (distributed/shm_allreduce.py)."""
         assert supported(layers, num_heads, num_kv, head_dim) and cos.dtype == sin.dtype == torch.float32
         self._keep = (layers, cos.contiguous(), sin.contiguous())
         self._layers = (_Layer * len(layers))(*(
@@ -109,7 +113,7 @@ class FusedDecoder:
         hidden = layers[0].input_norm.shape[0]
         self._dims = _Dims(hidden, intermediate, num_heads, num_kv, head_dim, block_size, eps,
                            head_dim**-0.5, self._keep[1].data_ptr(), self._keep[2].data_ptr(),
-                           int(layers[0].kv_cache.dtype == torch.bfloat16))
+                           int(layers[0].kv_cache.dtype == torch.bfloat16), *(allreduce or (None, None)))
         self.num_layers = len(layers)
 
     def forward(self, x: Tensor, positions: Tensor, slots: Tensor, block_tables: Tensor,
@@ -125,5 +129,6 @@ class FusedDecoder:
             positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
             context_lens.data_ptr())
         if rc != 0:
-            raise RuntimeError(f"fused decoder kernel failed ({'out of memory' if rc == -2 else rc})")
+            why = {-2: "out of memory", -3: "a tensor-parallel rank did not reach the all-reduce"}
+            raise RuntimeError(f"fused decoder kernel failed ({why.get(rc, rc)})")
         return x

@@ -92,7 +92,7 @@ class ModelRunner:
             self._unverified.update((st.req_id, d.token_ids) for st, d in zip(states, drafts) if d)
         out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
                                   if self.compression is not None else [0] * len(states))
-        stats = parallel.stats.take()
+        stats = parallel.take_stats()
         out.allreduce = (stats.calls, stats.bytes, stats.seconds)
         return out
 

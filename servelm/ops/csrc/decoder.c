@@ -11,6 +11,10 @@
  * library holds the step) and attention reads the cache through the block tables. Rows are decodes only:
  * row r attends to cache indices [0, ctx[r]) of its request and its own K/V goes to slot
  * slots[r]. Everything is float32.
+ *
+ * Under tensor parallelism each rank runs its heads and MLP columns, and the output and
+ * down projections' partial sums go through `dims.allreduce` (the shared-memory all-reduce,
+ * shm_allreduce.c) before they join the residual: still one call per step.
  */
 #include "bgemm.c"
 #include "qgemm.c"
@@ -37,6 +41,8 @@ typedef struct {
     float eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */
     int64_t kv16;           /* the cache holds bfloat16 */
+    int (*allreduce)(void *ctx, float *x, int64_t n); /* tensor parallelism's sum, or NULL */
+    void *allreduce_ctx;
 } dims_t;
 
 static int matmul(const float *x, int64_t M, int64_t K, const qweight_t *w, int64_t N, float *out,
@@ -239,6 +245,18 @@ static inline __attribute__((always_inline)) int decode_attention(
     return 0;
 }
 
+/* x [T, H] += in [T, K] times w: in place, or with tensor parallelism this rank's partial
+ * product summed over the ranks first (in `part`); -3 when the all-reduce fails. */
+static int project_into_residual(const float *in, int64_t T, int64_t K, const qweight_t *w, int64_t H,
+                                 float *x, float *part, const dims_t *dm) {
+    if (!dm->allreduce) return matmul(in, T, K, w, H, x, 1);
+    int rc = matmul(in, T, K, w, H, part, 0);
+    if (rc) return rc;
+    if (dm->allreduce(dm->allreduce_ctx, part, T * H)) return -3;
+    for (int64_t i = 0; i < T * H; i++) x[i] += part[i];
+    return 0;
+}
+
 /* x [T, hidden] in/out: the residual stream through `num_layers` layers. */
 int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, float *x, int64_t T,
                    const int64_t *positions, const int64_t *slots, const int64_t *block_tables,
@@ -249,7 +267,8 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
     float *qkv = malloc(sizeof(float) * (size_t)(T * qkv_n));
     float *q = malloc(sizeof(float) * (size_t)(T * qs)), *attn = malloc(sizeof(float) * (size_t)(T * qs));
     float *gu = malloc(sizeof(float) * (size_t)(T * 2 * I)), *act = malloc(sizeof(float) * (size_t)(T * I));
-    int rc = (!h || !qkv || !q || !attn || !gu || !act) ? -2 : 0;
+    float *part = dm->allreduce ? malloc(sizeof(float) * (size_t)(T * H)) : NULL;
+    int rc = (!h || !qkv || !q || !attn || !gu || !act || (dm->allreduce && !part)) ? -2 : 0;
     for (int64_t l = 0; l < num_layers && !rc; l++) {
         const layer_t *L = layers + l;
         rms_norm_rows(x, T, H, L->input_norm, dm->eps, h);
@@ -282,7 +301,7 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
                       : decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
                                          dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 0);
         if (rc) break;
-        if ((rc = matmul(attn, T, qs, &L->o, H, x, 1))) break;
+        if ((rc = project_into_residual(attn, T, qs, &L->o, H, x, part, dm))) break;
         rms_norm_rows(x, T, H, L->post_norm, dm->eps, h);
         if ((rc = matmul(h, T, H, &L->gate_up, 2 * I, gu, 0))) break;
         for (int64_t r = 0; r < T; r++) {
@@ -290,8 +309,8 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
             #pragma omp simd
             for (int64_t i = 0; i < I; i++) act[r * I + i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
-        if ((rc = matmul(act, T, I, &L->down, H, x, 1))) break;
+        if ((rc = project_into_residual(act, T, I, &L->down, H, x, part, dm))) break;
     }
-    free(h), free(qkv), free(q), free(attn), free(gu), free(act);
+    free(h), free(qkv), free(q), free(attn), free(gu), free(act), free(part);
     return rc;
 }

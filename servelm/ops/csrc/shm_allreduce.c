@@ -71,3 +71,30 @@ int shm_allreduce_f32(char *base, int64_t slot_bytes, int rank, int world, uint6
     atomic_store_explicit(&h->done[rank * LINE], seq, memory_order_release);
     return 0;
 }
+
+/* One rank's handle on the segment, shared with Python (distributed/shm_allreduce.py) and
+ * the fused decoder (decoder.c), which both call shm_allreduce on it, so the call count
+ * `seq` stays one sequence whoever calls. */
+typedef struct {
+    char *base;
+    int64_t slot_bytes, rank, world;
+    uint64_t seq;
+    double timeout_s;
+    uint64_t calls, bytes; /* since Python last read and reset them */
+    double seconds;
+} shm_ctx_t;
+
+/* x [n] float32 summed over the ranks in place, in slot-sized chunks. */
+int shm_allreduce(shm_ctx_t *c, float *x, int64_t n) {
+    const int64_t per = c->slot_bytes / (int64_t)sizeof(float);
+    const double start = now_s();
+    for (int64_t s = 0; s < n; s += per) {
+        int rc = shm_allreduce_f32(c->base, c->slot_bytes, (int)c->rank, (int)c->world, ++c->seq, x + s,
+                                   n - s < per ? n - s : per, c->timeout_s);
+        if (rc) return rc;
+    }
+    c->calls += 1;
+    c->bytes += (uint64_t)n * sizeof(float);
+    c->seconds += now_s() - start;
+    return 0;
+}
