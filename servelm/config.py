@@ -120,13 +120,10 @@ class EngineConfig:
             raise ValueError("length_predictor is used only by scheduling_policy 'sjf', "
                              f"got scheduling_policy {self.scheduling_policy!r}")
         spec = SpecConfig.parse(self.speculative_config)  # raises on a bad one
-        if spec is not None and self.pipeline_parallel_size > 1 and (
-                spec.method == "layer_skip" or spec.tree):
-            # Layer-skip drafting runs layers and an LM head that other stages hold, and a
-            # tree's accepted path would have to reach every stage before its K/V moves.
-            raise ValueError("with pipeline_parallel_size > 1, speculative_config takes method "
-                             "'ngram' or 'draft_model' without a tree, got "
-                             f"{spec.method!r}" + (" with a tree" if spec.tree else ""))
+        if spec is not None and self.pipeline_parallel_size > 1 and spec.method == "layer_skip":
+            # Its drafts come from the target's first layers and LM head, which other stages hold.
+            raise ValueError("speculative_config method 'layer_skip' cannot run with "
+                             "pipeline_parallel_size > 1; use 'ngram' or 'draft_model'")
         if CompressionConfig.parse(self.kv_compression) is not None:
             if spec is not None:
                 raise ValueError("kv_compression cannot be combined with speculative_config")

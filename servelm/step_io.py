@@ -56,6 +56,10 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # the worker forgets them
     # KV block copies to make before the forward pass, in this order: everything leaving a
     # cache block is read before anything lands in one.
+    # Pipeline stages before the last verify nothing: (request, accepted draft nodes) of
+    # the drafts verified since the last step, applied (tree K/V moved, proposer told)
+    # before anything else, ahead of any step that may reuse the blocks the drafts held.
+    verified_drafts: list[tuple[str, list[int]]] = field(default_factory=list)
     swap_out: list[BlockCopy] = field(default_factory=list)  # (cache block, swap block)
     offload: list[BlockCopy] = field(default_factory=list)  # (cache block, CPU-tier slot)
     swap_in: list[BlockCopy] = field(default_factory=list)  # (swap block, cache block)
@@ -83,6 +87,7 @@ class ModelRunnerOutput:
     prompt_logprobs: list[list[PositionLogprobs] | None] = field(default_factory=list)  # new positions
     num_draft_tokens: list[int] = field(default_factory=list)  # drafts verified
     num_accepted_tokens: list[int] = field(default_factory=list)  # of which accepted
+    accepted_paths: list[list[int]] = field(default_factory=list)  # their tree nodes, root to leaf
     num_evicted_tokens: list[int] = field(default_factory=list)  # K/V dropped by KV compression
     # Tensor parallelism: the all-reduces the output rank ran this step (calls, bytes, seconds).
     allreduce: tuple[int, int, float] = (0, 0, 0.0)

@@ -138,12 +138,14 @@ class Scheduler:
         now = time.monotonic()
         progressed = []
         self.in_flight.difference_update(s.req_id for s in step.scheduled)
-        for sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted in zip(
+        for i, (sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted) in enumerate(zip(
                 step.scheduled, result.sampled_token_ids, result.logprobs, result.prompt_logprobs,
-                result.num_draft_tokens, result.num_accepted_tokens, result.num_evicted_tokens):
+                result.num_draft_tokens, result.num_accepted_tokens, result.num_evicted_tokens)):
             req = self.requests.get(sched.req_id)
             if req is None:
                 continue  # aborted during the step
+            if drafted and self.num_micro_batches > 1:
+                self.builder.pending_verified.append((req.request_id, result.accepted_paths[i]))
             req.num_computed_tokens += sched.num_new_tokens - sched.num_draft_tokens + accepted
             if sched.num_draft_tokens:
                 self._count_drafts(req, drafted, accepted)

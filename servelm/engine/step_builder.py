@@ -21,11 +21,14 @@ class StepBuilder:
         self.kv = kv
         self.out = SchedulerOutput()
         self.pending_finished: list[str] = []  # finished since the last step
+        self.pending_verified: list[tuple[str, list[int]]] = []  # for earlier pipeline stages
 
     def start(self) -> SchedulerOutput:
-        """A new step's output, carrying the ids finished since the last one."""
-        self.out = SchedulerOutput(finished_req_ids=self.pending_finished)
-        self.pending_finished = []
+        """A new step's output, carrying the ids finished and the drafts verified since the
+        last one."""
+        self.out = SchedulerOutput(finished_req_ids=self.pending_finished,
+                                   verified_drafts=self.pending_verified)
+        self.pending_finished, self.pending_verified = [], []
         return self.out
 
     def finished(self, request_id: str) -> None:

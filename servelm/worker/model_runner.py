@@ -53,18 +53,15 @@ class ModelRunner:
         self.block_size, self.dtype, self.compression = block_size, dtype, compression
         self.states = RequestStates()
         self.sampler = Sampler()
-        # A stage before the last verifies nothing: its drafts of each request's last step,
-        # until the tokens the engine appended show which were accepted.
-        self._unverified: dict[str, list[int]] = {}
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        if step.verified_drafts and not self.model.parallel.is_last_stage:
+            self._apply_verified(step)
         stale = self.states.update(step)
         if self.proposer is not None:
             for req_id in stale:
                 self.proposer.reset(req_id)
-                self._unverified.pop(req_id, None)
-            self._learn_verification(step)
         if step.moves_kv:  # before any block is written again
             self.cache.move_kv(step)
         scheduled = step.scheduled
@@ -89,24 +86,23 @@ class ModelRunner:
             self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
         else:
             parallel.send_next(hidden)
-            self._unverified.update((st.req_id, d.token_ids) for st, d in zip(states, drafts) if d)
         out.num_evicted_tokens = ([self._compress(st, len(c.token_ids)) for st, c in zip(states, chunks)]
                                   if self.compression is not None else [0] * len(states))
         stats = parallel.take_stats()
         out.allreduce = (stats.calls, stats.bytes, stats.seconds)
         return out
 
-    def _learn_verification(self, step: SchedulerOutput) -> None:
-        """Tell the proposer which of a request's unverified drafts were accepted: those
-        that the tokens appended since repeat, up to the last (the target's own, which
-        never equals the draft it replaced)."""
-        for s in step.scheduled:
-            drafts = self._unverified.pop(s.req_id, None)
-            if drafts is not None:
-                new, n = s.new_token_ids, 0
-                while n < min(len(drafts), len(new) - 1) and drafts[n] == new[n]:
-                    n += 1
-                self.proposer.accepted(s.req_id, list(range(1, n + 1)))
+    def _apply_verified(self, step: SchedulerOutput) -> None:
+        """A stage before the last does now what verification did on the last one: moves
+        accepted tree nodes' K/V to their positions' slots (its copy of the request still
+        has the verified step's block table and root) and tells the proposer."""
+        finished = set(step.finished_req_ids)
+        for req_id, path in step.verified_drafts:
+            st = self.states.get(req_id)
+            if st is None or req_id in finished:
+                continue
+            self.cache.compact_tree(st.block_table, st.num_computed_tokens, path)
+            self.proposer.accepted(req_id, path)
 
     def _propose(self, scheduled: list[ScheduledRequest],
                  states: list[CachedRequestState]) -> list[Draft | None]:
@@ -150,6 +146,7 @@ class ModelRunner:
         out.sampled_token_ids = [[] for _ in range(n)]
         out.logprobs, out.prompt_logprobs = [None] * n, [None] * n
         out.num_draft_tokens, out.num_accepted_tokens = [0] * n, [0] * n
+        out.accepted_paths = [[] for _ in range(n)]
         if samplers:
             self._sample(logits[: len(samplers)], [states[i] for i in samplers], samplers, out)
         offset = len(samplers)
@@ -158,6 +155,7 @@ class ModelRunner:
             tokens, path = verify(rows_i, draft.token_ids, st.params, st.generator, draft.tree, draft.probs)
             out.sampled_token_ids[i] = tokens
             out.num_draft_tokens[i], out.num_accepted_tokens[i] = len(draft.token_ids), len(path)
+            out.accepted_paths[i] = path
             self.proposer.accepted(st.req_id, path)
             if draft.tree is not None:
                 self.cache.compact_tree(st.block_table, st.num_computed_tokens, path)

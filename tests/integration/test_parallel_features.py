@@ -1,7 +1,7 @@
 """Every engine feature runs under tensor and pipeline parallelism as in one process:
 chunked prefill, prefix caching, preemption by recompute and by swap, the CPU tier,
-speculative decoding (n-gram and a draft model with either; layer skip and trees with
-tensor parallelism), 8-bit KV and KV compression. The same work gives the same tokens and
+speculative decoding (n-gram and a draft model, chains and trees, with either; layer skip
+with tensor parallelism), 8-bit KV and KV compression. The same work gives the same tokens and
 logprobs; nothing leaks. Pipeline runs keep up to P micro-batches in flight, so their
 steps are scheduled differently, and an abort lands while a request is in flight."""
 
@@ -73,14 +73,15 @@ def test_features_match_one_process(setting, tiny_model_dir, make_llm):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_draft_model_under_tensor_and_pipeline_parallel(tp, pp, tiny_model_dir, make_llm):
+@pytest.mark.parametrize("tp,pp,tree", [(2, 1, None), (1, 2, None), (1, 2, [2, 1, 1])])
+def test_draft_model_under_tensor_and_pipeline_parallel(tp, pp, tree, tiny_model_dir, make_llm):
     """The draft runs whole on every rank (small, and identical on each); sampled drafts
     come from a generator verification does not draw on, and a stage before the last
-    learns what was accepted from the tokens the engine sends next."""
+    learns which drafts were accepted (and moves a tree's accepted K/V) from the engine,
+    with the next step it sends."""
     path, draft = tiny_model_dir("llama"), tiny_model_dir("llama", num_hidden_layers=1)
-    options = {"block_size": 4, "speculative_config": {"method": "draft_model", "model": str(draft),
-                                                       "num_speculative_tokens": 3}}
+    spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    options = {"block_size": 4, "speculative_config": {**spec, **({"tree": tree} if tree else {})}}
     want = run(make_llm(path, dtype="float32", **options))
     llm = make_llm(path, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, **options)
     assert_same(run(llm), want)
