@@ -102,17 +102,16 @@ class ParallelContext:
 
     def all_reduce_min(self, value: int) -> int:
         """The smallest `value` over every rank (KV blocks: the tightest rank decides)."""
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
+        return self._over_world(value, dist.ReduceOp.MIN)
 
     def all_reduce_sum(self, value: int) -> int:
+        return self._over_world(value, dist.ReduceOp.SUM)
+
+    def _over_world(self, value: int, op: Any) -> int:
         if self.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return int(t.item())
 
     def send_next(self, x: torch.Tensor) -> None:

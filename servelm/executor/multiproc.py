@@ -74,7 +74,7 @@ class MultiprocExecutor(Executor):
             self._conns.append(ours)
             self._procs.append(proc)
         try:
-            self.info = self._collect()  # each rank's "ready" once it has loaded its part
+            self.info = self._collect(loading=True)  # each rank's "ready" once loaded
         except BaseException:
             self.shutdown()
             raise
@@ -109,7 +109,7 @@ class MultiprocExecutor(Executor):
         self.check_health()
         return self._collect()
 
-    def _collect(self) -> Any:
+    def _collect(self, loading: bool = False) -> Any:
         """One reply from every rank; the output rank's payload."""
         pending = set(range(self.world_size))
         result = None
@@ -124,7 +124,7 @@ class MultiprocExecutor(Executor):
                         self._fail(f"worker rank {rank} closed its pipe")
                     if got == "error":
                         exc, text = payload
-                        if not hasattr(self, "info") and isinstance(exc, (ValueError, OSError)):
+                        if loading and isinstance(exc, (ValueError, OSError)):
                             self._kill()  # bad input found while loading: raised as it is,
                             raise exc  # like one process would (the others would say the same)
                         self._fail(f"worker rank {rank} failed: {text}")

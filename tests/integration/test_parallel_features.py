@@ -68,6 +68,8 @@ def test_features_match_one_process(setting, tiny_model_dir, make_llm):
             assert metrics["num_preemptions"] > 0
         if setting == "swap":
             assert metrics["num_swap_out_blocks"] > 0
+        if setting == "cpu tier":
+            assert metrics["num_offloaded_blocks"] > 0
         if setting == "h2o":
             assert metrics["kv_evicted_tokens"] > 0
         llm.shutdown()

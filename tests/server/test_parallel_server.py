@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from test_serve_cli import wait_until_up
 
 pytestmark = pytest.mark.multiprocess
 
@@ -79,13 +80,7 @@ def test_sigterm_leaves_no_worker(tiny_model_dir, port):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if health(url) == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_up(url, 90)
         workers = workers_of(proc.pid)
         assert len(workers) == 2
         assert post(url, {"prompt": "hi", "max_tokens": 3})[0] == 200

@@ -10,19 +10,24 @@ import time
 import urllib.request
 
 
+def wait_until_up(url: str, within: float) -> None:
+    """Poll /health until the server answers (a started process takes seconds)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
 def test_serve_and_sigterm(tiny_model_dir, port):
     proc = subprocess.Popen([sys.executable, "-m", "servelm.cli", "serve", str(tiny_model_dir("llama")),
                              "--port", str(port), "--served-model-name", "tiny", "--shutdown-timeout", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_up(url, 60)
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
             {"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode(),
             headers={"Content-Type": "application/json"})
