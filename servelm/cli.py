@@ -98,28 +98,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 self.force_exit = True
             self.should_exit = True
 
-    from servelm.config import EngineConfig
-    from servelm.engine.async_engine import AsyncLLM
-    from servelm.model.default_model import DEFAULT_MODEL_NAME
     from servelm.server.app import build_app
     from servelm.server.guards import ServerOptions
 
-    model = args.model_path or args.model
-    llm = AsyncLLM(EngineConfig(model=model, **engine_kwargs(args)))
-    name = args.served_model_name or (model or DEFAULT_MODEL_NAME)
-    print(f"servelm serving {name!r} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    if args.model_path:
+        args.model = [args.model_path, *(args.model or [])]
+    options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                            max_num_waiting=args.max_num_waiting)
+    models, cleanup = _served_models(args)
+    names = ", ".join(repr(m.name) for m in models)
+    print(f"servelm serving {names} at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
-        options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                                max_num_waiting=args.max_num_waiting)
         # uvicorn stops accepting on SIGTERM/SIGINT and gives in-flight requests
         # --shutdown-timeout seconds before closing them; their streams then abort.
         logging.getLogger("servelm").setLevel(logging.INFO)
-        config = uvicorn.Config(build_app(llm, name, options), host=args.host, port=args.port,
+        config = uvicorn.Config(build_app(models, options=options), host=args.host, port=args.port,
                                 log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout)
-        _GracefulServer(config).run()
+        server = _GracefulServer(config)
+        server.run()
+        if not server.started:  # a model failed to start (its error is logged above)
+            return 1
     finally:
-        llm.shutdown()
+        cleanup()
     return 0
+
+
+def _served_models(args: argparse.Namespace):
+    """One engine in this process, or replica pools on Ray; and how to tear them down."""
+    from servelm.cluster.options import wants_cluster
+
+    if wants_cluster(args):
+        from servelm.cluster.options import cluster_options, model_specs
+        from servelm.cluster.pool import ReplicaPool
+        from servelm.cluster.runtime import start_ray, stop_ray
+
+        options = cluster_options(args)
+        specs = model_specs(args, engine_kwargs(args))
+        started = start_ray(options.ray_address)
+        try:
+            return [ReplicaPool(spec, options) for spec in specs], (stop_ray if started else lambda: None)
+        except BaseException:
+            if started:
+                stop_ray()
+            raise
+
+    from servelm.config import EngineConfig
+    from servelm.engine.async_engine import AsyncLLM
+    from servelm.model.default_model import DEFAULT_MODEL_NAME
+    from servelm.server.models import LocalModel
+
+    model = (args.model or [None])[0]
+    llm = AsyncLLM(EngineConfig(model=model, **engine_kwargs(args)))
+    return [LocalModel(llm, args.served_model_name or (model or DEFAULT_MODEL_NAME))], llm.shutdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies get 413")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
-    add_engine_args(p)
+    add_engine_args(p, several_models=True)
+    from servelm.cluster.options import add_cluster_args
+
+    add_cluster_args(p)
     p.set_defaults(func=cmd_serve)
 
     from servelm.bench.cli import add_bench_parser

@@ -30,12 +30,17 @@ def _flag_options(f: dataclasses.Field) -> dict[str, Any]:
     return kwargs
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Add one `--flag` per engine option to `parser`, in an "engine" group."""
+def add_engine_args(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """Add one `--flag` per engine option to `parser`, in an "engine" group; with
+    `several_models`, `--model` may be given more than once (a list, or None)."""
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
         if f.metadata["cli"]:
-            group.add_argument("--" + f.name.replace("_", "-"), **_flag_options(f))
+            options = _flag_options(f)
+            if several_models and f.name == "model":
+                options.update(action="append", default=None,
+                               help=options["help"] + "; repeat it to serve several models")
+            group.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

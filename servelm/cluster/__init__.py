@@ -1,2 +1,3 @@
-"""Serving with several engine replicas: routing policies (router.py) today; replicas on
-Ray, failover and autoscaling build on them (issue 18)."""
+"""Serving one or more models with several engine replicas on Ray: routing (router.py,
+radix.py), the replicas and their pool with failover (replica.py, handle.py, pool.py),
+autoscaling (autoscale.py), and the command-line options (options.py)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from servelm.engine.async_engine import AsyncLLM, EngineDeadError, EngineStepErr
 from servelm.outputs import CompletionOutput, RequestOutput
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
+from servelm.server.models import LocalModel, ServedModel
 from servelm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,15 +28,36 @@ from servelm.server.protocol import (
 from servelm.server.responses import chat_logprobs, completion_logprobs, usage
 
 
-def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | None = None) -> FastAPI:
+def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str | None = None,
+              options: ServerOptions | None = None) -> FastAPI:
+    """The API over one engine (`build_app(llm, name)`) or over several served models,
+    picked by the request's `model` field (the first when it is left out)."""
+    if isinstance(models, AsyncLLM):
+        models = [LocalModel(models, served_model_name or "default")]
+    by_name = {m.name: m for m in models}
+    default = models[0]
     options = options or ServerOptions()
-    app = FastAPI(title="servelm", version=__version__)
-    install_guards(app, options)
-    tok = llm.tokenizer
-    metrics = ServerMetrics(llm.engine)
 
-    def generate(request_id: str, prompt, params, priority: int = 0):
-        return metrics.observe(llm.generate(request_id, prompt, params, priority))
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        started = []
+        try:
+            for m in models:
+                await m.start()
+                started.append(m)
+            yield
+        finally:
+            for m in started:
+                await m.stop()
+
+    app = FastAPI(title="servelm", version=__version__, lifespan=lifespan)
+    install_guards(app, options)
+    metrics = ServerMetrics(lambda: [s for m in models for s in m.metric_snapshots()],
+                            lambda: [r for m in models for r in m.extra_metrics()])
+
+    def generate(model: ServedModel, request_id: str, prompt, params, body, session=None):
+        return metrics.observe(model.generate(request_id, prompt, params, body.priority,
+                                              stream=body.stream, session=session))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -58,13 +81,23 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
     async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
         return error(400, str(exc))
 
-    def check_model(name: str | None) -> JSONResponse | None:
-        if name is not None and name != served_model_name:
-            return error(404, f"model {name!r} does not exist; this server serves {served_model_name!r}",
+    def find(name: str | None) -> ServedModel | JSONResponse:
+        model = default if name is None else by_name.get(name)
+        if model is None:
+            served = ", ".join(repr(n) for n in by_name)
+            return error(404, f"model {name!r} does not exist; this server serves {served}",
                          err_type="not_found_error", param="model")
-        return overloaded(llm.num_waiting, options)
+        return model
 
-    def chat_prompt_ids(messages) -> list[int]:
+    def pick(name: str | None) -> ServedModel | JSONResponse:
+        """The model for a generation request, unless it is unknown or overloaded."""
+        model = find(name)
+        if isinstance(model, JSONResponse):
+            return model
+        return overloaded(model.num_waiting, options) or model
+
+    def chat_prompt_ids(model: ServedModel, messages) -> list[int]:
+        tok = model.tokenizer
         if not tok.chat_template:
             raise ValueError("messages: this model has no chat template")
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
@@ -72,45 +105,59 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        ids = chat_prompt_ids(body.messages) if body.messages else tok.encode(body.prompt or "")
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.engine.max_model_len}
+    async def tokenize(body: TokenizeRequest):
+        model = find(body.model)
+        if isinstance(model, JSONResponse):
+            return model
+        ids = (chat_prompt_ids(model, body.messages) if body.messages
+               else model.tokenizer.encode(body.prompt or ""))
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
-        vocab = llm.engine.arch.vocab_size
+    async def detokenize(body: DetokenizeRequest):
+        model = find(body.model)
+        if isinstance(model, JSONResponse):
+            return model
+        vocab = model.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"tokens must be integers in [0, {vocab}), got {bad[0]}")
-        return {"prompt": tok.decode(body.tokens)}
+        return {"prompt": model.tokenizer.decode(body.tokens)}
 
     @app.get("/health", response_model=None)
-    async def health() -> dict[str, str] | JSONResponse:
-        if llm.fatal_error is not None:  # a worker died or hung: a load balancer should move on
-            return JSONResponse(status_code=503, content={
-                "status": "unhealthy", "error": str(llm.fatal_error)})
-        return {"status": "ok"}
+    async def health() -> dict[str, Any] | JSONResponse:
+        reports = {m.name: m.health() for m in models}
+        ok = all(good for good, _ in reports.values())
+        if len(models) == 1:
+            body = reports[default.name][1]
+        else:
+            body = {"status": "ok" if ok else "unhealthy",
+                    "models": {name: report for name, (_, report) in reports.items()}}
+        return body if ok else JSONResponse(status_code=503, content=body)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{
-            "id": served_model_name, "object": "model", "created": 0, "owned_by": "servelm",
-            "max_model_len": llm.engine.max_model_len}]}
+            "id": m.name, "object": "model", "created": 0, "owned_by": "servelm",
+            "max_model_len": m.max_model_len} for m in models]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        if (bad := check_model(body.model)) is not None:
-            return bad
+    async def completions(body: CompletionRequest, request: Request):
+        model = pick(body.model)
+        if isinstance(model, JSONResponse):
+            return model
+        tok = model.tokenizer
         params = body.sampling_params(body.max_tokens, body.logprobs)
-        rid = llm.new_request_id("cmpl")
-        prompts = body.prompts()
-        streams = [generate(f"{rid}-{i}", p, params, body.priority) for i, p in enumerate(prompts)]
+        rid = model.new_request_id("cmpl")
+        session = _session(body, request)
+        streams = [generate(model, f"{rid}-{i}", p, params, body, session)
+                   for i, p in enumerate(body.prompts())]
         base = {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": served_model_name}
+                "model": model.name}
         if body.stream:
             return _sse(_stream_completions(streams, base, body, params.n))
         finals = await _collect(streams)
@@ -125,16 +172,19 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         return {**base, "choices": choices, "usage": usage(finals)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        if (bad := check_model(body.model)) is not None:
-            return bad
-        ids = chat_prompt_ids(body.messages)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        model = pick(body.model)
+        if isinstance(model, JSONResponse):
+            return model
+        tok = model.tokenizer
+        ids = chat_prompt_ids(model, body.messages)
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
-        rid = llm.new_request_id("chatcmpl")
-        streams = [generate(rid, {"prompt_token_ids": ids}, params, body.priority)]
+        rid = model.new_request_id("chatcmpl")
+        streams = [generate(model, rid, {"prompt_token_ids": ids}, params, body,
+                            _session(body, request))]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": served_model_name}
+                "model": model.name}
         if body.stream:
             return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body))
         out = (await _collect(streams))[0]
@@ -144,6 +194,11 @@ def build_app(llm: AsyncLLM, served_model_name: str, options: ServerOptions | No
         return {**base, "choices": choices, "usage": usage([out])}
 
     return app
+
+
+def _session(body, request: Request) -> str | None:
+    """A chat session to keep on one replica: the `X-Session-Id` header, else `user`."""
+    return request.headers.get("x-session-id") or body.user
 
 
 def _prompt_text(out: RequestOutput, tok) -> str:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from servelm.engine.engine import LLMEngine
 from servelm.outputs import RequestOutput
 
 logger = logging.getLogger("servelm.server")
@@ -23,12 +23,27 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
                     20.48, 40.96, 81.92)
 
 
+Snapshots = Callable[[], list[tuple[dict[str, str], dict[str, float]]]]
+Rows = Callable[[], list[tuple[str, str, str, dict[str, str], float]]]
+
+
 class _EngineCollector:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    """Each engine's figures as one series per engine: unlabelled for the one engine of a
+    plain server, labelled with `model` and `replica` for replicas on a cluster."""
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
 
     def collect(self):
-        m = self.engine.get_metrics()
+        snaps = self.snapshots()
+        labels = sorted({k for lab, _ in snaps for k in lab})
+
+        def family(kind, name: str, key: str, doc: str):
+            fam = kind(name, doc, labels=labels)
+            for lab, m in snaps:
+                fam.add_metric([lab.get(k, "") for k in labels], m[key])
+            return fam
+
         for name, key, doc in (
             ("servelm:num_requests_running", "num_requests_running", "Sequences in the running batch."),
             ("servelm:num_requests_waiting", "num_requests_waiting", "Sequences waiting to be scheduled."),
@@ -38,7 +53,7 @@ class _EngineCollector:
             ("servelm:spec_decode_mean_accepted_length", "spec_mean_accepted_length",
              "Draft tokens accepted per verification step since start."),
         ):
-            yield GaugeMetricFamily(name, doc, value=m[key])
+            yield family(GaugeMetricFamily, name, key, doc)
         for name, key, doc in (
             ("servelm:prompt_tokens", "prompt_tokens_total", "Prompt tokens processed."),
             ("servelm:generation_tokens", "generation_tokens_total", "Tokens generated."),
@@ -58,13 +73,32 @@ class _EngineCollector:
             ("servelm:kv_restored_blocks", "num_restored_blocks",
              "Prefix-cache blocks restored from the CPU tier instead of recomputed."),
         ):
-            yield CounterMetricFamily(name, doc, value=m[key])
+            yield family(CounterMetricFamily, name, key, doc)
+
+
+class _RowCollector:
+    """Series given as rows (a replica pool's counts), one family per name."""
+
+    def __init__(self, rows: Rows) -> None:
+        self.rows = rows
+
+    def collect(self):
+        families: dict[str, Any] = {}
+        for kind, name, doc, labels, value in self.rows():
+            fam = families.get(name)
+            if fam is None:
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                fam = families[name] = cls(name, doc, labels=sorted(labels))
+            fam.add_metric([labels[k] for k in sorted(labels)], value)
+        yield from families.values()
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, snapshots: Snapshots, rows: Rows | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(snapshots))
+        if rows is not None:
+            self.registry.register(_RowCollector(rows))
 
         def hist(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, buckets=_LATENCY_BUCKETS, registry=self.registry)

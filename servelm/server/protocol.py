@@ -90,6 +90,7 @@ class ChatCompletionRequest(_Request):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
 
@@ -97,4 +98,5 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    model: str | None = None
     tokens: list[int]
