@@ -227,9 +227,24 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int
 
 
 def has_blocks(path: Path) -> bool:
-    """Whether the file's layer matrices include Q8_0/Q4_0/Q4_1 blocks or BF16 (kept as stored)."""
-    return any(t.tensor_type in _BLOCK_TYPES + (_T.BF16,) and t.name.startswith("blk.")
-               for t in open_gguf(path).tensors)
+    """Whether the file's layer matrices include Q8_0/Q4_0/Q4_1 blocks or BF16 (kept as stored).
+
+    Asked twice while an engine is built, and answering means parsing the whole file's
+    metadata (about a second for a 49k vocab), so the answer is kept in the local cache
+    beside the tokenizer's: a replica started again (a cold start) skips both parses."""
+    facts = cache_root() / "gguf-facts"
+    name = f"{path.stem}-{_tokenizer_cache_key(path)}-blocks"
+    for answer in (True, False):
+        if (facts / f"{name}-{answer}").exists():
+            return answer
+    answer = any(t.tensor_type in _BLOCK_TYPES + (_T.BF16,) and t.name.startswith("blk.")
+                 for t in open_gguf(path).tensors)
+    try:
+        facts.mkdir(parents=True, exist_ok=True)
+        (facts / f"{name}-{answer}").touch()
+    except OSError as e:  # a read-only cache only costs speed next time
+        logger.warning("could not cache what %s holds: %s", path, e)
+    return answer
 
 
 def _read_slice(t: Any, shape: tuple[int, ...], index: Index, path: Path) -> np.ndarray:
