@@ -1,7 +1,7 @@
 """`servelm bench ...` subcommands and their flags.
 
 Each benchmark is its own sub-subcommand (`throughput`, `latency`, `roofline`, `serve`,
-`spec`) so they share engine flags but keep their own options and result formats. A
+`cold-start`, `spec`) so they share engine flags but keep their own options and result formats. A
 benchmark's flags carry the names of its config dataclass's fields, so one function turns
 parsed flags into that config. Heavy imports happen only when a benchmark actually runs,
 keeping `servelm --help` fast.
@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from servelm.bench.cold_start import add_cold_start_parser
 from servelm.bench.datasets import DATASETS
 from servelm.bench.harness import SYSTEMS, listed
 from servelm.bench.serve_cli import add_serve_parser
@@ -49,6 +50,7 @@ def add_bench_parser(sub: Any, add_engine_args: AddEngineArgs) -> None:
     _add_throughput(bsub, add_engine_args)
     _add_roofline(bsub, add_engine_args)
     add_serve_parser(bsub)
+    add_cold_start_parser(bsub)
     _add_latency(bsub, add_engine_args)
     _add_parallel(bsub, add_engine_args)
     _add_spec(bsub, add_engine_args)

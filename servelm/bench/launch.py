@@ -4,11 +4,12 @@ One command then measures servelm and its peers on the same weights, threads and
 one server at a time so they never compete for the cores: servelm's own `serve` (also as
 `servelm-no-prefix-cache`, `servelm-cpu-offload` with a CPU tier under its prefix cache, or
 `servelm-sjf` etc. under another scheduling policy, `servelm-sjf-learned` with a trained
-output-length predictor), llama.cpp's own C++ `llama-server` (continuous batching over
-`LLAMA_SERVER_SLOTS` slots sharing one unified KV cache; the binary from
---launch-llama-server, $SERVELM_LLAMA_SERVER or PATH) and the llama.cpp server of
-llama-cpp-python (`python -m llama_cpp.server`, one request at a time, optional extra), each
-on a free 127.0.0.1 port, reading the same GGUF file.
+output-length predictor, `servelm-replicas-<router>` as several engine replicas on Ray with the
+threads shared out among them, so one engine and N replicas compare on the same cores),
+llama.cpp's own C++ `llama-server` (continuous batching over `LLAMA_SERVER_SLOTS` slots
+sharing one unified KV cache; the binary from --launch-llama-server, $SERVELM_LLAMA_SERVER
+or PATH) and the llama.cpp server of llama-cpp-python (`python -m llama_cpp.server`, one
+request at a time, optional extra), each on a free 127.0.0.1 port, reading the same GGUF file.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from servelm.cluster.router import POLICIES as ROUTERS
+
 POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
+# `servelm-replicas` routes by LaunchSpec.router, the others by the router they name
+REPLICA_SYSTEMS = ("servelm-replicas", *(f"servelm-replicas-{r}" for r in ROUTERS))
 SYSTEMS = ("servelm", "servelm-no-prefix-cache", "servelm-cpu-offload", *POLICY_VARIANTS,
-           "servelm-sjf-learned", "llama-server", "llama.cpp")
+           "servelm-sjf-learned", *REPLICA_SYSTEMS, "llama-server", "llama.cpp")
 CPU_OFFLOAD_GB = 4.0  # servelm-cpu-offload's CPU tier
 LLAMA_SERVER_SLOTS = 32  # requests llama-server runs at once
 
@@ -48,6 +53,11 @@ class LaunchSpec:
     preemption_mode: str | None = None  # servelm only: "recompute" or "swap"
     tensor_parallel_size: int = 1  # servelm only: worker processes; threads shared out among them
     pipeline_parallel_size: int = 1
+    replicas: int = 1  # servelm-replicas-*: engine replicas, threads shared out among them
+    router: str = "prefix-aware"  # servelm-replicas' routing policy
+    min_replicas: int | None = None  # servelm-replicas-*: autoscaling bounds (default: replicas)
+    max_replicas: int | None = None
+    downscale_delay_s: float | None = None
     llama_server: str | None = None  # llama-server binary (default: $SERVELM_LLAMA_SERVER, PATH)
     startup_timeout_s: float = 180.0
 
@@ -75,9 +85,13 @@ def _gguf(model: str | None) -> str:
 def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
     if system.startswith("servelm"):
         ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
+        processes = ranks * (spec.replicas if system in REPLICA_SYSTEMS else 1)
+        threads = max(1, spec.num_threads // processes)
         cmd = [sys.executable, "-m", "servelm.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--num-threads", str(max(1, spec.num_threads // ranks)),
+               "--port", str(port), "--num-threads", str(threads),
                "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len)]
+        if system in REPLICA_SYSTEMS:
+            cmd += _replica_flags(system, spec, threads)
         if ranks > 1:
             cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size),
                     "--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
@@ -127,6 +141,18 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
     raise ValueError(f"--launch: unknown system {system!r}; allowed {SYSTEMS}")
 
 
+def _replica_flags(system: str, spec: LaunchSpec, threads: int) -> list[str]:
+    """Ray reserves as many CPUs per engine process as it has threads, so replicas never
+    share a core while one engine's threads are free."""
+    router = system.removeprefix("servelm-replicas").removeprefix("-") or spec.router
+    flags = ["--replicas", str(spec.replicas), "--router", router, "--replica-cpus", str(threads)]
+    for flag, value in (("--min-replicas", spec.min_replicas), ("--max-replicas", spec.max_replicas),
+                        ("--downscale-delay-s", spec.downscale_delay_s)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -139,7 +165,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)  # fine-grained: `bench cold-start` times process start to first token
     raise RuntimeError(f"server not ready after {timeout_s:.0f}s; log: {log}")
 
 

@@ -3,7 +3,9 @@
 Conversations arrive by a gamma process at a fixed rate (burstiness 1 = Poisson; < 1 burstier,
 > 1 smoother), all at once (rate inf) or under a concurrency cap, each turn streamed and timed
 by serve_client. A comma-separated `--request-rate` sweeps rates in one run, which is how
-throughput-versus-latency curves and goodput under SLOs are made.
+throughput-versus-latency curves and goodput under SLOs are made. Around each run the
+server's own counters are read (server_counters), and `--kill-replica-at` kills a replica
+part-way through it (failover).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from servelm.bench.failover import FLAG as KILL_FLAG
+from servelm.bench.failover import ReplicaKiller, require_replicas, wait_all_ready
 from servelm.bench.harness import measure, progress, result_header, result_path, write_result
-from servelm.bench.launch import SYSTEMS, LaunchSpec
+from servelm.bench.launch import REPLICA_SYSTEMS, SYSTEMS, LaunchSpec
 from servelm.bench.serve_client import Target, stream_request
 from servelm.bench.serve_datasets import (
     Conversation,
@@ -32,6 +36,7 @@ from servelm.bench.serve_datasets import (
     render_prompt,
 )
 from servelm.bench.serve_metrics import RequestRecord, compute_metrics, metric_samples
+from servelm.bench.server_counters import counter_deltas, scrape_settled
 
 
 @dataclass
@@ -54,6 +59,7 @@ class ServeConfig:
     metric_percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     ignore_eos: bool = False
     seed: int = 0
+    kill_replica_at: float | None = None  # seconds into each run: SIGKILL the busiest replica
     launch: list[str] = field(default_factory=list)  # start these servers instead of base_url
     launch_spec: LaunchSpec = field(default_factory=LaunchSpec)
     result_file: str | None = None
@@ -95,6 +101,17 @@ def validate(cfg: ServeConfig) -> None:
     unknown = [s for s in cfg.launch if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"--launch: unknown {unknown}; allowed {','.join(SYSTEMS)}")
+    if cfg.launch_spec.replicas < 1:
+        raise ValueError(f"--launch-replicas must be >= 1, got {cfg.launch_spec.replicas}")
+    if cfg.launch_spec.replicas != 1 and not set(cfg.launch) & set(REPLICA_SYSTEMS):
+        raise ValueError(f"--launch-replicas applies to --launch {','.join(REPLICA_SYSTEMS)}")
+    if cfg.kill_replica_at is not None:
+        if not cfg.kill_replica_at > 0:
+            raise ValueError(f"{KILL_FLAG} must be > 0 seconds, got {cfg.kill_replica_at}")
+        single = [s for s in cfg.launch if s not in REPLICA_SYSTEMS]
+        if single:
+            raise ValueError(f"{KILL_FLAG} kills a replica; --launch {','.join(single)} has "
+                             f"none (launch only {','.join(REPLICA_SYSTEMS)})")
     bad = [m for m in cfg.percentile_metrics if m not in ("ttft", "tpot", "itl", "e2el")]
     if bad:
         raise ValueError(f"--percentile-metrics: unknown {bad}; allowed ttft,tpot,itl,e2el")
@@ -198,15 +215,29 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
                     cfg.request_timeout_s, banned)
     turns = _Turns(tokenizer, target.chat)
     asyncio.run(_check_endpoint(target, turns, convs[0]))
+    if cfg.kill_replica_at is not None:
+        require_replicas(base_url)
     runs, samples = [], {}
     for rate in cfg.request_rates:
+        killer = None
+        if cfg.kill_replica_at is not None:
+            wait_all_ready(base_url)
+            killer = ReplicaKiller(base_url, cfg.kill_replica_at)
+        before = scrape_settled(base_url)
         say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
+        if killer is not None:
+            killer.start()
         timed = measure(lambda rate=rate: asyncio.run(run_rate(target, convs, turns, rate, cfg)))
         records, duration = timed.value
         run = {"request_rate": "inf" if math.isinf(rate) else rate,
                **compute_metrics(records, duration, cfg.metric_percentiles,
                                  cfg.percentile_metrics, cfg.goodput)}
         run.update(timed.energy.as_dict(run["total_output_tokens"]))
+        if killer is not None:
+            run["replica_killed"] = killer.finish()
+        counters = counter_deltas(before, scrape_settled(base_url))
+        if counters:
+            run["server_counters"] = counters
         if cfg.save_detailed:
             run["requests"] = _detail(records)
         runs.append(run)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from servelm.bench.harness import MissingExtra, listed, require_extra
+from servelm.cluster.router import POLICIES as ROUTERS
 
 _rates = listed(float, "rates (numbers > 0, or 'inf')", lambda r: r > 0)
 _names = listed(str, "names")
@@ -32,6 +33,8 @@ def add_serve_parser(bsub) -> None:
                    help="start these servers one after another on the same GGUF instead of "
                         "using --base-url: servelm, servelm-no-prefix-cache, "
                         "servelm-cpu-offload, servelm-{fcfs,priority,sjf,mlfq}, servelm-sjf-learned, "
+                        "servelm-replicas[-ROUTER] (--launch-replicas engines on Ray behind one "
+                        "endpoint; ROUTER one of " + ", ".join(ROUTERS) + "), "
                         "llama-server (llama.cpp's C++ server), llama.cpp (llama-cpp-python's)")
     g.add_argument("--launch-model", default=None, help="GGUF for launched servers (default model)")
     g.add_argument("--launch-threads", type=int, default=2, help="threads of launched servers")
@@ -52,6 +55,11 @@ def add_serve_parser(bsub) -> None:
                         "out among the worker processes)")
     g.add_argument("--launch-pipeline-parallel-size", type=int, default=1,
                    help="servelm's --pipeline-parallel-size when launched")
+    g.add_argument("--launch-replicas", type=int, default=1, metavar="N",
+                   help="servelm-replicas-*: engine replicas, --launch-threads shared out among "
+                        "them (plain servelm stays one engine with all the threads)")
+    g.add_argument("--launch-router", default="prefix-aware", choices=ROUTERS,
+                   help="servelm-replicas' router (servelm-replicas-ROUTER names its own)")
     g.add_argument("--launch-length-predictor", default=None, metavar="FILE",
                    help="servelm-sjf-learned's --length-predictor")
     g = p.add_argument_group("dataset")
@@ -78,6 +86,10 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--max-concurrency", type=int, default=None)
     g.add_argument("--max-duration", type=float, default=None,
                    help="seconds after which no new conversation starts")
+    g.add_argument("--kill-replica-at", type=float, default=None, metavar="SECONDS",
+                   help="SIGKILL the busiest ready replica this many seconds into each run "
+                        "(a servelm-replicas server on this machine); failures and retries "
+                        "are reported")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("metrics and output")
@@ -117,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_duration_s=args.max_duration, request_timeout_s=args.request_timeout,
         goodput=parse_goodput(args.goodput), percentile_metrics=args.percentile_metrics,
         metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
-        launch=args.launch,
+        kill_replica_at=args.kill_replica_at, launch=args.launch,
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
                                dtype=args.launch_dtype, max_model_len=args.launch_max_model_len,
                                max_num_seqs=args.launch_max_num_seqs,
@@ -126,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                preemption_mode=args.launch_preemption_mode,
                                tensor_parallel_size=args.launch_tensor_parallel_size,
                                pipeline_parallel_size=args.launch_pipeline_parallel_size,
+                               replicas=args.launch_replicas, router=args.launch_router,
                                llama_server=args.launch_llama_server),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from servelm.bench.failover import kill_note
 from servelm.bench.harness import Table, print_report, ratio
 from servelm.bench.serve_metrics import METRICS, percentile_key
+from servelm.bench.server_counters import counter_notes
 
 
 def _ms(run: dict[str, Any], stat: str, name: str) -> str:
@@ -58,8 +60,12 @@ def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
         where = system or f"{result['model_id']} at {result['base_url']}"
         tables.append(rate_table(f"serving: {where}{result['endpoint']}, "
                                  f"{result['dataset']['name']}", runs, tail, bool(cfg.goodput)))
-        notes += [f"{system} rate {run['request_rate']}: {n} failed: {reason}"
-                  for run in runs for reason, n in run["failed_reasons"].items()]
+        for run in runs:
+            label = f"{system} rate {run['request_rate']}".strip()
+            notes += [f"{label}: {n} failed: {reason}" for reason, n in run["failed_reasons"].items()]
+            if "replica_killed" in run:
+                notes.append(kill_note(label, run["replica_killed"]))
+            notes += counter_notes(label, run.get("server_counters", {}))
     if len(systems) > 1:
         tables.append(comparison_table(systems, tail))
     first = next(iter(systems.values()))[0]

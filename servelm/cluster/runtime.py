@@ -14,7 +14,8 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # nothing listens beyond this machine
+    # Ray's ports listen on every interface whatever the address, so its token auth stays
+    # on (its default; the token is made once in ~/.ray/auth_token)
     ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
              include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     return True

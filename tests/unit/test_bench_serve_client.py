@@ -28,3 +28,44 @@ def test_output_token_count_prefers_server_usage_then_length_stop():
     assert _output_tokens(None, "length", 5, 3, "a b", count) == 5
     assert _output_tokens(None, "stop", 5, 3, "a b", count) == 3  # never below the chunk count
     assert _output_tokens(None, "stop", 5, 1, "a b c d", count) == 4
+
+
+def test_an_error_event_in_the_stream_fails_the_request_with_its_message():
+    """What a replicas server sends when the replica serving a stream is lost part-way."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    from aiohttp import web
+
+    from servelm.bench.serve_client import stream_request
+
+    async def handler(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"index": 0, "text": "Hel"}]}\n\n')
+        await resp.write(b'data: {"error": {"message": "replica m-0 was lost after part of '
+                         b'the output was streamed", "type": "server_error"}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await stream_request(session, Target(f"http://127.0.0.1:{port}",
+                                                            "/v1/completions", "m"),
+                                            "hi", 4, 0.0, lambda: 1, len)
+        finally:
+            await runner.cleanup()
+
+    rec, text = asyncio.run(run())
+    assert not rec.success and text == "Hel" and rec.ttft > 0
+    assert rec.error == ("error in stream: replica m-0 was lost after part of the output was "
+                         "streamed")
