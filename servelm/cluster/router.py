@@ -5,9 +5,10 @@ Plain bookkeeping, no I/O: the serving front end reports each replica's load (re
 has outstanding, and its KV usage when the replica reports it) and calls `route` and
 `finished`. Prefix-aware routing follows SGLang's cache-aware router: each replica has an
 approximate tree of the prompts sent to it (radix.py); a request goes to the replica whose
-tree holds its longest prefix, unless the replicas' loads are out of balance (then the
-least loaded takes it) or no replica holds enough of it (then the one that has cached
-least does, spreading distinct prefixes over the replicas' caches).
+tree holds its longest prefix (the least loaded of those within `match_slack` of it),
+unless the replicas' loads are out of balance (then the least loaded takes it) or no
+replica holds enough of it (then the least loaded, and of equals the one that has cached
+least, spreading distinct prefixes over the replicas' caches).
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ class Replica:
 class RouterOptions:
     # Out of balance when the busiest replica has more than `balance_abs` requests above
     # the idlest and more than `balance_rel` times its count: then least-loaded decides.
-    balance_abs: int = 8
+    balance_abs: int = 4
     balance_rel: float = 1.5
     # Below this share of the prompt cached anywhere, a request counts as a new prefix.
     cache_threshold: float = 0.5
+    # Replicas within this share of the prompt of the longest match count as matching.
+    match_slack: float = 0.1
     tree_tokens: int = 1 << 20  # per replica
     seed: int = 0
 
@@ -107,7 +110,11 @@ class Router:
         if busiest - idlest.outstanding > o.balance_abs and busiest > idlest.outstanding * o.balance_rel:
             return idlest
         matched = {r.name: r.tree.match(prompt_ids) for r in replicas}
-        best = max(replicas, key=lambda r: (matched[r.name], -r.outstanding, -r.kv_usage))
-        if prompt_ids and matched[best.name] >= o.cache_threshold * len(prompt_ids):
-            return best
-        return min(replicas, key=lambda r: (r.tree.num_tokens, r.load))
+        best = max(matched.values())
+        if prompt_ids and best >= o.cache_threshold * len(prompt_ids):
+            # replicas holding about as much as the best are as good a cache: the least
+            # loaded of them (a shared system prompt cached on several replicas spreads)
+            close = [r for r in replicas if matched[r.name] >= best - o.match_slack * len(prompt_ids)]
+            return min(close, key=lambda r: (r.load, -matched[r.name]))
+        # a new prefix: the least loaded, and of equals the one that has cached least
+        return min(replicas, key=lambda r: (r.load, r.tree.num_tokens))

@@ -77,6 +77,16 @@ def test_multi_turn_conversations_and_history(tiny_tokenizer, instruct_file):
     assert text.count("<|im_start|>user") == 3 and text.endswith("<|im_start|>assistant\n")
 
 
+def test_multi_turn_shared_prefix_opens_with_tenant_prompts(tiny_tokenizer, instruct_file):
+    convs = build_conversations(tiny_tokenizer, DatasetOptions(
+        name="multi-turn-shared-prefix", path=str(instruct_file), num_prompts=6,
+        multi_turn_turns=2, shared_prefix_len=32, shared_prefix_num_prefixes=2))
+    systems = [c.system for c in convs]
+    assert len(set(systems)) == 2 and systems[0] == systems[2] == systems[4]
+    assert all(len(c.user_turns) == 2 for c in convs)
+    assert render_messages(convs[0], 1, ["answer"])[0] == {"role": "system", "content": systems[0]}
+
+
 def test_multi_turn_without_file_uses_random_text(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr("servelm.bench.serve_datasets.default_dataset_path", lambda: None)
     convs = build_conversations(tiny_tokenizer, DatasetOptions(

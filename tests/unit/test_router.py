@@ -91,3 +91,15 @@ def test_prefix_aware_hits_more_of_each_replicas_cache_than_round_robin():
             router.finished(name)
         rates[policy] = hit / total
     assert rates["prefix-aware"] > rates["round-robin"] + 0.2, rates
+
+
+def test_prefix_aware_spreads_a_prefix_several_replicas_hold_and_keeps_histories():
+    router = make("prefix-aware")
+    system = list(range(100, 200))
+    for replica in router.replicas.values():
+        replica.tree.insert(system)  # a tenant's system prompt cached on both
+    history = [list(range(300 + 40 * i, 330 + 40 * i)) for i in range(2)]
+    first, second = (router.route(system + h) for h in history)
+    assert first != second  # both hold the prompt: the less loaded takes the next
+    router.report(first, outstanding=3)
+    assert router.route(system + history[0] + [7] * 5) == first  # its history is there only
