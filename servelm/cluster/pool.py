@@ -176,6 +176,8 @@ class ReplicaPool:
         if not self.router.replicas:
             waited = True
             self._pending += 1
+            if self._monitor is not None:
+                self._autoscale()  # from zero: start a replica now, not at the next tick
             deadline = time.monotonic() + self.options.acquire_timeout_s
             try:
                 while not self.router.replicas:

@@ -46,6 +46,7 @@ class RouterOptions:
     # Replicas within this share of the prompt of the longest match count as matching.
     match_slack: float = 0.1
     tree_tokens: int = 1 << 20  # per replica
+    max_sessions: int = 100_000  # sessions remembered, least recently used forgotten first
     seed: int = 0
 
 
@@ -82,7 +83,10 @@ class Router:
         if replica is None:
             replica = self._choose(prompt_ids)
         if session:
+            self.sessions.pop(session, None)  # most recent last: the oldest are forgotten first
             self.sessions[session] = replica.name
+            if len(self.sessions) > self.options.max_sessions:
+                del self.sessions[next(iter(self.sessions))]
         replica.outstanding += 1
         replica.tree.insert(prompt_ids)
         return replica.name

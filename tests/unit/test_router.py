@@ -103,3 +103,11 @@ def test_prefix_aware_spreads_a_prefix_several_replicas_hold_and_keeps_histories
     assert first != second  # both hold the prompt: the less loaded takes the next
     router.report(first, outstanding=3)
     assert router.route(system + history[0] + [7] * 5) == first  # its history is there only
+
+
+def test_sessions_are_forgotten_least_recently_used_first():
+    router = make("round-robin", max_sessions=2)
+    homes = {s: router.route([1], session=s) for s in ("a", "b")}
+    router.route([1], session="a")  # a used again: b is now the oldest
+    router.route([1], session="c")
+    assert set(router.sessions) == {"a", "c"} and router.sessions["a"] == homes["a"]
