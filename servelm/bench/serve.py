@@ -36,7 +36,7 @@ from servelm.bench.serve_datasets import (
     render_prompt,
 )
 from servelm.bench.serve_metrics import RequestRecord, compute_metrics, metric_samples
-from servelm.bench.server_counters import counter_deltas, scrape_settled
+from servelm.bench.server_counters import counter_deltas, scrape
 
 
 @dataclass
@@ -223,7 +223,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
         if cfg.kill_replica_at is not None:
             wait_all_ready(base_url)
             killer = ReplicaKiller(base_url, cfg.kill_replica_at)
-        before = scrape_settled(base_url)
+        before = scrape(base_url)
         say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
         if killer is not None:
             killer.start()
@@ -235,7 +235,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
         run.update(timed.energy.as_dict(run["total_output_tokens"]))
         if killer is not None:
             run["replica_killed"] = killer.finish()
-        counters = counter_deltas(before, scrape_settled(base_url))
+        counters = counter_deltas(before, scrape(base_url))
         if counters:
             run["server_counters"] = counters
         if cfg.save_detailed:

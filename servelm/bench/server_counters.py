@@ -11,7 +11,6 @@ Servers without these series (llama-server) give no figures, not zeros.
 from __future__ import annotations
 
 import re
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -51,27 +50,6 @@ def scrape(base_url: str, timeout_s: float = 10.0) -> Samples | None:
             return parse_metrics(resp.read().decode("utf-8", "replace"))
     except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
         return None
-
-
-def scrape_settled(base_url: str, interval_s: float = 1.5, tries: int = 5) -> Samples | None:
-    """A scrape whose engine counters are current.
-
-    A replicas server reports each replica's engine counters as of its last health check
-    (every second), so right after a run they lag; scrape until two in a row agree. A plain
-    server's counters are live and need no wait."""
-    now = scrape(base_url)
-    if now is None or not any(dict(lab).get("replica") for name, lab in now if name == QUERIES):
-        return now
-    for _ in range(tries):
-        time.sleep(interval_s)
-        before, now = now, scrape(base_url)
-        if now is None or _engine(now) == _engine(before):
-            break
-    return now
-
-
-def _engine(samples: Samples) -> Samples:
-    return {k: v for k, v in samples.items() if k[0] in (HITS, QUERIES)}
 
 
 def _delta(before: Samples, after: Samples, name: str) -> dict[Labels, float] | None:

@@ -124,6 +124,16 @@ class ReplicaPool:
                     "max_replicas": self.autoscaler.options.max_replicas,
                     "replicas": [r.describe() for r in self.replicas.values()]}
 
+    async def refresh_metrics(self) -> None:
+        """Each ready replica's figures as of now, not as of the last health check."""
+        async def fetch(r: ReplicaHandle) -> None:
+            try:
+                r.stats = await asyncio.wait_for(r.actor.stats.remote(), self.options.health_timeout_s)
+            except (asyncio.TimeoutError, RayActorError):
+                pass  # the health check deals with it; its last figures stand
+
+        await asyncio.gather(*(fetch(r) for r in self._ready()))
+
     def metric_snapshots(self) -> list[tuple[dict[str, str], dict[str, float]]]:
         return [({"model": self.name, "replica": r.name}, r.stats["metrics"])
                 for r in self.replicas.values() if r.stats]

@@ -61,6 +61,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await asyncio.gather(*(m.refresh_metrics() for m in models))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(RequestValidationError)

@@ -53,6 +53,9 @@ class ServedModel(Protocol):
 
     def health(self) -> tuple[bool, dict[str, Any]]: ...
 
+    async def refresh_metrics(self) -> None:
+        """Bring what `metric_snapshots` reports up to date (before a /metrics scrape)."""
+
     def metric_snapshots(self) -> MetricSnapshots: ...
 
     def extra_metrics(self) -> MetricRows:
@@ -100,6 +103,9 @@ class LocalModel:
         if self.llm.fatal_error is not None:  # a worker died or hung: a load balancer should move on
             return False, {"status": "unhealthy", "error": str(self.llm.fatal_error)}
         return True, {"status": "ok"}
+
+    async def refresh_metrics(self) -> None:
+        pass  # read from the engine at scrape time
 
     def metric_snapshots(self) -> MetricSnapshots:
         return [({}, self.llm.engine.get_metrics())]
