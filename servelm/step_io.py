@@ -31,6 +31,9 @@ class NewRequestData:
     # Sampled drafts come from a generator of their own, seeded alike on every pipeline
     # stage (the request's generator is also drawn on by verification, on the last stage only).
     draft_seed: int = 0
+    # A request moved here from another engine: its generator's state there, so its seeded
+    # samples continue the same stream (torch.Generator.get_state() bytes).
+    generator_state: bytes | None = None
 
 
 @dataclass(slots=True)

@@ -110,6 +110,17 @@ class IncrementalDetokenizer:
                 return n
         return 0
 
+    @property
+    def sent_chars(self) -> int:
+        """Characters of output text handed out by get_delta() so far."""
+        return self._sent
+
+    def resume(self, output_token_ids: list[int], sent_chars: int) -> None:
+        """Go on with a request moved from another engine: its output so far, of which
+        `sent_chars` characters were handed out there."""
+        self.update(output_token_ids)
+        self._sent = sent_chars
+
     def get_delta(self) -> str:
         """Text that is safe to stream since the previous call (never a partial stop)."""
         end = max(self._sent, len(self.output_text) - self._held_back())

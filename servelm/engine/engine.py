@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from servelm.config import EngineConfig
 from servelm.engine.detokenizer import IncrementalDetokenizer
+from servelm.engine.handoff import RequestHandoff, export_request, import_request
 from servelm.engine.length_predictor import LengthPredictor
 from servelm.engine.output_processor import OutputProcessor, RequestGroup
 from servelm.engine.policies import Policy
@@ -134,6 +135,14 @@ class LLMEngine:
         group = self.outputs.pop(request_id)
         for req in group.seqs if group else ():
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def export_request(self, request_id: str) -> RequestHandoff:
+        """Take a decoding request out of this engine, K/V included, to go on elsewhere."""
+        return export_request(self, request_id)
+
+    def import_request(self, handoff: RequestHandoff, stream: bool = True) -> bool:
+        """Go on with a request exported by another engine; False: its K/V was recomputed."""
+        return import_request(self, handoff, stream)
 
     # ---- the loop ----------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:

@@ -73,6 +73,7 @@ class Request:
         self.finished_time: float | None = None
         self.num_preemptions = 0
         self.seed = seed  # the worker's generator for this sequence starts from it
+        self.generator_state: bytes | None = None  # moved from another engine: its state there
         self.error: str | None = None  # why it failed (FINISHED_ERROR)
         # What the worker's copy holds: tokens (0: it has not seen the request yet), blocks.
         self.num_synced_tokens = 0

@@ -74,6 +74,14 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def adopt(self, request: Request) -> None:
+        """A request moved here with its K/V already in its blocks: it runs from its next
+        token, as if it had been running here."""
+        request.arrival_step = request.last_scheduled_step = self.step_count
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self.running.append(request)
+
     def schedule(self) -> SchedulerOutput:
         out = self.builder.start()
         budget = self.max_num_batched_tokens

@@ -39,7 +39,7 @@ class StepBuilder:
         if req.num_synced_tokens == 0:
             self.out.new_requests.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, req.params, req.seed, sorted(req.stop_token_ids),
-                _draft_seed(req.seed)))
+                _draft_seed(req.seed), req.generator_state))
             req.num_synced_tokens = req.num_prompt_tokens
         tokens, table, start = req.all_token_ids, self.kv.block_table(req.request_id), req.num_synced_blocks
         self.out.scheduled.append(ScheduledRequest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from servelm.config import EngineConfig
 from servelm.executor.base import Executor
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput
+from servelm.worker.kv_payload import KVPayload
 from servelm.worker.worker import Worker
 
 
@@ -17,6 +18,14 @@ class InProcessExecutor(Executor):
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         self.check_health()
         return self.worker.execute_model(step)
+
+    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[KVPayload, bytes | None]:
+        self.check_health()
+        return self.worker.export_request(req_id, block_ids)
+
+    def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
+        self.check_health()
+        self.worker.import_kv(block_ids, payload)
 
     def check_health(self) -> None:
         if self.worker is None:

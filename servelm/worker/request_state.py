@@ -63,6 +63,8 @@ class RequestStates(dict[str, CachedRequestState]):
             self.pop(req_id, None)
         for new in step.new_requests:
             gen = None if new.seed is None else torch.Generator().manual_seed(new.seed)
+            if gen is not None and new.generator_state is not None:  # moved from another engine
+                gen.set_state(torch.frombuffer(bytearray(new.generator_state), dtype=torch.uint8))
             self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
                                                   gen, list(new.prompt_token_ids), new.stop_token_ids,
                                                   draft_seed=new.draft_seed)

@@ -31,6 +31,7 @@ from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 from servelm.worker.cache_engine import CacheEngine
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
+from servelm.worker.kv_payload import KVPayload, read_blocks, write_blocks
 from servelm.worker.model_runner import ModelRunner
 
 
@@ -77,6 +78,15 @@ class Worker:
             num_offload_blocks=num_offload, kv_bytes_per_token=total(per_block // config.block_size),
             model_weight_bytes=total(model.weight_bytes()),
             decode_weight_bytes=total(model.decode_weight_bytes()))
+
+    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[KVPayload, bytes | None]:
+        """A request's K/V in `block_ids` and its generator's state, for another engine."""
+        gen = self.runner.states[req_id].generator
+        state = None if gen is None else gen.get_state().numpy().tobytes()
+        return read_blocks(self.runner.cache.kv, self.runner.block_size, block_ids), state
+
+    def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
+        write_blocks(self.runner.cache.kv, self.runner.block_size, block_ids, payload)
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(step)

@@ -1,0 +1,122 @@
+"""Moving a running request from one engine to another: disaggregated prefill/decode (the
+prefill engine hands the request over after its first token) and live migration.
+
+The sending engine exports a decoding request between steps: its tokens, sampling
+settings, what its stream has sent, the state of its random generator, and the K/V of every
+computed token as stored (worker/kv_payload.py); it then forgets the request, keeping the
+prompt's blocks findable by its prefix cache. The receiving engine writes the K/V into
+freshly allocated blocks and the request continues at its next token, drawing the same
+samples it would have drawn where it was. When the K/V cannot be taken (no payload, another
+cache layout, no room) the receiver recomputes it from the tokens instead, as after a
+preemption: slower, same output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from servelm.engine.detokenizer import IncrementalDetokenizer
+from servelm.engine.output_processor import RequestGroup
+from servelm.engine.request import Request, RequestStatus
+from servelm.kv.manager import cdiv
+from servelm.outputs import PositionLogprobs
+from servelm.sampling_params import SamplingParams
+from servelm.worker.kv_payload import KVPayload
+
+logger = logging.getLogger("servelm")
+
+# `engine` below is an LLMEngine (not imported: engine.py imports this module)
+
+
+@dataclass
+class RequestHandoff:
+    """A request in flight, as plain data: everything another engine needs to go on."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    generator_state: bytes | None
+    text_sent: int  # characters of output text its stream has handed out
+    priority: int = 0
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    kv: KVPayload | None = None  # K/V of every token but the last; None: recompute it
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - 1
+
+
+def export_request(engine: Any, request_id: str) -> RequestHandoff:
+    """Take a decoding request out of `engine` (between steps) as a handoff."""
+    group = engine.outputs.groups.get(request_id)
+    if group is None:
+        raise ValueError(f"request {request_id!r} is not running here")
+    if len(group.seqs) != 1:
+        raise ValueError(f"request {request_id!r} has n={len(group.seqs)} samples; only n=1 moves")
+    req = group.seqs[0]
+    s = engine.scheduler
+    if req.status is not RequestStatus.RUNNING or not req.is_decoding or req.request_id in s.in_flight:
+        raise ValueError(f"request {request_id!r} is not between two decode steps")
+    if req.num_evicted_tokens:
+        raise ValueError(f"request {request_id!r} lost K/V to KV compression; it cannot move")
+    table = s.kv.block_table(req.request_id)[:cdiv(req.num_computed_tokens, s.kv.block_size)]
+    kv, state = engine.executor.export_request(req.request_id, table)
+    handoff = RequestHandoff(
+        request_id, group.prompt, list(req.prompt_token_ids), list(req.output_token_ids),
+        req.params, req.seed, state, req.detokenizer.sent_chars, req.priority,
+        None if req.logprobs is None else list(req.logprobs), req.cumulative_logprob, kv)
+    engine.outputs.pop(request_id)
+    s.finish(req, RequestStatus.FINISHED_ABORTED)  # blocks freed; full ones stay findable
+    return handoff
+
+
+def import_request(engine: Any, h: RequestHandoff, stream: bool = True) -> bool:
+    """Continue a handed-off request in `engine`. Returns whether its K/V was taken (False:
+    it is recomputed from its tokens)."""
+    if h.request_id in engine.outputs.groups:
+        raise ValueError(f"request_id {h.request_id!r} is already in use")
+    engine.validate_prompt(h.prompt_token_ids)
+    if not h.output_token_ids:
+        raise ValueError("a handoff carries at least the first generated token")
+    if len(h.prompt_token_ids) + len(h.output_token_ids) >= engine.max_model_len:
+        raise ValueError(f"request {h.request_id!r} does not fit this engine's context window")
+    req = Request(f"{h.request_id}#0", list(h.prompt_token_ids), h.params, engine.eos_token_ids,
+                  engine.max_model_len, seed=h.seed)
+    req.priority, req.generator_state = h.priority, h.generator_state
+    for token in h.output_token_ids:
+        req.append_token(token)
+    if req.logprobs is not None and h.logprobs is not None:
+        req.logprobs, req.cumulative_logprob = list(h.logprobs), h.cumulative_logprob
+    req.detokenizer = IncrementalDetokenizer(engine.tokenizer, req.prompt_token_ids, h.params)
+    req.detokenizer.resume(h.output_token_ids, h.text_sent)
+    req.first_scheduled_time = req.first_token_time = time.monotonic()  # counted where it ran
+    took_kv = h.kv is not None and _take_kv(engine, req, h)
+    engine.outputs.add(RequestGroup(h.request_id, h.prompt, [req], stream))
+    if took_kv:
+        engine.scheduler.adopt(req)
+    else:
+        engine.scheduler.add(req)  # computes prompt and output again, then goes on
+    return took_kv
+
+
+def _take_kv(engine: Any, req: Request, h: RequestHandoff) -> bool:
+    kv, n = engine.scheduler.kv, h.num_computed_tokens
+    if h.kv.num_blocks != cdiv(n, kv.block_size) or not kv.can_allocate(req.request_id, n):
+        logger.warning("recomputing %s: its K/V does not fit here", h.request_id)
+        return False
+    kv.allocate(req.request_id, n)
+    try:
+        engine.executor.import_kv(kv.block_table(req.request_id), h.kv)
+    except (ValueError, NotImplementedError) as exc:
+        kv.free(req.request_id)
+        logger.warning("recomputing %s: %s", h.request_id, exc)
+        return False
+    req.num_computed_tokens = n
+    return True

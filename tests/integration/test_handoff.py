@@ -1,0 +1,94 @@
+"""A request moved from one engine to another mid-decode (issue 19: the prefill engine's
+handoff, live migration) goes on exactly as if it had stayed: the same tokens and the same
+streamed text as one engine alone, greedy and seeded, with float and int8 K/V. Without its
+K/V (a failed transfer, another cache layout) the receiver recomputes it, same output. Both
+engines end with every block back and no request left."""
+
+from __future__ import annotations
+
+import pytest
+from leaks import assert_no_leaks
+
+from servelm.config import EngineConfig
+from servelm.engine.engine import LLMEngine
+from servelm.sampling_params import SamplingParams
+
+PROMPT = "The cache holds the keys and values of every token"
+GREEDY = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=14, temperature=0.9, top_p=0.95, seed=5, ignore_eos=True)
+
+
+def engine(tiny_model_dir, **kw) -> LLMEngine:
+    base = {"model": str(tiny_model_dir("llama")), "dtype": "float32", "block_size": 4,
+            "num_kv_blocks": 64}
+    return LLMEngine(EngineConfig(**{**base, **kw}))
+
+
+def drain(eng: LLMEngine, texts: list[str]):
+    """Step until nothing is left; the last output, with every streamed delta in `texts`."""
+    final = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            texts.append(out.outputs[0].delta_text)
+            final = out
+    return final
+
+
+def alone(tiny_model_dir, params: SamplingParams, **kw) -> tuple[list[int], str]:
+    eng = engine(tiny_model_dir, **kw)
+    eng.add_request("r", PROMPT, params, stream=True)
+    texts: list[str] = []
+    out = drain(eng, texts)
+    return out.outputs[0].token_ids, "".join(texts)
+
+
+def moved(tiny_model_dir, params: SamplingParams, after: int, drop_kv: bool = False,
+          receiver: dict | None = None, **kw) -> tuple[list[int], str, bool]:
+    a, b = engine(tiny_model_dir, **kw), engine(tiny_model_dir, **{**kw, **(receiver or {})})
+    a.add_request("r", PROMPT, params, stream=True)
+    texts: list[str] = []
+    while True:
+        outs = a.step()
+        texts += [o.outputs[0].delta_text for o in outs]
+        if outs and len(outs[-1].outputs[0].token_ids) >= after:
+            break
+    handoff = a.export_request("r")
+    assert len(handoff.output_token_ids) == after
+    assert_no_leaks(a)  # gone from the sender, its blocks free (the prompt's still findable)
+    if drop_kv:
+        handoff.kv = None
+    took_kv = b.import_request(handoff)
+    out = drain(b, texts)
+    assert_no_leaks(b)
+    return out.outputs[0].token_ids, "".join(texts), took_kv
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_moved_request_goes_on_exactly(tiny_model_dir, params, kv):
+    ref_tokens, ref_text = alone(tiny_model_dir, params, kv_cache_dtype=kv)
+    for after in (1, 5):  # right after the prefill's first token (disaggregation), mid-decode
+        tokens, text, took_kv = moved(tiny_model_dir, params, after, kv_cache_dtype=kv)
+        assert took_kv and tokens == ref_tokens and text == ref_text
+
+
+@pytest.mark.parametrize("how", ["lost", "layout"])
+def test_without_its_kv_the_receiver_recomputes(tiny_model_dir, how):
+    ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
+    tokens, text, took_kv = moved(tiny_model_dir, SEEDED, 3, drop_kv=how == "lost",
+                                  receiver={"block_size": 8} if how == "layout" else None)
+    assert not took_kv and tokens == ref_tokens and text == ref_text
+
+
+def test_only_a_decoding_single_sample_request_moves(tiny_model_dir):
+    eng = engine(tiny_model_dir)
+    with pytest.raises(ValueError, match="not running here"):
+        eng.export_request("nope")
+    eng.add_request("pair", PROMPT, SamplingParams(n=2, max_tokens=4))
+    eng.add_request("new", PROMPT, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="n=2 samples"):
+        eng.export_request("pair")
+    with pytest.raises(ValueError, match="not between two decode steps"):
+        eng.export_request("new")  # not prefilled yet
+    drain(eng, [])
+    assert_no_leaks(eng)
