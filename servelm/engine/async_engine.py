@@ -12,15 +12,18 @@ requests in flight (with the error) and the loop keeps serving new ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from servelm.config import EngineConfig
 from servelm.engine.engine import LLMEngine, PromptInput
+from servelm.engine.handoff import RequestHandoff
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
 
@@ -35,6 +38,15 @@ class EngineDeadError(EngineStepError):
     """The engine's workers are gone (a process died or hung): no request can run."""
 
 
+class RequestMoved(Exception):
+    """Raised by a request's stream once `export_request` took it out of this engine: its
+    outputs until then came first, and `handoff` goes on elsewhere."""
+
+    def __init__(self, handoff: RequestHandoff) -> None:
+        super().__init__(f"request {handoff.request_id!r} moved to another engine")
+        self.handoff = handoff
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -44,7 +56,8 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self._lock = threading.Lock()  # guards _streams and _inbox; never held during a step
-        self._inbox: deque[tuple[str, str, PromptInput | None, SamplingParams | None, int]] = deque()
+        # (kind, request id, prompt / handoff / future, params, priority)
+        self._inbox: deque[tuple[str, str, Any, SamplingParams | None, int]] = deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -87,10 +100,34 @@ class AsyncLLM:
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
         if self.fatal_error is not None:
             raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
+        async with contextlib.aclosing(self._stream(("add", request_id, prompt, params, priority))) as outs:
+            async for out in outs:  # closed with this generator: a client gone aborts at once
+                yield out
+
+    async def import_request(self, handoff: RequestHandoff) -> AsyncIterator[RequestOutput]:
+        """Go on with a request exported by another engine; its outputs from here on, as
+        `generate` yields them."""
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
+        async with contextlib.aclosing(self._stream(("import", handoff.request_id, handoff, None, 0))) as outs:
+            async for out in outs:
+                yield out
+
+    async def export_request(self, request_id: str) -> RequestHandoff:
+        """Take a decoding request out between two steps (see engine/handoff.py); its
+        stream then raises RequestMoved."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._inbox.append(("export", request_id, future, None, 0))
+        self._wakeup.set()
+        return await future
+
+    async def _stream(self, item: tuple) -> AsyncIterator[RequestOutput]:
+        request_id = item[1]
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._streams[request_id] = stream
-            self._inbox.append(("add", request_id, prompt, params, priority))
+            self._inbox.append(item)
         self._wakeup.set()
         finished = False
         try:
@@ -145,14 +182,43 @@ class AsyncLLM:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
+            if kind == "export":
+                self._export(request_id, prompt)
+                continue
             if self.fatal_error is not None:
                 dead = EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
                 self._deliver(request_id, dead, last=True)
                 continue
             try:
-                self.engine.add_request(request_id, prompt, params, stream=True, priority=priority)
+                if kind == "import":
+                    self.engine.import_request(prompt, stream=True)
+                else:
+                    self.engine.add_request(request_id, prompt, params, stream=True, priority=priority)
             except Exception as exc:  # a rejected prompt: the caller raises it (400 in the server)
                 self._deliver(request_id, exc, last=True)
+
+    def _export(self, request_id: str, future: asyncio.Future) -> None:
+        """Export a request for `export_request`'s caller and end its stream (engine thread)."""
+        try:
+            handoff = self.engine.export_request(request_id)
+        except Exception as exc:  # not here, or not between two decode steps
+            result, handoff = exc, None
+        else:
+            result = handoff
+            self._deliver(request_id, RequestMoved(handoff), last=True)
+
+        def settle() -> None:
+            if future.done():  # the caller gave up waiting
+                return
+            if handoff is None:
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:  # its loop closed
+            pass
 
     def _loop(self) -> None:
         while not self._stopped:

@@ -92,3 +92,39 @@ def test_only_a_decoding_single_sample_request_moves(tiny_model_dir):
         eng.export_request("new")  # not prefilled yet
     drain(eng, [])
     assert_no_leaks(eng)
+
+
+def test_async_engines_hand_a_stream_over(tiny_model_dir):
+    """Through AsyncLLM, as replicas will: the sender's stream yields every output made
+    before the export, then raises RequestMoved; the receiver's stream goes on from there."""
+    import asyncio
+
+    from servelm.engine.async_engine import AsyncLLM, RequestMoved
+
+    ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
+    config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                          num_kv_blocks=64)
+    a, b = AsyncLLM(config), AsyncLLM(config)
+
+    async def scenario() -> tuple[list[int], str]:
+        texts, moved = [], None
+        with pytest.raises(ValueError, match="not running here"):
+            await a.export_request("nope")
+        try:
+            async for out in a.generate("r", PROMPT, SEEDED):
+                texts.append(out.outputs[0].delta_text)
+                if len(out.outputs[0].token_ids) == 3 and moved is None:
+                    moved = asyncio.ensure_future(a.export_request("r"))
+        except RequestMoved as exc:
+            handoff = exc.handoff
+        assert (await moved) is handoff
+        async for out in b.import_request(handoff):
+            texts.append(out.outputs[0].delta_text)
+        return out.outputs[0].token_ids, "".join(texts)
+
+    try:
+        tokens, text = asyncio.run(scenario())
+        assert tokens == ref_tokens and text == ref_text
+    finally:
+        a.shutdown(), b.shutdown()
+    assert_no_leaks(a.engine), assert_no_leaks(b.engine)
