@@ -136,6 +136,11 @@ class LLMEngine:
         for req in group.seqs if group else ():
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
 
+    @property
+    def num_steps_in_flight(self) -> int:
+        """Steps submitted to the workers whose output is not back (pipeline parallelism)."""
+        return len(self._in_flight)
+
     def export_request(self, request_id: str) -> RequestHandoff:
         """Take a decoding request out of this engine, K/V included, to go on elsewhere."""
         return export_request(self, request_id)

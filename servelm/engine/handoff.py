@@ -46,7 +46,8 @@ class RequestHandoff:
     priority: int = 0
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
-    kv: KVPayload | None = None  # K/V of every token but the last; None: recompute it
+    # K/V of every token but the last, one payload per worker process; None: recompute it
+    kv: list[KVPayload] | None = None
 
     @property
     def num_computed_tokens(self) -> int:
@@ -64,6 +65,8 @@ def export_request(engine: Any, request_id: str) -> RequestHandoff:
     s = engine.scheduler
     if req.status is not RequestStatus.RUNNING or not req.is_decoding or req.request_id in s.in_flight:
         raise ValueError(f"request {request_id!r} is not between two decode steps")
+    if engine.num_steps_in_flight:
+        raise ValueError(f"request {request_id!r} cannot move while pipeline steps are in flight")
     if req.num_evicted_tokens:
         raise ValueError(f"request {request_id!r} lost K/V to KV compression; it cannot move")
     table = s.kv.block_table(req.request_id)[:cdiv(req.num_computed_tokens, s.kv.block_size)]
@@ -108,7 +111,10 @@ def import_request(engine: Any, h: RequestHandoff, stream: bool = True) -> bool:
 
 def _take_kv(engine: Any, req: Request, h: RequestHandoff) -> bool:
     kv, n = engine.scheduler.kv, h.num_computed_tokens
-    if h.kv.num_blocks != cdiv(n, kv.block_size) or not kv.can_allocate(req.request_id, n):
+    if engine.num_steps_in_flight:  # the workers answer in order: no call between steps in flight
+        logger.warning("recomputing %s: pipeline steps are in flight", h.request_id)
+        return False
+    if h.kv[0].num_blocks != cdiv(n, kv.block_size) or not kv.can_allocate(req.request_id, n):
         logger.warning("recomputing %s: its K/V does not fit here", h.request_id)
         return False
     kv.allocate(req.request_id, n)

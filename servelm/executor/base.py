@@ -18,8 +18,7 @@ from collections import deque
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 from servelm.worker.kv_payload import KVPayload
 
-_ONE_WORKER = ("moving a request's K/V between engines needs an engine of one worker process "
-               "(not yet with tensor or pipeline parallelism)")
+_UNSUPPORTED = "this executor cannot move a request's K/V to or from another engine"
 
 
 class Executor(ABC):
@@ -40,13 +39,14 @@ class Executor(ABC):
         """The output of the oldest step submitted and not yet collected."""
         return self.execute_model(self._submitted.popleft())
 
-    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[KVPayload, bytes | None]:
-        """A request's K/V in `block_ids` and its generator's state (to move it elsewhere)."""
-        raise NotImplementedError(_ONE_WORKER)
+    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[list[KVPayload], bytes | None]:
+        """A request's K/V in `block_ids`, one payload per worker (its heads, its layers),
+        and its generator's state: to move it elsewhere. No step may be in flight."""
+        raise NotImplementedError(_UNSUPPORTED)
 
-    def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
-        """Write a request's K/V, moved from another engine, into `block_ids`."""
-        raise NotImplementedError(_ONE_WORKER)
+    def import_kv(self, block_ids: list[int], payloads: list[KVPayload]) -> None:
+        """Write a request's K/V, moved from an engine of the same layout, into `block_ids`."""
+        raise NotImplementedError(_UNSUPPORTED)
 
     @abstractmethod
     def check_health(self) -> None:

@@ -19,13 +19,16 @@ class InProcessExecutor(Executor):
         self.check_health()
         return self.worker.execute_model(step)
 
-    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[KVPayload, bytes | None]:
+    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[list[KVPayload], bytes | None]:
         self.check_health()
-        return self.worker.export_request(req_id, block_ids)
+        kv, state = self.worker.export_request(req_id, block_ids)
+        return [kv], state
 
-    def import_kv(self, block_ids: list[int], payload: KVPayload) -> None:
+    def import_kv(self, block_ids: list[int], payloads: list[KVPayload]) -> None:
         self.check_health()
-        self.worker.import_kv(block_ids, payload)
+        if len(payloads) != 1:
+            raise ValueError(f"K/V from an engine of {len(payloads)} worker processes; this one has 1")
+        self.worker.import_kv(block_ids, payloads[0])
 
     def check_health(self) -> None:
         if self.worker is None:

@@ -31,6 +31,7 @@ from servelm.executor.worker_process import run_worker
 from servelm.model.loader import compute_dtype, load_arch
 from servelm.model.sharding import Shard
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput
+from servelm.worker.kv_payload import KVPayload
 
 HEARTBEAT_TIMEOUT_S = 5.0
 _POLL_S = 0.2
@@ -109,9 +110,31 @@ class MultiprocExecutor(Executor):
         self.check_health()
         return self._collect()
 
-    def _collect(self, loading: bool = False) -> Any:
-        """One reply from every rank; the output rank's payload."""
+    def export_request(self, req_id: str, block_ids: list[int]) -> tuple[list[KVPayload], bytes | None]:
+        """Every rank's share of the request's K/V (its heads, its layers), in rank order."""
+        replies = self._call(("export_request", req_id, block_ids))
+        return [kv for kv, _ in replies], replies[self.output_rank][1]
+
+    def import_kv(self, block_ids: list[int], payloads: list[KVPayload]) -> None:
+        if len(payloads) != self.world_size:
+            raise ValueError(f"K/V from an engine of {len(payloads)} worker processes; this one "
+                             f"has {self.world_size}")
+        self._call(("import_kv", block_ids, payloads))
+
+    def _call(self, message: tuple) -> list[Any]:
+        """Send a call to every rank (no step may be in flight: replies come in order)."""
+        self.check_health()
+        self._outbox.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        replies = self._collect(every=True)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _collect(self, loading: bool = False, every: bool = False) -> Any:
+        """One reply from every rank; the output rank's payload (`every`: all, by rank)."""
         pending = set(range(self.world_size))
+        replies: dict[int, Any] = {}
         result = None
         while pending:
             ready = wait([self._conns[r] for r in pending] + [p.sentinel for p in self._procs], _POLL_S)
@@ -129,13 +152,14 @@ class MultiprocExecutor(Executor):
                             raise exc  # like one process would (the others would say the same)
                         self._fail(f"worker rank {rank} failed: {text}")
                     pending.discard(rank)
+                    replies[rank] = payload
                     if rank == self.output_rank:
                         result = payload
             for rank, proc in enumerate(self._procs):
                 if proc.exitcode is not None and rank in pending:
                     self._fail(f"worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
             self._check_heartbeats()
-        return result
+        return [replies[r] for r in range(self.world_size)] if every else result
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()

@@ -45,6 +45,9 @@ def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, bea
             step = pickle.loads(data)
             if step is None:
                 break
+            if isinstance(step, tuple):  # a call to every rank, between steps
+                conn.send(("out", _call(worker, rank, step)))
+                continue
             out = worker.execute_model(step)
             conn.send(("out", out if parallel.is_output_rank else None))
     except BaseException as exc:  # the engine reports it; the other ranks are out of step now
@@ -59,6 +62,19 @@ def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, bea
             pass
         os._exit(1)  # not a clean teardown: peers may be blocked in a collective with us
     destroy_parallel()
+
+
+def _call(worker: Any, rank: int, message: tuple) -> Any:
+    """("export_request", req_id, block_ids) or ("import_kv", block_ids, one payload per
+    rank). A payload this rank cannot take comes back as the ValueError, not a crash."""
+    kind, *args = message
+    try:
+        if kind == "export_request":
+            return worker.export_request(*args)
+        block_ids, payloads = args
+        return worker.import_kv(block_ids, payloads[rank])
+    except ValueError as exc:
+        return exc
 
 
 def _heartbeat(beats: Any, rank: int, parent_pid: int) -> None:

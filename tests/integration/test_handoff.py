@@ -128,3 +128,30 @@ def test_async_engines_hand_a_stream_over(tiny_model_dir):
     finally:
         a.shutdown(), b.shutdown()
     assert_no_leaks(a.engine), assert_no_leaks(b.engine)
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_engines_move_each_ranks_share(tiny_model_dir, no_workers_left):
+    """T=2 to T=2: each rank sends its own heads' K/V; T=2 to one process: recomputed."""
+    ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
+    engines = []
+    try:
+        for receiver in ({}, {"tensor_parallel_size": 1}):
+            a = engine(tiny_model_dir, tensor_parallel_size=2)
+            b = engine(tiny_model_dir, **{"tensor_parallel_size": 2, **receiver})
+            engines += [a, b]
+            a.add_request("r", PROMPT, SEEDED, stream=True)
+            texts: list[str] = []
+            while not (outs := a.step()) or len(outs[-1].outputs[0].token_ids) < 4:
+                texts += [o.outputs[0].delta_text for o in outs]
+            texts += [o.outputs[0].delta_text for o in outs]
+            handoff = a.export_request("r")
+            assert len(handoff.kv) == 2  # one payload per rank
+            took_kv = b.import_request(handoff)
+            out = drain(b, texts)
+            assert took_kv == (receiver == {})
+            assert out.outputs[0].token_ids == ref_tokens and "".join(texts) == ref_text
+            assert_no_leaks(a), assert_no_leaks(b)
+    finally:
+        for e in engines:
+            e.shutdown()
