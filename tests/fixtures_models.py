@@ -101,6 +101,18 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     return classes[family](**kw)
 
 
+def small_arch(**overrides: Any) -> Any:
+    """A ModelArch of a tiny llama (2 layers, 4 heads / 2 KV heads) for tests that need a
+    shape and no weights; fields overridable."""
+    from servelm.model.arch import ModelArch
+
+    base = dict(family="llama", vocab_size=100, hidden_size=8, intermediate_size=12, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=2, rms_norm_eps=1e-6, rope_theta=1e4,
+                max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False,
+                qk_norm=False)
+    return ModelArch(**{**base, **overrides})
+
+
 def build_tiny_model(family: str, out_dir: Path, tokenizer: Any, *,
                      max_shard_size: str | None = None, **overrides: Any) -> Path:
     """Save a seeded random model + tokenizer as an HF folder (float32 safetensors)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -20,8 +20,8 @@ from servelm.outputs import RequestOutput
 
 logger = logging.getLogger("servelm.cluster")
 
-# starting -> ready <-> down (died or hung; Ray restarts it) ; ready -> draining -> stopped
-STATES = ("starting", "ready", "down", "draining", "stopped")
+# A replica's states: starting -> ready <-> down (died or hung; Ray restarts it), and
+# ready -> draining -> stopped when scaled down.
 
 
 class ReplicaLost(RuntimeError):
@@ -105,7 +105,7 @@ class ReplicaHandle:
                 yield item
             if not finished:
                 raise ReplicaLost(f"replica {self.name} ended the stream early")
-        except (RayActorError, GetTimeoutError) as exc:
+        except RayActorError as exc:
             raise ReplicaLost(f"replica {self.name} is gone: {type(exc).__name__}") from exc
         finally:
             if not finished:

@@ -256,7 +256,9 @@ class ReplicaPool:
         while True:
             await asyncio.sleep(self.options.health_interval_s)
             checked = [r for r in self.replicas.values() if r.state in ("ready", "down")]
-            await asyncio.gather(*(self._check(r) for r in checked))
+            for failed in await asyncio.gather(*(self._check(r) for r in checked), return_exceptions=True):
+                if isinstance(failed, Exception):  # the watch itself must outlive any check
+                    logger.error("health check failed: %r", failed)
             self._autoscale()
 
     async def _check(self, r: ReplicaHandle) -> None:
@@ -290,9 +292,12 @@ class ReplicaPool:
         r.failed_checks, r.stats = 0, stats
         self.router.report(r.name, kv_usage=stats["metrics"]["kv_cache_usage"])
         if r.state == "down":
-            if stats["pid"] != r.pid:
+            if stats["pid"] != r.pid:  # a new process: Ray restarted it
+                try:
+                    r.info = await asyncio.wait_for(r.actor.info.remote(), self.options.health_timeout_s)
+                except (asyncio.TimeoutError, RayActorError):
+                    return  # the next check tries again
                 r.restarts += 1
-                r.info = await r.actor.info.remote()
                 r.pid = stats["pid"]
             logger.warning("replica %s of %s back in rotation", r.name, self.name)
             self._put_in(r)

@@ -12,7 +12,6 @@ requests in flight (with the error) and the loop keeps serving new ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -94,24 +93,16 @@ class AsyncLLM:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput whenever the request makes progress; the last is finished.
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
-        async with contextlib.aclosing(self._stream(("add", request_id, prompt, params, priority))) as outs:
-            async for out in outs:  # closed with this generator: a client gone aborts at once
-                yield out
+        return self._stream(("add", request_id, prompt, params, priority))
 
-    async def import_request(self, handoff: RequestHandoff) -> AsyncIterator[RequestOutput]:
+    def import_request(self, handoff: RequestHandoff) -> AsyncIterator[RequestOutput]:
         """Go on with a request exported by another engine; its outputs from here on, as
         `generate` yields them."""
-        if self.fatal_error is not None:
-            raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
-        async with contextlib.aclosing(self._stream(("import", handoff.request_id, handoff, None, 0))) as outs:
-            async for out in outs:
-                yield out
+        return self._stream(("import", handoff.request_id, handoff, None, 0))
 
     async def export_request(self, request_id: str) -> RequestHandoff:
         """Take a decoding request out between two steps (see engine/handoff.py); its
@@ -123,6 +114,8 @@ class AsyncLLM:
         return await future
 
     async def _stream(self, item: tuple) -> AsyncIterator[RequestOutput]:
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
         request_id = item[1]
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures_models import small_arch
 
 from servelm.bench.roofline import (
     decode_bytes_per_step,
@@ -15,12 +16,8 @@ from servelm.cli import main
 from servelm.model.arch import ModelArch
 
 
-def _arch(**kw) -> ModelArch:
-    base = dict(family="llama", vocab_size=100, hidden_size=8, intermediate_size=12, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=2, rms_norm_eps=1e-6, rope_theta=1e4,
-                max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=False,
-                qk_norm=False)
-    return ModelArch(**{**base, **kw})
+def _arch(**kw):
+    return small_arch(**kw)
 
 
 def test_flops_per_request_by_hand():

@@ -10,21 +10,17 @@ import os
 
 import pytest
 import torch
+from fixtures_models import small_arch
 
 from servelm.cluster.kv_transport import SharedMemoryTransport
-from servelm.model.arch import ModelArch
 from servelm.worker.kv_cache import KVTensors
 from servelm.worker.kv_payload import read_blocks, write_blocks
 
 BS = 4
 
 
-def arch(**kw) -> ModelArch:
-    base = dict(family="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e4,
-                max_position_embeddings=128, tie_word_embeddings=False, qkv_bias=False,
-                qk_norm=False)
-    return ModelArch(**{**base, **kw})
+def arch(**kw):
+    return small_arch(**{"hidden_size": 32, "head_dim": 8, **kw})
 
 
 def filled(kv_cache_dtype: str, dtype=torch.float32, **kw) -> KVTensors:
