@@ -25,6 +25,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "sjf", "mlfq")
 QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8")
+ROLES = ("both", "prefill", "decode")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -93,6 +94,11 @@ class EngineConfig:
         None, 'bound every request\'s KV cache, e.g. \'{"method": "streamingllm", "budget": '
         "512}' (methods: streamingllm, h2o, snapkv; see servelm/kv/compression.py); turns "
         "prefix caching off", metavar="JSON")
+
+    role: str = option(
+        "both", "disaggregated serving: prefill (computes the prompt and the first token, then "
+        "hands the request with its KV to a decode engine), decode (only continues requests "
+        "handed over), or both", choices=ROLES)
 
     tensor_parallel_size: int = option(
         1, "worker processes that each hold a slice of every layer (tensor parallelism on "

@@ -7,6 +7,10 @@ worker re-take it step after step while every stream stalled). A prompt the engi
 comes back as the stream's first item and is raised to the caller. Outputs are handed back
 to each request's asyncio queue with `call_soon_threadsafe`. A step that raises fails the
 requests in flight (with the error) and the loop keeps serving new ones.
+
+Roles (disaggregated prefill/decode): an engine of role "prefill" hands every request over
+after its first token (its stream raises RequestMoved with the handoff); one of role
+"decode" refuses prompts and continues requests handed over (`import_request`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from servelm.config import EngineConfig
+from servelm.engine import handoff as moves
 from servelm.engine.engine import LLMEngine, PromptInput
 from servelm.engine.handoff import RequestHandoff
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.worker.kv_payload import KVPayload
 
 logger = logging.getLogger("servelm")
 
@@ -60,6 +66,8 @@ class AsyncLLM:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
+        self._hand_over: set[str] = set()  # role prefill: requests to export after a token
+        self.role = config.role
         self._stopped = False
         self.fatal_error: Exception | None = None  # set once the executor reports it cannot run
         self.engine: LLMEngine
@@ -97,6 +105,9 @@ class AsyncLLM:
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput whenever the request makes progress; the last is finished.
         Leaving the iteration early (client gone, task cancelled) aborts the request."""
+        if self.role == "decode":
+            raise ValueError("this engine's role is decode: it only continues requests a prefill "
+                             "engine hands over (import_request)")
         return self._stream(("add", request_id, prompt, params, priority))
 
     def import_request(self, handoff: RequestHandoff) -> AsyncIterator[RequestOutput]:
@@ -104,12 +115,28 @@ class AsyncLLM:
         `generate` yields them."""
         return self._stream(("import", handoff.request_id, handoff, None, 0))
 
-    async def export_request(self, request_id: str) -> RequestHandoff:
-        """Take a decoding request out between two steps (see engine/handoff.py); its
-        stream then raises RequestMoved."""
+    async def export_request(self, request_id: str, first_block: int = 0) -> RequestHandoff:
+        """Take a decoding request out between two steps (see engine/handoff.py), with its
+        K/V from `first_block` on; its stream then raises RequestMoved."""
+        return await self._on_engine_thread(lambda: self._export(request_id, first_block))
+
+    async def read_kv(self, request_id: str, first_block: int) -> tuple[list[KVPayload] | None, int]:
+        """A running request's full blocks from `first_block` on, copied between steps."""
+        return await self._on_engine_thread(lambda: moves.read_kv(self.engine, request_id, first_block))
+
+    async def stage_kv(self, request_id: str, first_block: int, payloads: list[KVPayload]) -> int:
+        """Hold copied blocks for a request migrating here; returns the number staged."""
+        return await self._on_engine_thread(
+            lambda: moves.stage_kv(self.engine, request_id, first_block, payloads))
+
+    async def drop_staged(self, request_id: str) -> None:
+        await self._on_engine_thread(lambda: moves.drop_staged(self.engine, request_id))
+
+    async def _on_engine_thread(self, fn):
+        """fn() run by the engine thread between two steps; its result or its exception."""
         future = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._inbox.append(("export", request_id, future, None, 0))
+            self._inbox.append(("call", "", (fn, future), None, 0))
         self._wakeup.set()
         return await future
 
@@ -173,10 +200,11 @@ class AsyncLLM:
             self._inbox.clear()
         for kind, request_id, prompt, params, priority in items:
             if kind == "abort":
+                self._hand_over.discard(request_id)
                 self.engine.abort_request(request_id)
                 continue
-            if kind == "export":
-                self._export(request_id, prompt)
+            if kind == "call":
+                self._call(*prompt)
                 continue
             if self.fatal_error is not None:
                 dead = EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
@@ -187,31 +215,54 @@ class AsyncLLM:
                     self.engine.import_request(prompt, stream=True)
                 else:
                     self.engine.add_request(request_id, prompt, params, stream=True, priority=priority)
+                    if self.role == "prefill":
+                        self._hand_over.add(request_id)
             except Exception as exc:  # a rejected prompt: the caller raises it (400 in the server)
                 self._deliver(request_id, exc, last=True)
 
-    def _export(self, request_id: str, future: asyncio.Future) -> None:
-        """Export a request for `export_request`'s caller and end its stream (engine thread)."""
+    def _export(self, request_id: str, first_block: int = 0) -> RequestHandoff:
+        """Export a request and end its stream with RequestMoved (engine thread)."""
+        handoff = self.engine.export_request(request_id, first_block)
+        self._hand_over.discard(request_id)
+        self._deliver(request_id, RequestMoved(handoff), last=True)
+        return handoff
+
+    @staticmethod
+    def _call(fn, future: asyncio.Future) -> None:
+        """Run fn for `_on_engine_thread`'s caller and settle its future (engine thread)."""
         try:
-            handoff = self.engine.export_request(request_id)
-        except Exception as exc:  # not here, or not between two decode steps
-            result, handoff = exc, None
-        else:
-            result = handoff
-            self._deliver(request_id, RequestMoved(handoff), last=True)
+            result, failed = fn(), None
+        except Exception as exc:  # the caller raises it
+            result, failed = None, exc
 
         def settle() -> None:
             if future.done():  # the caller gave up waiting
                 return
-            if handoff is None:
-                future.set_exception(result)
-            else:
+            if failed is None:
                 future.set_result(result)
+            else:
+                future.set_exception(failed)
 
         try:
             future.get_loop().call_soon_threadsafe(settle)
         except RuntimeError:  # its loop closed
             pass
+
+    def _hand_over_prefilled(self, outputs: list[RequestOutput]) -> None:
+        """Role prefill: export each request that has its first token, once no pipeline step
+        holds it (else after a later step); finished ones need no handing over."""
+        for out in outputs:
+            if out.request_id not in self._hand_over:
+                continue
+            if out.finished:
+                self._hand_over.discard(out.request_id)
+                continue
+            try:
+                self._export(out.request_id)
+            except ValueError as exc:
+                if not self.engine.num_steps_in_flight:  # n > 1: it cannot move, it runs here
+                    self._hand_over.discard(out.request_id)
+                logger.debug("not handing %s over now: %s", out.request_id, exc)
 
     def _loop(self) -> None:
         while not self._stopped:
@@ -230,6 +281,8 @@ class AsyncLLM:
                 continue
             loops = {loop for out in outputs
                      if (loop := self._deliver(out.request_id, out, last=out.finished)) is not None}
+            if self._hand_over:
+                self._hand_over_prefilled(outputs)
             for loop in loops:
                 self._wait_for(loop)
 

@@ -55,6 +55,7 @@ class LLMEngine:
                                    num_micro_batches=config.pipeline_parallel_size)
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, output not collected
         self.outputs = OutputProcessor()
+        self.staged_kv: dict[str, int] = {}  # request id -> blocks staged for a migration in
         self.num_steps = 0
         self.allreduce_totals = [0, 0, 0.0]  # tensor parallelism: calls, bytes, seconds
         # Everything made so far (weights' wrappers, tokenizer and GGUF tables) lives as long
@@ -141,9 +142,9 @@ class LLMEngine:
         """Steps submitted to the workers whose output is not back (pipeline parallelism)."""
         return len(self._in_flight)
 
-    def export_request(self, request_id: str) -> RequestHandoff:
+    def export_request(self, request_id: str, first_block: int = 0) -> RequestHandoff:
         """Take a decoding request out of this engine, K/V included, to go on elsewhere."""
-        return export_request(self, request_id)
+        return export_request(self, request_id, first_block)
 
     def import_request(self, handoff: RequestHandoff, stream: bool = True) -> bool:
         """Go on with a request exported by another engine; False: its K/V was recomputed."""
