@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from servelm.engine_args import add_engine_args, engine_kwargs
@@ -103,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model_path:
         args.model = [args.model_path, *(args.model or [])]
-    options = ServerOptions(api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+    options = ServerOptions(api_key=args.api_key, admin_key=args.admin_key or os.environ.get("SERVELM_ADMIN_KEY"),
+                            max_body_bytes=args.max_body_bytes,
                             max_num_waiting=args.max_num_waiting)
     models, cleanup = _served_models(args)
     names = ", ".join(repr(m.name) for m in models)
@@ -148,6 +150,9 @@ def _served_models(args: argparse.Namespace):
     from servelm.server.models import LocalModel
 
     model = (args.model or [None])[0]
+    if args.role != "both":
+        raise SystemExit(f"--role {args.role} makes an engine one part of a disaggregated "
+                         "deployment: serve one with --prefill-replicas P --decode-replicas D")
     llm = AsyncLLM(EngineConfig(model=model, **engine_kwargs(args)))
     return [LocalModel(llm, args.served_model_name or (model or DEFAULT_MODEL_NAME))], llm.shutdown
 
@@ -176,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--admin-key", default=None,
+                   help="turn on /admin (live migration) behind 'Authorization: Bearer KEY' "
+                        "(or set SERVELM_ADMIN_KEY)")
     p.add_argument("--max-num-waiting", type=int, default=1024, help="queue bound; beyond it 503")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger bodies get 413")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,

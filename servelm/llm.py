@@ -20,7 +20,11 @@ class LLM:
     """Runs many prompts through one continuously batched engine, returns outputs in input order."""
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        config = EngineConfig(model=model, **engine_options)
+        if config.role != "both":
+            raise ValueError(f"role {config.role!r} is for an engine serving one part of each "
+                             "request (disaggregated serving); LLM runs whole requests: role 'both'")
+        self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:

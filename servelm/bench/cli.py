@@ -18,6 +18,7 @@ from typing import Any
 from servelm.bench.cold_start import add_cold_start_parser
 from servelm.bench.datasets import DATASETS
 from servelm.bench.harness import SYSTEMS, listed
+from servelm.bench.migration import add_migration_parser
 from servelm.bench.serve_cli import add_serve_parser
 from servelm.bench.spec_datasets import SPEC_DATASETS
 from servelm.bench.spec_report import PROPOSERS
@@ -51,6 +52,7 @@ def add_bench_parser(sub: Any, add_engine_args: AddEngineArgs) -> None:
     _add_roofline(bsub, add_engine_args)
     add_serve_parser(bsub)
     add_cold_start_parser(bsub)
+    add_migration_parser(bsub)
     _add_latency(bsub, add_engine_args)
     _add_parallel(bsub, add_engine_args)
     _add_spec(bsub, add_engine_args)

@@ -33,8 +33,9 @@ from servelm.cluster.router import POLICIES as ROUTERS
 POLICY_VARIANTS = tuple(f"servelm-{p}" for p in ("fcfs", "priority", "sjf", "mlfq"))
 # `servelm-replicas` routes by LaunchSpec.router, the others by the router they name
 REPLICA_SYSTEMS = ("servelm-replicas", *(f"servelm-replicas-{r}" for r in ROUTERS))
+DISAGG = "servelm-disagg"  # --launch-prefill-replicas + --launch-decode-replicas on Ray
 SYSTEMS = ("servelm", "servelm-no-prefix-cache", "servelm-cpu-offload", *POLICY_VARIANTS,
-           "servelm-sjf-learned", *REPLICA_SYSTEMS, "llama-server", "llama.cpp")
+           "servelm-sjf-learned", *REPLICA_SYSTEMS, DISAGG, "llama-server", "llama.cpp")
 CPU_OFFLOAD_GB = 4.0  # servelm-cpu-offload's CPU tier
 LLAMA_SERVER_SLOTS = 32  # requests llama-server runs at once
 
@@ -58,6 +59,9 @@ class LaunchSpec:
     min_replicas: int | None = None  # servelm-replicas-*: autoscaling bounds (default: replicas)
     max_replicas: int | None = None
     downscale_delay_s: float | None = None
+    migrate_imbalance: int | None = None  # replicas: live migration's trigger (None: servelm's)
+    prefill_replicas: int = 1  # servelm-disagg
+    decode_replicas: int = 1
     llama_server: str | None = None  # llama-server binary (default: $SERVELM_LLAMA_SERVER, PATH)
     startup_timeout_s: float = 180.0
 
@@ -85,12 +89,14 @@ def _gguf(model: str | None) -> str:
 def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
     if system.startswith("servelm"):
         ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
-        processes = ranks * (spec.replicas if system in REPLICA_SYSTEMS else 1)
+        engines = (spec.replicas if system in REPLICA_SYSTEMS else
+                   spec.prefill_replicas + spec.decode_replicas if system == DISAGG else 1)
+        processes = ranks * engines
         threads = max(1, spec.num_threads // processes)
         cmd = [sys.executable, "-m", "servelm.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--num-threads", str(threads),
                "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len)]
-        if system in REPLICA_SYSTEMS:
+        if system in REPLICA_SYSTEMS or system == DISAGG:
             cmd += _replica_flags(system, spec, threads)
         if ranks > 1:
             cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size),
@@ -144,10 +150,16 @@ def server_command(system: str, spec: LaunchSpec, port: int) -> list[str]:
 def _replica_flags(system: str, spec: LaunchSpec, threads: int) -> list[str]:
     """Ray reserves as many CPUs per engine process as it has threads, so replicas never
     share a core while one engine's threads are free."""
-    router = system.removeprefix("servelm-replicas").removeprefix("-") or spec.router
-    flags = ["--replicas", str(spec.replicas), "--router", router, "--replica-cpus", str(threads)]
+    if system == DISAGG:
+        flags = ["--prefill-replicas", str(spec.prefill_replicas), "--decode-replicas",
+                 str(spec.decode_replicas), "--router", spec.router]
+    else:
+        router = system.removeprefix("servelm-replicas").removeprefix("-") or spec.router
+        flags = ["--replicas", str(spec.replicas), "--router", router]
+    flags += ["--replica-cpus", str(threads)]
     for flag, value in (("--min-replicas", spec.min_replicas), ("--max-replicas", spec.max_replicas),
-                        ("--downscale-delay-s", spec.downscale_delay_s)):
+                        ("--downscale-delay-s", spec.downscale_delay_s),
+                        ("--migrate-imbalance", spec.migrate_imbalance)):
         if value is not None:
             flags += [flag, str(value)]
     return flags

@@ -105,6 +105,8 @@ def validate(cfg: ServeConfig) -> None:
         raise ValueError(f"--launch-replicas must be >= 1, got {cfg.launch_spec.replicas}")
     if cfg.launch_spec.replicas != 1 and not set(cfg.launch) & set(REPLICA_SYSTEMS):
         raise ValueError(f"--launch-replicas applies to --launch {','.join(REPLICA_SYSTEMS)}")
+    if min(cfg.launch_spec.prefill_replicas, cfg.launch_spec.decode_replicas) < 1:
+        raise ValueError("--launch-prefill-replicas and --launch-decode-replicas must be >= 1")
     if cfg.kill_replica_at is not None:
         if not cfg.kill_replica_at > 0:
             raise ValueError(f"{KILL_FLAG} must be > 0 seconds, got {cfg.kill_replica_at}")

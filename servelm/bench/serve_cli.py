@@ -58,6 +58,12 @@ def add_serve_parser(bsub) -> None:
     g.add_argument("--launch-replicas", type=int, default=1, metavar="N",
                    help="servelm-replicas-*: engine replicas, --launch-threads shared out among "
                         "them (plain servelm stays one engine with all the threads)")
+    g.add_argument("--launch-prefill-replicas", type=int, default=1, metavar="P",
+                   help="servelm-disagg: prefill replicas (threads shared out among P + D)")
+    g.add_argument("--launch-decode-replicas", type=int, default=1, metavar="D",
+                   help="servelm-disagg: decode replicas")
+    g.add_argument("--launch-migrate-imbalance", type=int, default=None, metavar="N",
+                   help="replicas: servelm's --migrate-imbalance (0: no live migration)")
     g.add_argument("--launch-router", default="prefix-aware", choices=ROUTERS,
                    help="servelm-replicas' router (servelm-replicas-ROUTER names its own)")
     g.add_argument("--launch-length-predictor", default=None, metavar="FILE",
@@ -139,6 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                tensor_parallel_size=args.launch_tensor_parallel_size,
                                pipeline_parallel_size=args.launch_pipeline_parallel_size,
                                replicas=args.launch_replicas, router=args.launch_router,
+                               prefill_replicas=args.launch_prefill_replicas,
+                               decode_replicas=args.launch_decode_replicas,
+                               migrate_imbalance=args.launch_migrate_imbalance,
                                llama_server=args.launch_llama_server),
         result_file=args.result_file, save_detailed=args.save_detailed, plots=not args.no_plots,
         quiet=args.quiet)

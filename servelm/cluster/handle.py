@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from servelm.cluster.kv_transport import Handover
 from servelm.cluster.replica import ReplicaError, ReplicaServer
 from servelm.engine.async_engine import EngineStepError
 from servelm.outputs import RequestOutput
@@ -84,12 +85,20 @@ class ReplicaHandle:
         except Exception as exc:
             logger.debug("removing %s's placement group: %s", self.name, exc)
 
-    async def stream(self, request_id: str, prompt: dict, params, priority: int
-                     ) -> AsyncIterator[RequestOutput]:
-        """The request's outputs from this replica. A ValueError from the engine is raised as
+    def stream(self, request_id: str, prompt: dict, params, priority: int, transport: str
+               ) -> AsyncIterator[RequestOutput | Handover]:
+        """The request's outputs from this replica, ending in a Handover if it leaves (a
+        prefill replica's, or a migration's). A ValueError from the engine is raised as
         itself (a bad request), a failed step as EngineStepError, anything that says the
         replica is gone as ReplicaLost. Leaving early cancels the request on the replica."""
-        gen = self.actor.generate.remote(request_id, prompt, params, priority)
+        gen = self.actor.generate.remote(request_id, prompt, params, priority, transport)
+        return self._items(request_id, gen)
+
+    def resume(self, handover: Handover) -> AsyncIterator[RequestOutput | Handover]:
+        """The outputs of a request handed over from another replica, going on here."""
+        return self._items(handover.handoff.request_id, self.actor.resume.remote(handover))
+
+    async def _items(self, request_id: str, gen) -> AsyncIterator[RequestOutput | Handover]:
         finished = False
         try:
             async for ref in gen:
@@ -101,7 +110,7 @@ class ReplicaHandle:
                     if item.kind == "dead":
                         raise ReplicaLost(item.message)
                     raise EngineStepError(item.message)
-                finished = item.finished
+                finished = isinstance(item, Handover) or item.finished
                 yield item
             if not finished:
                 raise ReplicaLost(f"replica {self.name} ended the stream early")

@@ -12,13 +12,18 @@ handle holds when the transfer is abandoned (the receiver died, the request was 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import torch
 
+from servelm.engine.handoff import RequestHandoff
 from servelm.worker.kv_payload import KVLayout, KVPayload
+
+logger = logging.getLogger("servelm.cluster")
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,47 @@ class RayObjectTransport:
 
     def discard(self, handle: RayObjectHandle) -> None:
         pass  # the object store frees the payload once no handle refers to it
+
+
+TRANSPORTS = {"shm": SharedMemoryTransport, "ray": RayObjectTransport}
+
+
+@dataclass
+class Handover:
+    """A request that left its engine, as it travels to the next: the handoff with its
+    payloads replaced by the transport's handles (the bytes go their own way)."""
+
+    handoff: RequestHandoff
+    transport: str
+
+    def without_kv(self) -> RequestHandoff:
+        """The handoff to recompute from (a transfer failed, or a second receiver)."""
+        return dataclasses.replace(self.handoff, kv=None, kv_first_block=0)
+
+
+def send_handoff(handoff: RequestHandoff, transport: str) -> Handover:
+    """`transport` "none" sends no K/V: the receiver recomputes it (a baseline)."""
+    if transport == "none":
+        return Handover(dataclasses.replace(handoff, kv=None, kv_first_block=0), transport)
+    kv = handoff.kv
+    if kv is not None:
+        kv = [TRANSPORTS[transport]().send(p) for p in kv]
+    return Handover(dataclasses.replace(handoff, kv=kv), transport)
+
+
+def receive_handoff(handover: Handover) -> tuple[RequestHandoff, str | None]:
+    """The handoff with its payloads fetched, and None; or, when a payload cannot be had
+    (gone, damaged, its sender dead), the handoff without K/V and the reason."""
+    h = handover.handoff
+    if h.kv is None:
+        return h, None
+    transport = TRANSPORTS[handover.transport]()
+    try:
+        return dataclasses.replace(h, kv=[transport.receive(k) for k in h.kv]), None
+    except Exception as exc:  # the receiver recomputes: slower, same output
+        for k in h.kv:
+            try:
+                transport.discard(k)
+            except Exception:
+                pass
+        return handover.without_kv(), f"{type(exc).__name__}: {exc}"

@@ -24,6 +24,8 @@ from servelm.cluster.router import POLICIES
 from servelm.config import EngineConfig
 from servelm.model.default_model import DEFAULT_MODEL_NAME
 
+KV_TRANSPORTS = ("auto", "shm", "ray")
+
 
 @dataclass
 class ClusterOptions:
@@ -41,8 +43,15 @@ class ClusterOptions:
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
     replica_log_level: str = "WARNING"
+    kv_transport: str = "auto"  # how K/V moves between replicas: shm, ray, or auto
+    migrate_imbalance: int = 4  # requests between the busiest and idlest that move one (0: off)
+    migration_stop_blocks: int = 2  # stop to copy the rest once a stage finds this few new blocks
 
     def __post_init__(self) -> None:
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
+        if self.migrate_imbalance < 0:
+            raise ValueError(f"migrate_imbalance must be >= 0, got {self.migrate_imbalance}")
         if self.router not in POLICIES:
             raise ValueError(f"router must be one of {POLICIES}, got {self.router!r}")
         if self.cpus_per_rank <= 0:
@@ -58,15 +67,30 @@ class ModelSpec:
     replicas: int = 1  # started with the server
     min_replicas: int | None = None  # default: replicas
     max_replicas: int | None = None  # default: max(replicas, min_replicas)
-    router: str | None = None  # default: the cluster's
+    router: str | None = None  # default: the cluster's (the prefill replicas' when disaggregated)
+    prefill_replicas: int | None = None  # with decode_replicas: disaggregated prefill/decode
+    decode_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
+        if (self.prefill_replicas is None) != (self.decode_replicas is None):
+            raise ValueError("prefill_replicas and decode_replicas go together, got "
+                             f"{self.prefill_replicas} and {self.decode_replicas}")
+        for key in ("prefill_replicas", "decode_replicas"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.engine.get("role", "both") != "both":
+            raise ValueError("role is set per replica by prefill_replicas/decode_replicas; "
+                             "leave the engine's role at both")
         if self.router is not None and self.router not in POLICIES:
             raise ValueError(f"router must be one of {POLICIES}, got {self.router!r}")
         EngineConfig(**self.engine)  # its checks, before any replica starts
         self.autoscale(ClusterOptions())  # the replica counts' checks
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas is not None
 
     @property
     def ranks(self) -> int:
@@ -109,10 +133,22 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
                    help="requests in flight per replica the autoscaler aims for (default: 8)")
     g.add_argument("--downscale-delay-s", type=float, default=30.0,
                    help="seconds of low load before a replica is stopped (default: 30)")
+    g.add_argument("--prefill-replicas", type=int, default=None,
+                   help="disaggregated serving: replicas that compute prompts and first tokens, "
+                        "then hand requests with their KV to --decode-replicas")
+    g.add_argument("--decode-replicas", type=int, default=None,
+                   help="disaggregated serving: replicas that continue handed-over requests")
+    g.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
+                   help="how KV moves between replicas: shm (one node), ray (object store, "
+                        "any node); auto: shm while every replica is on one node")
+    g.add_argument("--migrate-imbalance", type=int, default=4,
+                   help="live-migrate a running request from the busiest replica to the idlest "
+                        "when their request counts differ by this much (0: never; default 4)")
 
 
 def wants_cluster(args: argparse.Namespace) -> bool:
-    given = (args.replicas, args.min_replicas, args.max_replicas, args.ray_address, args.models_config)
+    given = (args.replicas, args.min_replicas, args.max_replicas, args.ray_address, args.models_config,
+             args.prefill_replicas, args.decode_replicas)
     return any(v is not None for v in given) or len(args.model or []) > 1
 
 
@@ -121,14 +157,16 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
                           cpus_per_rank=args.replica_cpus,
                           target_requests=args.autoscale_target_requests,
                           downscale_delay_s=args.downscale_delay_s,
-                          replica_log_level=args.log_level)
+                          replica_log_level=args.log_level, kv_transport=args.kv_transport,
+                          migrate_imbalance=args.migrate_imbalance)
 
 
 def model_specs(args: argparse.Namespace, engine: dict[str, Any]) -> list[ModelSpec]:
     """One spec per `--model` (the default model when none), or the config file's list;
     `engine` holds the command line's engine options, which a file's entries override."""
     counts = {"replicas": args.replicas if args.replicas is not None else 1,
-              "min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+              "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+              "prefill_replicas": args.prefill_replicas, "decode_replicas": args.decode_replicas}
     if args.models_config is None:
         models = args.model or [None]
         if args.served_model_name and len(models) > 1:
@@ -142,7 +180,8 @@ def model_specs(args: argparse.Namespace, engine: dict[str, Any]) -> list[ModelS
         unknown = set(entry) - {"model", "name", "engine", *counts, "router"}
         if unknown:
             raise ValueError(f"models[{i}]: unknown keys {sorted(unknown)}; allowed: model, name, "
-                             "replicas, min_replicas, max_replicas, router, engine")
+                             "replicas, min_replicas, max_replicas, prefill_replicas, "
+                             "decode_replicas, router, engine")
         model = entry.pop("model", None)
         extra = entry.pop("engine", {}) or {}
         unknown = set(extra) - {f.name for f in dataclasses.fields(EngineConfig)}

@@ -91,6 +91,13 @@ class Router:
         replica.tree.insert(prompt_ids)
         return replica.name
 
+    def assign(self, name: str) -> None:
+        """A request placed on `name` by the caller (a migration's target), counted as
+        outstanding there until `finished`."""
+        replica = self.replicas.get(name)
+        if replica is not None:
+            replica.outstanding += 1
+
     def finished(self, name: str) -> None:
         replica = self.replicas.get(name)
         if replica is not None and replica.outstanding > 0:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from servelm import __version__
 from servelm.engine.async_engine import AsyncLLM, EngineDeadError, EngineStepError
 from servelm.outputs import CompletionOutput, RequestOutput
+from servelm.server.admin import install_admin
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
 from servelm.server.models import LocalModel, ServedModel
@@ -89,6 +90,8 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
             return error(404, f"model {name!r} does not exist; this server serves {served}",
                          err_type="not_found_error", param="model")
         return model
+
+    install_admin(app, models, find)
 
     def pick(name: str | None) -> ServedModel | JSONResponse:
         """The model for a generation request, unless it is unknown or overloaded."""

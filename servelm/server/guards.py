@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 @dataclass
 class ServerOptions:
     api_key: str | None = None
+    admin_key: str | None = None  # /admin endpoints; off without one
     max_body_bytes: int = 4 * 2**20
     max_num_waiting: int = 1024  # queued requests beyond this get 503 + Retry-After
 
@@ -25,12 +26,20 @@ def error(status: int, message: str, err_type: str = "invalid_request_error",
 
 def install_guards(app: FastAPI, options: ServerOptions) -> None:
     expected = f"Bearer {options.api_key}".encode() if options.api_key else None
+    admin = f"Bearer {options.admin_key}".encode() if options.admin_key else None
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if request.url.path.startswith("/admin"):
+            if admin is None:
+                return error(403, "admin endpoints are off; start the server with --admin-key KEY",
+                             err_type="permission_error")
+            if not hmac.compare_digest(given, admin):  # constant time
+                return error(401, "invalid or missing admin key (Authorization: Bearer ...)",
+                             err_type="authentication_error")
         if expected is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time
+            if not hmac.compare_digest(given, expected):
                 return error(401, "invalid or missing API key (Authorization: Bearer ...)",
                              err_type="authentication_error")
         length = request.headers.get("content-length")

@@ -97,3 +97,24 @@ def test_prefill_role_hands_over_after_the_first_token(tiny_model_dir):
     finally:
         prefill.shutdown(), decode.shutdown()
     assert_no_leaks(prefill.engine), assert_no_leaks(decode.engine)
+
+
+def test_a_transfer_that_fails_is_recomputed(tiny_model_dir):
+    """The shared-memory segment is gone before the receiver reads it: the receiver gets
+    the handoff without K/V and the reason, recomputes, and the output is the same."""
+    from servelm.cluster.kv_transport import SharedMemoryTransport, receive_handoff, send_handoff
+
+    ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
+    a, b = engine(tiny_model_dir), engine(tiny_model_dir)
+    a.add_request("r", PROMPT, SEEDED, stream=True)
+    texts: list[str] = []
+    for _ in range(4):
+        texts += [o.outputs[0].delta_text for o in a.step()]
+    handover = send_handoff(a.export_request("r"), "shm")
+    SharedMemoryTransport().discard(handover.handoff.kv[0])
+    handoff, failure = receive_handoff(handover)
+    assert handoff.kv is None and "FileNotFoundError" in failure
+    assert not b.import_request(handoff)
+    out = drain(b, texts)
+    assert out.outputs[0].token_ids == ref_tokens and "".join(texts) == ref_text
+    assert_no_leaks(a), assert_no_leaks(b)
