@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -220,7 +221,10 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
     if cfg.kill_replica_at is not None:
         require_replicas(base_url)
     runs, samples = [], {}
-    for rate in cfg.request_rates:
+    for i, rate in enumerate(cfg.request_rates):
+        if i and cfg.dataset.name == "random":
+            # new prompts at each rate: the server's prefix cache still holds the last rate's
+            convs = build_conversations(tokenizer, dataclasses.replace(cfg.dataset, seed=cfg.dataset.seed + i))
         killer = None
         if cfg.kill_replica_at is not None:
             wait_all_ready(base_url)
@@ -229,7 +233,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
         say(f"rate {rate} req/s: {len(convs)} conversations to {target.url} ...")
         if killer is not None:
             killer.start()
-        timed = measure(lambda rate=rate: asyncio.run(run_rate(target, convs, turns, rate, cfg)))
+        timed = measure(lambda rate=rate, convs=convs: asyncio.run(run_rate(target, convs, turns, rate, cfg)))
         records, duration = timed.value
         run = {"request_rate": "inf" if math.isinf(rate) else rate,
                **compute_metrics(records, duration, cfg.metric_percentiles,

@@ -1,5 +1,6 @@
 """The server's own counters around a measured run: prefix-cache hit rate, requests per
-replica, retries and failures, read from its Prometheus /metrics before and after.
+replica, retries and failures, handovers and live migrations, read from its Prometheus
+/metrics before and after.
 
 The client cannot see where a request went or what the cache found; the server counts both.
 Deltas are per series and summed, so several replicas add up, and a series that went down
@@ -23,6 +24,8 @@ QUERIES = "servelm:prefix_cache_queries_total"
 ROUTED = "servelm:router_requests_routed_total"
 RETRIED = "servelm:router_requests_retried_total"
 FAILED = "servelm:router_requests_failed_total"
+HANDOVERS = "servelm:kv_handovers_total"
+MIGRATIONS = "servelm:migrations_total"
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -81,7 +84,8 @@ def counter_deltas(before: Samples | None, after: Samples | None) -> dict[str, A
                  for lab in routed}
         out["requests_per_replica"] = {names[lab]: int(v) for lab, v in
                                        sorted(routed.items(), key=lambda kv: names[kv[0]])}
-    for key, name in (("requests_retried", RETRIED), ("requests_failed", FAILED)):
+    for key, name in (("requests_retried", RETRIED), ("requests_failed", FAILED),
+                      ("kv_handovers", HANDOVERS), ("migrations", MIGRATIONS)):
         d = _delta(before, after, name)
         if d is not None:
             out[key] = int(sum(d.values()))
@@ -103,4 +107,7 @@ def counter_notes(where: str, counters: dict[str, Any]) -> list[str]:
     if "requests_retried" in counters or "requests_failed" in counters:
         notes.append(f"{where}: router retried {counters.get('requests_retried', 0)}, "
                      f"failed {counters.get('requests_failed', 0)} (server counters)")
+    if counters.get("kv_handovers") or counters.get("migrations"):
+        notes.append(f"{where}: prefill->decode handovers {counters.get('kv_handovers', 0)}, "
+                     f"live migrations {counters.get('migrations', 0)} (server counters)")
     return notes

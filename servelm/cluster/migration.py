@@ -1,10 +1,11 @@
 """Live migration of running requests between replicas (Llumnix), driven by the front end.
 
 A move copies in stages while the request keeps decoding at its source: each stage reads
-the full blocks written since the last (`read_kv`, returned into Ray's object store) and
-the target writes them into blocks it holds for the request (`stage_kv`; the bytes go
-actor to actor, never through the front end). Once a stage finds at most `stop_blocks` new
-blocks, the source stops the request and hands it over with only those (`export`); the
+up to `stage_blocks` full blocks not yet copied (`read_kv`, returned into Ray's object
+store; a bounded stage holds up the source's steps only briefly) and the target writes
+them into blocks it holds for the request (`stage_kv`; the bytes go actor to actor, never
+through the front end). Once a stage finds at most `stop_blocks` new blocks, the source
+stops the request and hands it over with only those (`export`); the
 front end's stream of the request then continues from the target, so the client sees
 neither a gap nor a repeat. Its downtime is from the export to the target's first token.
 
@@ -57,7 +58,8 @@ class Migrations:
 
 
 async def migrate(flight: Flight, target: ReplicaHandle, transport: str, *, stop_blocks: int = 2,
-                  max_stages: int = 8, timeout_s: float = 30.0) -> dict[str, Any]:
+                  stage_blocks: int = 16, max_stages: int = 64, timeout_s: float = 30.0
+                  ) -> dict[str, Any]:
     """Move `flight` to `target`; returns what was copied and the downtime. Raises ValueError
     when it cannot move now (not decoding yet, finished meanwhile, already moving)."""
     source, rid = flight.replica, flight.request_id
@@ -67,10 +69,11 @@ async def migrate(flight: Flight, target: ReplicaHandle, transport: str, *, stop
         raise ValueError(f"request {rid!r} is already moving")
     if source is target:
         raise ValueError(f"request {rid!r} runs on {target.name} already")
+    flight.target = target  # claimed: no second move of it starts meanwhile
     staged, stages, started = 0, 0, time.monotonic()
     try:
         for _ in range(max_stages):
-            payloads, count = source.actor.read_kv.options(num_returns=2).remote(rid, staged)
+            payloads, count = source.actor.read_kv.options(num_returns=2).remote(rid, staged, stage_blocks)
             n = await count
             if n == 0:
                 break
@@ -78,14 +81,14 @@ async def migrate(flight: Flight, target: ReplicaHandle, transport: str, *, stop
             stages += 1
             if n <= stop_blocks:
                 break
-        flight.target, flight.arrived = target, asyncio.get_running_loop().create_future()
+        arrived = flight.arrived = asyncio.get_running_loop().create_future()
         final = await source.actor.export.remote(rid, staged, transport)
     except (ValueError, RayActorError) as exc:
         flight.target = flight.arrived = None
         with contextlib.suppress(Exception):
             await target.actor.drop_staged.remote(rid)
         raise ValueError(f"request {rid!r} did not move: {exc}") from exc
-    downtime = await asyncio.wait_for(flight.arrived, timeout_s)
+    downtime = await asyncio.wait_for(arrived, timeout_s)  # set by the pool's stream
     return {"request_id": rid, "from": source.name, "to": target.name, "stages": stages,
             "blocks_staged": staged, "blocks_at_stop": final["blocks"], "bytes_at_stop": final["bytes"],
             "tokens": final["tokens"], "copy_s": time.monotonic() - started, "downtime_s": downtime}

@@ -266,7 +266,7 @@ class ReplicaPool:
 
     # ---- live migration -------------------------------------------------------------
     async def migrate(self, request_id: str, to: str | None = None, reason: str = "operator",
-                      max_stages: int = 8, transport: str | None = None) -> dict[str, Any]:
+                      max_stages: int = 64, transport: str | None = None) -> dict[str, Any]:
         """Move a running request to replica `to` (default: the least loaded other one).
         `request_id` is the engine's, or the response's id when it has one prompt.
         `max_stages` 0 copies everything during the stop; `transport` "none" sends no K/V

@@ -110,10 +110,11 @@ class ReplicaServer:
             self.transports.pop(request_id, None)
 
     # ---- live migration, called by the front end -------------------------------------
-    async def read_kv(self, request_id: str, first_block: int) -> tuple[list[KVPayload] | None, int]:
+    async def read_kv(self, request_id: str, first_block: int,
+                      max_blocks: int) -> tuple[list[KVPayload] | None, int]:
         """Called with num_returns=2: the payloads stay in the object store for `stage_kv`
         on the target while the front end reads only the count."""
-        return await self.llm.read_kv(request_id, first_block)
+        return await self.llm.read_kv(request_id, first_block, max_blocks)
 
     async def stage_kv(self, request_id: str, first_block: int, payloads: list[KVPayload]) -> int:
         return await self.llm.stage_kv(request_id, first_block, payloads)

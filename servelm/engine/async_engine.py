@@ -120,9 +120,11 @@ class AsyncLLM:
         K/V from `first_block` on; its stream then raises RequestMoved."""
         return await self._on_engine_thread(lambda: self._export(request_id, first_block))
 
-    async def read_kv(self, request_id: str, first_block: int) -> tuple[list[KVPayload] | None, int]:
+    async def read_kv(self, request_id: str, first_block: int,
+                      max_blocks: int | None = None) -> tuple[list[KVPayload] | None, int]:
         """A running request's full blocks from `first_block` on, copied between steps."""
-        return await self._on_engine_thread(lambda: moves.read_kv(self.engine, request_id, first_block))
+        return await self._on_engine_thread(
+            lambda: moves.read_kv(self.engine, request_id, first_block, max_blocks))
 
     async def stage_kv(self, request_id: str, first_block: int, payloads: list[KVPayload]) -> int:
         """Hold copied blocks for a request migrating here; returns the number staged."""

@@ -97,13 +97,17 @@ def export_request(engine: Any, request_id: str, first_block: int = 0) -> Reques
     return handoff
 
 
-def read_kv(engine: Any, request_id: str, first_block: int) -> tuple[list[KVPayload] | None, int]:
-    """A copy of a running request's full blocks from `first_block` on, one payload per
-    worker, and how many there are; it keeps running. (None, 0) when there is nothing new or
-    the workers cannot be asked now (pipeline steps in flight)."""
+def read_kv(engine: Any, request_id: str, first_block: int,
+            max_blocks: int | None = None) -> tuple[list[KVPayload] | None, int]:
+    """A copy of a running request's full blocks from `first_block` on (at most
+    `max_blocks`: each copy holds up its steps), one payload per worker, and how many there
+    are; it keeps running. (None, 0) when there is nothing new or the workers cannot be
+    asked now (pipeline steps in flight)."""
     req = _running(engine, request_id)
     kv = engine.scheduler.kv
-    table = kv.block_table(req.request_id)[:req.num_computed_tokens // kv.block_size]
+    full = req.num_computed_tokens // kv.block_size
+    end = full if max_blocks is None else min(full, first_block + max_blocks)
+    table = kv.block_table(req.request_id)[:end]
     if first_block >= len(table) or engine.num_steps_in_flight or req.num_evicted_tokens:
         return None, 0
     payloads, _ = engine.executor.export_request(req.request_id, table[first_block:])

@@ -21,7 +21,7 @@ class MigrateRequest(BaseModel):
     model: str | None = None
     to: str | None = None  # a replica's name (see /health); default: the least loaded other one
     # stages of copying while it runs; 0: stop, then copy everything (a baseline)
-    max_stages: int = Field(8, ge=0, le=64)
+    max_stages: int = Field(64, ge=0, le=1024)
     # how the K/V at the stop travels (default: the server's); "none": recomputed (a baseline)
     transport: Literal["shm", "ray", "none"] | None = None
 

@@ -145,3 +145,21 @@ def test_launch_servelm_and_llamacpp_side_by_side(tiny_model_dir, tiny_gguf_path
         assert run["completed"] == 3 and run["total_output_tokens"] == 12
     assert open(res["plots"][-1], "rb").read(8) == PNG_MAGIC  # comparison plot
     assert (tmp_path / "logs" / "servelm-server.log").is_file()
+
+
+def test_random_sweep_draws_new_prompts_at_each_rate(server, tiny_model_dir, tmp_path):
+    """A rate after the first would find the last rate's prompts in the prefix cache."""
+    out = tmp_path / "sweep.json"
+    rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "4",
+               "--random-input-len", "24", "--random-range-ratio", "0.5", "--random-output-len", "2",
+               "--request-rate", "40,inf", "--ignore-eos", "--save-detailed")
+    assert rc == 0
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    sent = []
+    for i, run in enumerate(json.loads(out.read_text())["runs"]):
+        convs = build_conversations(tok, DatasetOptions(num_prompts=4, random_input_len=24,
+                                                        random_range_ratio=0.5, random_output_len=2,
+                                                        seed=i))
+        sent.append([r["prompt_len"] for r in sorted(run["requests"], key=lambda r: r["session"])])
+        assert sent[-1] == [len(tok.encode(c.user_turns[0])) for c in convs]
+    assert sent[0] != sent[1]
