@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub, add_engine_args)
     add_predictor_parser(sub, add_engine_args)
     add_eval_parser(sub, add_engine_args)
+    from servelm.simulate.cli import add_simulate_parser
+
+    add_simulate_parser(sub, add_engine_args)
     return parser
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 
 from servelm.bench.failover import FLAG as KILL_FLAG
 from servelm.bench.failover import ReplicaKiller, require_replicas, wait_all_ready
@@ -35,6 +34,7 @@ from servelm.bench.serve_datasets import (
     build_conversations,
     render_messages,
     render_prompt,
+    send_times,
 )
 from servelm.bench.serve_metrics import RequestRecord, compute_metrics, metric_samples
 from servelm.bench.server_counters import counter_deltas, scrape
@@ -67,17 +67,6 @@ class ServeConfig:
     save_detailed: bool = False
     plots: bool = True
     quiet: bool = False
-
-
-def send_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    """Offsets (s) at which each of n conversations starts; the first starts at 0.
-
-    Gaps are gamma distributed with shape `burstiness` and mean 1/rate, as in vLLM.
-    """
-    if math.isinf(rate):
-        return [0.0] * n
-    gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), size=n)
-    return [0.0, *np.cumsum(gaps[:-1]).tolist()] if n else []
 
 
 def validate(cfg: ServeConfig) -> None:

@@ -10,10 +10,13 @@ render chat templates for /v1/completions and count tokens when the server repor
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from servelm.bench.datasets import MIN_OUTPUT_LEN, cycled, default_dataset_path, read_jsonl
 
@@ -66,7 +69,19 @@ def _vocab(tokenizer: Any) -> list[int]:
     return [i for i in range(len(tokenizer)) if i not in special]
 
 
-def _lengths(mean: int, ratio: float, n: int, rng: random.Random) -> list[int]:
+def send_times(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Offsets (s) at which each of n conversations starts; the first starts at 0.
+
+    Gaps are gamma distributed with shape `burstiness` and mean 1/rate, as in vLLM.
+    """
+    if math.isinf(rate):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), size=n)
+    return [0.0, *np.cumsum(gaps[:-1]).tolist()] if n else []
+
+
+def draw_lengths(mean: int, ratio: float, n: int, rng: random.Random) -> list[int]:
+    """n lengths uniform in mean * (1 +- ratio), at least 1."""
     lo, hi = max(1, round(mean * (1 - ratio))), max(1, round(mean * (1 + ratio)))
     return [rng.randint(lo, hi) for _ in range(n)]
 
@@ -75,8 +90,8 @@ def random_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Conversati
     """vLLM's `random`: uniform lengths in [len*(1-r), len*(1+r)], raw text prompts."""
     rng = random.Random(opt.seed)
     vocab = _vocab(tokenizer)
-    ins = _lengths(opt.random_input_len, opt.random_range_ratio, opt.num_prompts, rng)
-    outs = _lengths(opt.random_output_len, opt.random_range_ratio, opt.num_prompts, rng)
+    ins = draw_lengths(opt.random_input_len, opt.random_range_ratio, opt.num_prompts, rng)
+    outs = draw_lengths(opt.random_output_len, opt.random_range_ratio, opt.num_prompts, rng)
     return [Conversation([random_text(tokenizer, i, rng, vocab)], [o], raw=True)
             for i, o in zip(ins, outs)]
 
@@ -135,7 +150,7 @@ def shared_prefix_conversations(tokenizer: Any, opt: DatasetOptions) -> list[Con
     except FileNotFoundError:
         if opt.path:
             raise
-        outs = _lengths(opt.output_len or opt.random_output_len, 0.0, opt.num_prompts, rng)
+        outs = draw_lengths(opt.output_len or opt.random_output_len, 0.0, opt.num_prompts, rng)
         pairs = [(random_text(tokenizer, opt.random_input_len, rng, vocab), o) for o in outs]
     return [Conversation([q], [n], system=prefixes[i % len(prefixes)])
             for i, (q, n) in enumerate(pairs)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
@@ -42,8 +43,9 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
                  preemption_mode: str = "recompute", policy: Policy | None = None,
                  spec: SpecConfig | None = None, max_model_len: int | None = None,
-                 num_micro_batches: int = 1) -> None:
+                 num_micro_batches: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
         self.kv = kv
+        self.clock = clock  # the simulator's virtual time instead of the wall clock
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.preemption_mode = preemption_mode
@@ -143,7 +145,7 @@ class Scheduler:
         drafts and of K/V that compression dropped, make new full blocks findable, append
         the new tokens (checking stop tokens, stop strings and length), and finish requests
         that are done. Returns the requests that got tokens this step."""
-        now = time.monotonic()
+        now = self.clock()
         progressed = []
         self.in_flight.difference_update(s.req_id for s in step.scheduled)
         for i, (sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted) in enumerate(zip(
@@ -194,7 +196,7 @@ class Scheduler:
         self.kv.forget(req.request_id)
         self.requests.pop(req.request_id, None)
         self.builder.finished(req.request_id)
-        req.finished_time = time.monotonic()
+        req.finished_time = self.clock()
 
     # ---- the budget loop's parts -------------------------------------------------------
     def _num_drafts(self, req: Request, budget: int) -> int:
@@ -254,7 +256,7 @@ class Scheduler:
         self.prefix_cache_hit_tokens += num_cached
         req.status = RequestStatus.RUNNING
         if req.first_scheduled_time is None:
-            req.first_scheduled_time = time.monotonic()
+            req.first_scheduled_time = self.clock()
         self.running.append(req)
         self._add(req, n)
         return n

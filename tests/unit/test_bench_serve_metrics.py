@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from servelm.bench.serve import send_times
+from servelm.bench.serve_datasets import send_times
 from servelm.bench.serve_metrics import (
     RequestRecord,
     compute_metrics,

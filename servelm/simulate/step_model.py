@@ -1,0 +1,88 @@
+"""How long one engine step takes, from what the scheduler put in it.
+
+A step's time is modelled as a linear function of five features of its batch, fitted by
+least squares (coefficients kept >= 0) on steps timed on the real engine:
+- 1 (a fixed cost per step: Python, sampling, launching the kernels);
+- prefill tokens (the weights' matmuls over the prompt chunks);
+- decoding sequences (a token each: matmuls at batch B, sampling);
+- decode context (the K/V each decode reads: memory-bound attention);
+- prefill attention (each chunk token against its context: chunk x (start + chunk / 2)).
+On CPU the weights are read once per step, so batching many decodes costs little more than
+one: the decode-sequences term is small next to the fixed cost.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servelm.step_io import SchedulerOutput
+
+FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention")
+
+
+def step_features(step: SchedulerOutput) -> list[float]:
+    """The features of one scheduled step (a one-token item is a decode)."""
+    prefill = decodes = context = attention = 0.0
+    for s in step.scheduled:
+        n = s.num_new_tokens - s.num_draft_tokens
+        if n <= 1 and s.num_computed_tokens > 0:
+            decodes += 1 + s.num_draft_tokens
+            context += s.num_computed_tokens + s.num_new_tokens
+        else:
+            prefill += s.num_new_tokens
+            attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
+    return [1.0, prefill, decodes, context, attention]
+
+
+@dataclass
+class StepTimeModel:
+    """seconds = sum(coef * feature); `source` says what it was fitted on."""
+
+    coefficients: list[float]
+    source: dict[str, Any] = field(default_factory=dict)
+    fit_error: dict[str, float] = field(default_factory=dict)  # on the profiled steps
+
+    def seconds(self, step: SchedulerOutput) -> float:
+        return sum(c * f for c, f in zip(self.coefficients, step_features(step)))
+
+    @classmethod
+    def fit(cls, features: list[list[float]], seconds: list[float],
+            source: dict[str, Any] | None = None) -> StepTimeModel:
+        """Least squares with non-negative coefficients: a feature whose coefficient comes
+        out negative is dropped and the rest refitted."""
+        x, y = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
+        if len(y) < len(FEATURES):
+            raise ValueError(f"need at least {len(FEATURES)} timed steps to fit, got {len(y)}")
+        keep = list(range(len(FEATURES)))
+        while True:
+            coef, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+            if (coef >= 0).all():
+                break
+            keep.pop(int(np.argmin(coef)))
+        full = [0.0] * len(FEATURES)
+        for i, c in zip(keep, coef):
+            full[i] = float(c)
+        pred = x @ np.asarray(full)
+        rel = np.abs(pred - y) / np.maximum(y, 1e-9)
+        error = {"mean_abs_rel": float(rel.mean()), "p90_abs_rel": float(np.percentile(rel, 90)),
+                 "total_rel": float(abs(pred.sum() - y.sum()) / y.sum())}
+        return cls(full, source or {}, error)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"features": FEATURES, **asdict(self)}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepTimeModel:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
+        if tuple(data.get("features", ())) != FEATURES:
+            raise ValueError(f"--profile: {path} models the features {data.get('features')}, "
+                             f"expected {list(FEATURES)}; profile again")
+        return cls(data["coefficients"], data.get("source", {}), data.get("fit_error", {}))

@@ -1,0 +1,90 @@
+"""The requests a simulation replays: arrival times and lengths, as `bench serve` sends
+them, or read from a trace file.
+
+- random: prompt and output lengths drawn as `bench serve --dataset-name random` draws them
+  (same seed, same distribution), prompts as random token ids (no text to build: a
+  million requests take seconds).
+- shared-prefix: `--shared-prefix-num-prefixes` prompts of `--shared-prefix-len` tokens,
+  request i opening with prefix i mod N, then a random question of `--random-input-len`.
+- a trace file: JSONL or CSV with `prompt_len`, `output_len` and optionally `arrival_s`
+  (else arrivals come from --request-rate/--burstiness) and `prefix_id`/`prefix_len`
+  (requests sharing a prefix id open with the same tokens); or a `bench serve` result
+  written with --save-detailed (its requests, as the server saw them).
+Arrivals: gamma-distributed gaps of mean 1/rate with shape `burstiness` (1: Poisson).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from servelm.bench.serve_datasets import draw_lengths, send_times
+
+VOCAB = (100, 30000)  # token ids drawn for prompts: any ids work, only equality matters
+
+
+@dataclass
+class TraceRequest:
+    arrival_s: float
+    prompt_ids: list[int]
+    output_len: int
+
+
+def _ids(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(*VOCAB) for _ in range(n)]
+
+
+def synthetic(name: str, n: int, input_len: int, output_len: int, ratio: float,
+              rate: float, burstiness: float, seed: int, prefix_len: int = 0,
+              num_prefixes: int = 1, arrival_seed: int | None = None) -> list[TraceRequest]:
+    """`seed` draws lengths and tokens, `arrival_seed` (default: seed) the arrival gaps: bench
+    serve keeps the arrival seed across a sweep's rates and draws new prompts at each."""
+    if name not in ("random", "shared-prefix"):
+        raise ValueError(f"--dataset-name: the simulator makes 'random' or 'shared-prefix' "
+                         f"workloads (or give --trace FILE), got {name!r}")
+    rng = random.Random(seed)
+    ins = draw_lengths(input_len, ratio, n, rng)
+    outs = draw_lengths(output_len, ratio, n, rng)
+    prefixes = [_ids(prefix_len, rng) for _ in range(num_prefixes)] if name == "shared-prefix" else [[]]
+    times = send_times(n, rate, burstiness, seed if arrival_seed is None else arrival_seed)
+    return [TraceRequest(t, prefixes[i % len(prefixes)] + _ids(ins[i], rng), outs[i])
+            for i, t in enumerate(times)]
+
+
+def from_file(path: str | Path, rate: float, burstiness: float, seed: int) -> list[TraceRequest]:
+    path = Path(path)
+    rows = _rows(path)
+    rng = random.Random(seed)
+    prefixes: dict[str, list[int]] = {}
+    times = send_times(len(rows), rate, burstiness, seed)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            prompt_len, output_len = int(row["prompt_len"]), int(row["output_len"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: row {i + 1} needs integer prompt_len and output_len") from exc
+        prefix: list[int] = []
+        if row.get("prefix_id") not in (None, ""):
+            size = int(row.get("prefix_len") or 0)
+            prefix = prefixes.setdefault(str(row["prefix_id"]), _ids(size, rng))[:prompt_len]
+        arrival = float(row["arrival_s"]) if row.get("arrival_s") not in (None, "") else times[i]
+        out.append(TraceRequest(arrival, prefix + _ids(prompt_len - len(prefix), rng), max(1, output_len)))
+    return sorted(out, key=lambda r: r.arrival_s)
+
+
+def _rows(path: Path) -> list[dict]:
+    text = path.read_text()
+    if path.suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if path.suffix == ".json":  # a bench serve result with its requests
+        data = json.loads(text)
+        runs = data.get("runs") or [data]
+        reqs = runs[0].get("requests")
+        if not reqs:
+            raise ValueError(f"{path}: a bench serve result needs its requests (--save-detailed)")
+        return [{"arrival_s": r["start_s"], "prompt_len": r["prompt_len"],
+                 "output_len": r["output_len"]} for r in reqs if r.get("success")]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,146 @@
+"""The cluster simulator (issue 20) runs servelm's own scheduler on a virtual clock: the
+batches it schedules are the real engine's for the same requests, its times come from the
+step-time model exactly, its workloads draw bench serve's lengths, and `simulate run`
+writes bench serve's result keys."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from servelm.bench.serve_datasets import DatasetOptions, build_conversations
+from servelm.cli import main
+from servelm.config import EngineConfig
+from servelm.engine.engine import LLMEngine
+from servelm.model.loader import load_tokenizer
+from servelm.sampling_params import SamplingParams
+from servelm.simulate.replica import SimEngineConfig
+from servelm.simulate.simulator import Simulation, simulate
+from servelm.simulate.step_model import FEATURES, StepTimeModel, step_features
+from servelm.simulate.workload import TraceRequest, from_file, synthetic
+
+# 10 ms a step, 0.1 ms a prefill token, 1 ms a decode, nothing else
+MODEL = StepTimeModel([0.010, 0.0001, 0.001, 0.0, 0.0])
+
+
+def batches(steps) -> list[list[tuple[str, int, int]]]:
+    return [[(s.req_id.split("#")[0], s.num_new_tokens, s.num_computed_tokens) for s in step.scheduled]
+            for step in steps if step.scheduled]
+
+
+def test_it_schedules_what_the_real_engine_schedules(tiny_model_dir):
+    """Same requests (token ids, lengths), same options: the same batches, step by step,
+    chunked prefill, prefix hits and preemption included."""
+    rng = random.Random(3)
+    shared = [rng.randrange(10, 390) for _ in range(24)]
+    reqs = [(shared + [rng.randrange(10, 390) for _ in range(rng.randint(4, 40))], rng.randint(2, 12))
+            for _ in range(10)]
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                                    num_kv_blocks=24, max_num_batched_tokens=32, max_num_seqs=6))
+    real, schedule = [], engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: real.append(schedule()) or real[-1]
+    for i, (ids, out) in enumerate(reqs):
+        engine.add_request(f"r{i}", {"prompt_token_ids": ids},
+                           SamplingParams(max_tokens=out, ignore_eos=True, temperature=0.0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    config = SimEngineConfig(num_kv_blocks=24, block_size=4, max_num_batched_tokens=32, max_num_seqs=6,
+                             max_model_len=engine.max_model_len)
+    sim = Simulation(config, MODEL)
+    replica = sim.replicas["sim-0"]
+    simulated, start = [], replica.start_step
+
+    def capture():
+        seconds = start()
+        if replica.step is not None:
+            simulated.append(replica.step)
+        return seconds
+
+    replica.start_step = capture
+    records, stats = sim.run([TraceRequest(0.0, ids, out) for ids, out in reqs])
+    assert batches(simulated) == batches(real)
+    assert stats["num_preemptions"] == engine.scheduler.num_preemptions > 0
+    assert sorted(r.output_len for r in records) == sorted(out for _, out in reqs)
+
+
+def test_times_come_from_the_step_model():
+    trace = [TraceRequest(0.5, list(range(100, 150)), 4)]
+    config = SimEngineConfig(num_kv_blocks=64, block_size=16, max_model_len=512)
+    records, stats = Simulation(config, MODEL).run(trace)
+    (r,) = records
+    prefill = 0.010 + 50 * 0.0001  # the whole prompt in one step, then its first token
+    assert r.ttft == pytest.approx(prefill) and r.start == 0.5
+    assert r.itl == pytest.approx([0.011] * 3)  # one decode per step
+    assert stats["simulated_s"] == pytest.approx(0.5 + prefill + 3 * 0.011)
+
+
+def test_fit_recovers_a_linear_step_time_and_round_trips(tmp_path):
+    rng = random.Random(0)
+    truth = [0.004, 2e-5, 3e-4, 1e-7, 5e-9]
+    xs = [[1.0, rng.randint(0, 2048), rng.randint(0, 64), rng.randint(0, 50000), rng.randint(0, 10**6)]
+          for _ in range(200)]
+    ys = [sum(c * x for c, x in zip(truth, row)) for row in xs]
+    fitted = StepTimeModel.fit(xs, ys, {"model": "synthetic"})
+    assert fitted.coefficients == pytest.approx(truth, rel=1e-6)
+    assert fitted.fit_error["mean_abs_rel"] < 1e-9
+    fitted.save(tmp_path / "m.json")
+    assert StepTimeModel.load(tmp_path / "m.json").coefficients == fitted.coefficients
+    (tmp_path / "bad.json").write_text(json.dumps({"features": ["x"], "coefficients": [1]}))
+    with pytest.raises(ValueError, match="profile again"):
+        StepTimeModel.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=f"at least {len(FEATURES)} timed steps"):
+        StepTimeModel.fit(xs[:2], ys[:2])
+
+
+def test_step_features_split_prefill_from_decode():
+    from servelm.step_io import ScheduledRequest, SchedulerOutput
+
+    step = SchedulerOutput([ScheduledRequest("a", 10, 20), ScheduledRequest("b", 1, 99)])
+    assert step_features(step) == [1.0, 10, 1, 100, 10 * 25]
+
+
+def test_workloads_draw_bench_serves_lengths(tiny_model_dir, tmp_path):
+    opt = DatasetOptions(num_prompts=20, random_input_len=30, random_output_len=9,
+                         random_range_ratio=0.5, seed=4)
+    convs = build_conversations(load_tokenizer(str(tiny_model_dir("llama"))), opt)
+    trace = synthetic("random", 20, 30, 9, 0.5, 2.0, 1.0, 4)
+    assert [t.output_len for t in trace] == [c.output_lens[0] for c in convs]
+    assert all(15 <= len(t.prompt_ids) <= 45 for t in trace)
+    shared = synthetic("shared-prefix", 6, 8, 4, 0.0, 2.0, 1.0, 0, prefix_len=32, num_prefixes=2)
+    assert shared[0].prompt_ids[:32] == shared[2].prompt_ids[:32] != shared[1].prompt_ids[:32]
+    path = tmp_path / "trace.csv"
+    path.write_text("arrival_s,prompt_len,output_len,prefix_id,prefix_len\n2.0,40,5,a,16\n1.0,20,3,a,16\n")
+    rows = from_file(path, 1.0, 1.0, 0)
+    assert [(r.arrival_s, len(r.prompt_ids), r.output_len) for r in rows] == [(1.0, 20, 3), (2.0, 40, 5)]
+    assert rows[0].prompt_ids[:16] == rows[1].prompt_ids[:16]
+    with pytest.raises(ValueError, match="'random' or 'shared-prefix'"):
+        synthetic("mt-bench", 1, 1, 1, 0, 1, 1, 0)
+
+
+def test_simulate_run_writes_bench_serve_keys(tmp_path):
+    profile = tmp_path / "p.json"
+    StepTimeModel(MODEL.coefficients, {"engine": {"num_kv_blocks": 128, "block_size": 16,
+                                                  "max_model_len": 1024}}).save(profile)
+    out = tmp_path / "r.json"
+    rc = main(["simulate", "run", "--profile", str(profile), "--num-prompts", "40",
+               "--random-input-len", "64", "--random-output-len", "16", "--request-rate", "5,inf",
+               "--replicas", "2", "--router", "least-loaded", "--goodput", "ttft:500",
+               "--result-file", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["request_rate"] for r in res["runs"]] == [5.0, "inf"]
+    for run in res["runs"]:
+        assert run["completed"] == 40 and run["failed"] == 0
+        for key in ("mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms", "output_throughput",
+                    "request_goodput", "num_preemptions", "events_per_s"):
+            assert key in run
+    assert res["runs"][1]["mean_ttft_ms"] > res["runs"][0]["mean_ttft_ms"]  # all at once queue
+    assert res["engine"]["num_kv_blocks"] == 128 and res["replicas"] == 2
+
+
+def test_simulate_sums_up_a_run():
+    trace = synthetic("random", 30, 32, 8, 0.0, 10.0, 1.0, 1)
+    res = simulate(trace, SimEngineConfig(num_kv_blocks=256, max_model_len=512), MODEL, 3, "least-loaded")
+    assert res["completed"] == 30 and res["total_output_tokens"] == 240
