@@ -1,81 +1,100 @@
 """`servelm simulate profile`: time the real engine's steps and fit the step-time model.
 
-The engine (in this process, as `servelm serve` builds it) runs a grid of batches: single
+The engine runs as `servelm serve` runs it (an AsyncLLM, every request's outputs consumed
+by a stream on the event loop), and a step's time is the period from its start to the next
+step's start while work is left: the forward pass and everything the serving loop adds
+(handing outputs to the streams, detokenizing, draining the inbox). It runs a grid: single
 prompts of growing length (prefill), then B requests of context C decoding together, for
-each B and C (decode steps, and the mixed steps while their prompts are prefilled). Every
-step is timed with its features (step_model.py); a warm-up round is not kept.
+each B and C that fits half the KV cache (decode steps, and the mixed steps while their
+prompts are prefilled). Every step is timed with its features (step_model.py); a short
+warm-up is not kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import Any
 
 from servelm.config import EngineConfig
+from servelm.engine.async_engine import AsyncLLM
 from servelm.engine.engine import LLMEngine
 from servelm.sampling_params import SamplingParams
 from servelm.simulate.replica import SimEngineConfig
 from servelm.simulate.step_model import StepTimeModel, step_features
 
 PREFILL_LENS = (16, 64, 256, 512, 1024, 2048)
-DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
-DECODE_CONTEXTS = (64, 512, 1536)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+DECODE_CONTEXTS = (64, 256, 1024)
 
 
-def _timed_steps(engine: LLMEngine, samples: list[tuple[list[float], float]]) -> None:
-    """Run `engine` until idle, recording each step's features and seconds."""
-    schedule = engine.scheduler.schedule
-    seen: list = []
+def _timed_steps(llm: AsyncLLM, batch: list[tuple[list[int], SamplingParams]],
+                 samples: list[tuple[list[float], float]]) -> None:
+    """Serve `batch` at once; record each step's features and its period."""
+    engine = llm.engine
+    schedule, step = engine.scheduler.schedule, engine.step
+    starts: list[tuple[float, list[float] | None, bool]] = []  # (start, features, work left after)
+    scheduled: list = []
 
-    def capture():
-        step = schedule()
-        seen.append(step)
-        return step
+    def timed_step():
+        scheduled.clear()
+        start = time.perf_counter()
+        out = step()
+        steps = [s for s in scheduled if s.scheduled]
+        starts.append((start, step_features(steps[0]) if len(steps) == 1 else None,
+                       engine.has_unfinished_requests()))
+        return out
 
-    engine.scheduler.schedule = capture
+    engine.scheduler.schedule = lambda: scheduled.append(schedule()) or scheduled[-1]
+    engine.step = timed_step
+
+    async def consume(i: int, ids: list[int], params: SamplingParams) -> None:
+        async for _ in llm.generate(f"p{i}-{time.perf_counter()}", {"prompt_token_ids": ids}, params):
+            pass
+
+    async def serve() -> None:
+        await asyncio.gather(*(consume(i, ids, params) for i, (ids, params) in enumerate(batch)))
+
     try:
-        while engine.has_unfinished_requests():
-            seen.clear()
-            start = time.perf_counter()
-            engine.step()
-            seconds = time.perf_counter() - start
-            steps = [s for s in seen if s.scheduled]
-            if len(steps) == 1:
-                samples.append((step_features(steps[0]), seconds))
+        asyncio.run(serve())
     finally:
-        engine.scheduler.schedule = schedule
+        engine.scheduler.schedule, engine.step = schedule, step
+    for (start, features, busy), (nxt, _, _) in zip(starts, starts[1:]):
+        if features is not None and busy:
+            samples.append((features, nxt - start))
 
 
-def _requests(engine: LLMEngine, n: int, prompt_len: int, max_tokens: int, rng: random.Random) -> None:
+def _batch(engine, n: int, prompt_len: int, max_tokens: int,
+           rng: random.Random) -> list[tuple[list[int], SamplingParams]]:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-    for _ in range(n):
-        ids = [rng.randrange(100, min(30000, engine.arch.vocab_size)) for _ in range(prompt_len)]
-        engine.add_request(f"p{rng.random()}", {"prompt_token_ids": ids}, params)
+    top = min(30000, engine.arch.vocab_size)
+    return [([rng.randrange(100, top) for _ in range(prompt_len)], params) for _ in range(n)]
 
 
 def profile(config: EngineConfig, repeats: int = 2, say=lambda *_: None) -> StepTimeModel:
-    engine = LLMEngine(config)
+    llm = AsyncLLM(config)
+    engine = llm.engine
     rng = random.Random(0)
     limit = engine.max_model_len - 32
+    # batches that fit half the KV cache: a profile times steps, not preemptions
+    room = engine.worker_info.num_kv_blocks * config.block_size // 2
+    _timed_steps(llm, _batch(engine, 4, 64, 4, rng), [])  # warm-up, not kept
     samples: list[tuple[list[float], float]] = []
-    for round_ in range(repeats + 1):  # round 0 warms up
-        kept = samples if round_ else []
+    for round_ in range(1, repeats + 1):
         for n in PREFILL_LENS:
             if n <= min(limit, config.max_num_batched_tokens):
-                _requests(engine, 1, n, 1, rng)
-                _timed_steps(engine, kept)
+                _timed_steps(llm, _batch(engine, 1, n, 2, rng), samples)
         for c in DECODE_CONTEXTS:
             for b in DECODE_BATCHES:
-                if c <= limit and b <= config.max_num_seqs:
-                    _requests(engine, b, c, 16, rng)
-                    _timed_steps(engine, kept)
+                if c <= limit and b <= config.max_num_seqs and b * (c + 16) <= room:
+                    _timed_steps(llm, _batch(engine, b, c, 16, rng), samples)
         say(f"round {round_}/{repeats}: {len(samples)} steps timed")
     features, seconds = [f for f, _ in samples], [s for _, s in samples]
     model = StepTimeModel.fit(features, seconds, source={
         "engine": sim_config(engine).__dict__, "model": engine.model_source,
         "num_threads": config.num_threads, "steps": len(samples)})
-    engine.shutdown()
+    llm.shutdown()
     return model
 
 

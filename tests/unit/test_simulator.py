@@ -144,3 +144,19 @@ def test_simulate_sums_up_a_run():
     trace = synthetic("random", 30, 32, 8, 0.0, 10.0, 1.0, 1)
     res = simulate(trace, SimEngineConfig(num_kv_blocks=256, max_model_len=512), MODEL, 3, "least-loaded")
     assert res["completed"] == 30 and res["total_output_tokens"] == 240
+
+
+def test_profile_times_the_real_engine_and_keeps_its_options(tiny_model_dir, monkeypatch):
+    from servelm.simulate import profile as prof
+
+    monkeypatch.setattr(prof, "PREFILL_LENS", (16, 64, 128))
+    monkeypatch.setattr(prof, "DECODE_BATCHES", (1, 4))
+    monkeypatch.setattr(prof, "DECODE_CONTEXTS", (32, 96))
+    config = EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                          num_kv_blocks=256, max_num_batched_tokens=64, max_num_seqs=8)
+    model = prof.profile(config, repeats=1)
+    assert all(c >= 0 for c in model.coefficients) and model.coefficients[0] > 0
+    assert model.source["steps"] >= 2 * 16  # every decode step of every batch, and the prefills
+    engine = model.source["engine"]
+    assert (engine["num_kv_blocks"], engine["block_size"], engine["max_num_batched_tokens"],
+            engine["max_num_seqs"]) == (256, 4, 64, 8)
