@@ -95,6 +95,9 @@ class EngineConfig:
         "512}' (methods: streamingllm, h2o, snapkv; see servelm/kv/compression.py); turns "
         "prefix caching off", metavar="JSON")
 
+    step_trace: str | None = option(
+        None, "append one JSON line per engine step (its batch and start time) to this file, "
+        "for `servelm simulate profile --from-step-trace`", metavar="FILE")
     role: str = option(
         "both", "disaggregated serving: prefill (computes the prompt and the first token, then "
         "hands the request with its KV to a decode engine), decode (only continues requests "

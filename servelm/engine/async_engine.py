@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from servelm.config import EngineConfig
 from servelm.engine import handoff as moves
 from servelm.engine.engine import LLMEngine, PromptInput
 from servelm.engine.handoff import RequestHandoff
+from servelm.engine.step_trace import StepTrace
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
 from servelm.worker.kv_payload import KVPayload
@@ -68,6 +70,7 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._hand_over: set[str] = set()  # role prefill: requests to export after a token
         self.role = config.role
+        self._trace: StepTrace | None = None  # config.step_trace's file, opened with the engine
         self._stopped = False
         self.fatal_error: Exception | None = None  # set once the executor reports it cannot run
         self.engine: LLMEngine
@@ -87,6 +90,7 @@ class AsyncLLM:
         parallel regions, which made each token through the server 4x slower than offline."""
         try:
             self.engine = LLMEngine(config)
+            self._trace = None if config.step_trace is None else StepTrace(config.step_trace, self.engine)
         except BaseException as exc:  # raised to the constructor's caller
             failed.append(exc)
             return
@@ -180,6 +184,8 @@ class AsyncLLM:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        if self._trace is not None:
+            self._trace.close()
         self.engine.shutdown()
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception,
@@ -275,7 +281,10 @@ class AsyncLLM:
                 self._wakeup.clear()  # an add after wait() returned is drained just below
                 continue
             try:
+                started = time.perf_counter()
                 outputs = self.engine.step()
+                if self._trace is not None:
+                    self._trace.record(started, self.engine)
             except Exception as exc:  # fail what was in flight, keep the loop alive
                 logger.exception("engine step failed")
                 self._check_executor()

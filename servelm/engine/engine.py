@@ -55,6 +55,7 @@ class LLMEngine:
                                    num_micro_batches=config.pipeline_parallel_size)
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, output not collected
         self.outputs = OutputProcessor()
+        self.last_step: SchedulerOutput | None = None  # the step the last step() applied
         self.staged_kv: dict[str, int] = {}  # request id -> blocks staged for a migration in
         self.num_steps = 0
         self.allreduce_totals = [0, 0, 0.0]  # tensor parallelism: calls, bytes, seconds
@@ -170,7 +171,7 @@ class LLMEngine:
                 break
         if not self._in_flight:
             return []
-        step = self._in_flight.popleft()
+        step = self.last_step = self._in_flight.popleft()
         try:
             result = self.executor.collect()
         except Exception:  # the workers failed: the other steps in flight are lost too

@@ -28,6 +28,9 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     p = ssub.add_parser("profile", help="time the real engine's steps and fit a step-time model")
     p.add_argument("--output", required=True, help="the step-time model file to write (JSON)")
     p.add_argument("--repeats", type=int, default=2, help="rounds of the batch grid timed")
+    p.add_argument("--from-step-trace", nargs="+", default=None, metavar="FILE",
+                   help="fit on steps a server recorded while serving (servelm serve --step-trace "
+                        "FILE) instead of timing the grid")
     add_engine_args(p)
     p.set_defaults(func=cmd_profile)
 
@@ -66,10 +69,13 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
 def cmd_profile(args: argparse.Namespace) -> int:
     from servelm.config import EngineConfig
     from servelm.engine_args import engine_kwargs
-    from servelm.simulate.profile import describe, profile
+    from servelm.simulate.profile import describe, fit_step_trace, profile
 
-    model = profile(EngineConfig(model=args.model, **engine_kwargs(args)), args.repeats,
-                    progress(False))
+    if args.from_step_trace:
+        model = fit_step_trace(args.from_step_trace)
+    else:
+        model = profile(EngineConfig(model=args.model, **engine_kwargs(args)), args.repeats,
+                        progress(False))
     model.save(args.output)
     print(json.dumps(describe(model), indent=1))
     return 0

@@ -13,8 +13,10 @@ warm-up is not kept.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from servelm.config import EngineConfig
@@ -23,6 +25,7 @@ from servelm.engine.engine import LLMEngine
 from servelm.sampling_params import SamplingParams
 from servelm.simulate.replica import SimEngineConfig
 from servelm.simulate.step_model import StepTimeModel, step_features
+from servelm.step_io import ScheduledRequest, SchedulerOutput
 
 PREFILL_LENS = (16, 64, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -96,6 +99,28 @@ def profile(config: EngineConfig, repeats: int = 2, say=lambda *_: None) -> Step
         "num_threads": config.num_threads, "steps": len(samples)})
     llm.shutdown()
     return model
+
+
+def fit_step_trace(paths: list[str]) -> StepTimeModel:
+    """Fit on the steps a server recorded with --step-trace while serving real traffic: a
+    step's time is the gap to the next step's start, where work was left after it."""
+    samples: list[tuple[list[float], float]] = []
+    header: dict[str, Any] = {}
+    for path in paths:
+        try:
+            lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--from-step-trace: cannot read {path}: {exc}") from exc
+        steps = [x for x in lines if "batch" in x]
+        header = next((x for x in lines if "engine" in x), header)
+        for a, b in zip(steps, steps[1:]):
+            if a["busy"] and b["t"] > a["t"]:
+                step = SchedulerOutput([ScheduledRequest("", n, c, num_draft_tokens=d) for n, c, d in a["batch"]])
+                samples.append((step_features(step), b["t"] - a["t"]))
+    if not header:
+        raise ValueError(f"--from-step-trace: {paths} hold no engine header (written by servelm serve --step-trace)")
+    return StepTimeModel.fit([f for f, _ in samples], [s for _, s in samples], source={
+        **header, "steps": len(samples), "step_trace": [str(p) for p in paths]})
 
 
 def sim_config(engine: LLMEngine) -> SimEngineConfig:

@@ -160,3 +160,37 @@ def test_profile_times_the_real_engine_and_keeps_its_options(tiny_model_dir, mon
     engine = model.source["engine"]
     assert (engine["num_kv_blocks"], engine["block_size"], engine["max_num_batched_tokens"],
             engine["max_num_seqs"]) == (256, 4, 64, 8)
+
+
+def test_a_served_step_trace_fits_a_model(tiny_model_dir, tmp_path):
+    import asyncio
+
+    from servelm.engine.async_engine import AsyncLLM
+    from servelm.simulate.profile import fit_step_trace
+
+    trace = tmp_path / "steps.jsonl"
+    llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+                                num_kv_blocks=128, max_num_batched_tokens=16, step_trace=str(trace)))
+
+    async def serve():
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+        async def one(i):
+            async for _ in llm.generate(f"r{i}", {"prompt_token_ids": list(range(10 + 50 * i, 10 + 50 * i + 8 * (i + 1)))}, params):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(5)))
+
+    try:
+        asyncio.run(serve())
+    finally:
+        llm.shutdown()
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert lines[0]["engine"]["num_kv_blocks"] == 128
+    steps = lines[1:]
+    assert sum(n for s in steps for n, _, _ in s["batch"]) == sum(8 * (i + 1) + 5 for i in range(5))
+    model = fit_step_trace([str(trace)])
+    assert model.source["engine"]["max_num_batched_tokens"] == 16 and model.source["steps"] >= 5
+    with pytest.raises(ValueError, match="no engine header"):
+        (tmp_path / "empty.jsonl").write_text("")
+        fit_step_trace([str(tmp_path / "empty.jsonl")])
