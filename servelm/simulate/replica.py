@@ -78,7 +78,3 @@ class SimReplica:
         result = ModelRunnerOutput([s.req_id for s in step.scheduled], sampled, [None] * n, [None] * n,
                                    [0] * n, [0] * n, [[] for _ in range(n)], [0] * n)
         return self.scheduler.update_from_output(step, result)
-
-    @property
-    def load(self) -> int:
-        return len(self.scheduler.requests)

@@ -25,8 +25,6 @@ from servelm.simulate.workload import TraceRequest
 class _Tracked:
     arrival: float
     prompt_len: int
-    output_len: int
-    replica: str
     token_times: list[float] = field(default_factory=list)
     tokens: int = 0
 
@@ -78,7 +76,7 @@ class Simulation:
                 req = trace[i]
                 name = self.router.route(req.prompt_ids)
                 rid = f"r{i}"
-                tracked[rid] = _Tracked(arrival, len(req.prompt_ids), req.output_len, name)
+                tracked[rid] = _Tracked(arrival, len(req.prompt_ids))
                 self.replicas[name].add(rid, req.prompt_ids, req.output_len, arrival)
             self.events += 1
             r = self.replicas[name]  # the only replica this event may have given work
@@ -92,6 +90,8 @@ class Simulation:
                  "events_per_s": self.events / wall if wall else None,
                  "num_preemptions": sum(r.scheduler.num_preemptions for r in self.replicas.values()),
                  "steps": sum(r.num_steps for r in self.replicas.values()),
+                 "replica_busy_share": sum(r.busy_s for r in self.replicas.values())
+                 / (len(self.replicas) * self.now) if self.now else None,
                  "prefix_cache_hit_rate": self._hit_rate()}
         return records, stats
 
