@@ -17,7 +17,7 @@ from typing import Any
 class StepTrace:
     def __init__(self, path: str, engine: Any) -> None:
         c, info = engine.config, engine.worker_info
-        self._file = open(path, "a", buffering=1 << 16)  # noqa: SIM115 (kept open while serving)
+        self._file = open(path, "a", buffering=1 << 16)  # kept open while the engine serves
         header = {"engine": {
             "num_kv_blocks": info.num_kv_blocks, "block_size": c.block_size,
             "max_num_batched_tokens": c.max_num_batched_tokens, "max_num_seqs": c.max_num_seqs,
