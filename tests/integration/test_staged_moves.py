@@ -19,6 +19,16 @@ from servelm.engine import handoff as moves
 from servelm.engine.async_engine import AsyncLLM, RequestMoved
 
 
+def decoding_on_one_of_two(tiny_model_dir):
+    """Two engines, request "r" four steps into its run on the first; its streamed text."""
+    a, b = engine(tiny_model_dir), engine(tiny_model_dir)
+    a.add_request("r", PROMPT, SEEDED, stream=True)
+    texts: list[str] = []
+    for _ in range(4):
+        texts += [o.outputs[0].delta_text for o in a.step()]
+    return a, b, texts
+
+
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_staged_copy_then_a_short_stop(tiny_model_dir, kv):
     ref_tokens, ref_text = alone(tiny_model_dir, SEEDED, kv_cache_dtype=kv)
@@ -47,11 +57,7 @@ def test_staged_copy_then_a_short_stop(tiny_model_dir, kv):
 
 def test_staged_blocks_that_do_not_join_up_are_recomputed_or_dropped(tiny_model_dir):
     ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
-    a, b = engine(tiny_model_dir), engine(tiny_model_dir)
-    a.add_request("r", PROMPT, SEEDED, stream=True)
-    texts: list[str] = []
-    for _ in range(4):
-        texts += [o.outputs[0].delta_text for o in a.step()]
+    a, b, texts = decoding_on_one_of_two(tiny_model_dir)
     payloads, n = moves.read_kv(a, "r", 0)
     with pytest.raises(ValueError, match="0 blocks staged, got blocks from 1"):
         moves.stage_kv(b, "r", 1, payloads)
@@ -105,11 +111,7 @@ def test_a_transfer_that_fails_is_recomputed(tiny_model_dir):
     from servelm.cluster.kv_transport import SharedMemoryTransport, receive_handoff, send_handoff
 
     ref_tokens, ref_text = alone(tiny_model_dir, SEEDED)
-    a, b = engine(tiny_model_dir), engine(tiny_model_dir)
-    a.add_request("r", PROMPT, SEEDED, stream=True)
-    texts: list[str] = []
-    for _ in range(4):
-        texts += [o.outputs[0].delta_text for o in a.step()]
+    a, b, texts = decoding_on_one_of_two(tiny_model_dir)
     handover = send_handoff(a.export_request("r"), "shm")
     SharedMemoryTransport().discard(handover.handoff.kv[0])
     handoff, failure = receive_handoff(handover)

@@ -12,19 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 from test_replicas import (
-    STARTUP_S,
-    _free_port,
-    _up,
     http,
     metrics,
     per_replica,
     replicas,
+    serve_process,
     total,
     wait_for,
 )
@@ -47,23 +43,11 @@ def served(tiny_model_dir, tmp_path_factory):
     config.write_text(json.dumps({"models": [
         {"model": llama, "name": "pd", "prefill_replicas": 1, "decode_replicas": 2},
         {"model": llama, "name": "mig", "replicas": 2}]}))
-    port = _free_port()
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servelm.cli", "serve", "--port", str(port), "--models-config",
-         str(config), "--replica-cpus", "0.3", "--migrate-imbalance", "0", "--admin-key", ADMIN,
-         "--shutdown-timeout", "2", *flags],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(url) or proc.poll() is not None, STARTUP_S, "the server answers")
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+    args = ["--models-config", str(config), "--replica-cpus", "0.3", "--migrate-imbalance", "0",
+            "--admin-key", ADMIN, *flags]
+    with serve_process(args, tmp / "server.log") as (url, _):
         yield url
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp / "server.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

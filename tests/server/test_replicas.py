@@ -10,6 +10,7 @@ replaced; and after SIGTERM every process the server started is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -90,26 +93,34 @@ def cluster(tiny_model_dir, tmp_path_factory):
         {"model": llama, "name": "tiny-rr", "replicas": 2, "router": "round-robin"},
         {"model": qwen, "name": "scaled", "replicas": 1, "min_replicas": 0, "max_replicas": 1,
          "engine": {"tensor_parallel_size": 2}}]}))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "servelm.cli", "serve", "--port", str(port), "--models-config",
-         str(config), "--replica-cpus", "0.3", "--downscale-delay-s", "2", "--dtype", "float32",
-         "--block-size", "4", "--num-kv-blocks", "256", "--max-num-batched-tokens", "64",
-         "--shutdown-timeout", "2"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _up(url) or proc.poll() is not None, STARTUP_S, "the server answers")
-        assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+    args = ["--models-config", str(config), "--replica-cpus", "0.3", "--downscale-delay-s", "2",
+            "--dtype", "float32", "--block-size", "4", "--num-kv-blocks", "256",
+            "--max-num-batched-tokens", "64"]
+    with serve_process(args, tmp / "server.log") as (url, proc):
         yield url
         started = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in p.name() for p in started)
+    deadline = time.monotonic() + 20
+    while (left := [p for p in started if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left after shutdown: {[p.name() for p in left]}"
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`servelm serve ARGS` on a free port until it answers /health; SIGTERM at the end
+    must stop it cleanly (exit 0)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "servelm.cli", "serve", "--port", str(port),
+                             "--shutdown-timeout", "2", *args],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url) or proc.poll() is not None, STARTUP_S, "the server answers")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield url, proc
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp / "server.log").read_text()[-3000:]
-        deadline = time.monotonic() + 20
-        while (left := [p for p in started if _alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not left, f"processes left after shutdown: {[p.name() for p in left]}"
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
