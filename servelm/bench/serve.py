@@ -56,6 +56,7 @@ class ServeConfig:
     max_duration_s: float | None = None
     request_timeout_s: float = 600.0
     goodput: dict[str, float] = field(default_factory=dict)
+    fluidity: tuple[float, float] | None = None  # (TTFT, TBT) ms targets of the fluidity-index
     percentile_metrics: list[str] = field(default_factory=lambda: ["ttft", "tpot", "itl", "e2el"])
     metric_percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     ignore_eos: bool = False
@@ -104,6 +105,9 @@ def validate(cfg: ServeConfig) -> None:
         if single:
             raise ValueError(f"{KILL_FLAG} kills a replica; --launch {','.join(single)} has "
                              f"none (launch only {','.join(REPLICA_SYSTEMS)})")
+    if cfg.fluidity is not None and (len(cfg.fluidity) != 2
+                                     or not all(math.isfinite(v) and v > 0 for v in cfg.fluidity)):
+        raise ValueError(f"--fluidity needs two targets > 0 ms (TTFT_MS:TBT_MS), got {cfg.fluidity}")
     bad = [m for m in cfg.percentile_metrics if m not in ("ttft", "tpot", "itl", "e2el")]
     if bad:
         raise ValueError(f"--percentile-metrics: unknown {bad}; allowed ttft,tpot,itl,e2el")
@@ -226,7 +230,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
         records, duration = timed.value
         run = {"request_rate": "inf" if math.isinf(rate) else rate,
                **compute_metrics(records, duration, cfg.metric_percentiles,
-                                 cfg.percentile_metrics, cfg.goodput)}
+                                 cfg.percentile_metrics, cfg.goodput, cfg.fluidity)}
         run.update(timed.energy.as_dict(run["total_output_tokens"]))
         if killer is not None:
             run["replica_killed"] = killer.finish()

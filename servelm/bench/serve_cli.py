@@ -101,6 +101,10 @@ def add_serve_parser(bsub) -> None:
     g = p.add_argument_group("metrics and output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                    help="SLOs, e.g. ttft:500 tpot:50 e2el:5000")
+    g.add_argument("--fluidity", default=None, metavar="TTFT_MS:TBT_MS",
+                   help="report Etalon's fluidity-index: the share of token deadlines met, the "
+                        "first token due TTFT_MS after sending, each next TBT_MS after the one "
+                        "before (not taken from --goodput)")
     g.add_argument("--percentile-metrics", type=_names, default=["ttft", "tpot", "itl", "e2el"])
     g.add_argument("--metric-percentiles", type=_floats, default=[50.0, 90.0, 99.0])
     g.add_argument("--result-file", default=None, help="default: bench-results/serve-<date>.json")
@@ -119,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from servelm.bench.launch import LaunchSpec
     from servelm.bench.serve import ServeConfig, run_serve
     from servelm.bench.serve_datasets import DatasetOptions
-    from servelm.bench.serve_metrics import parse_goodput
+    from servelm.bench.serve_metrics import parse_fluidity, parse_goodput
 
     dataset = DatasetOptions(
         name=args.dataset_name, path=args.dataset_path, num_prompts=args.num_prompts,
@@ -133,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key, dataset=dataset, request_rates=args.request_rate,
         burstiness=args.burstiness, max_concurrency=args.max_concurrency,
         max_duration_s=args.max_duration, request_timeout_s=args.request_timeout,
-        goodput=parse_goodput(args.goodput), percentile_metrics=args.percentile_metrics,
+        goodput=parse_goodput(args.goodput), fluidity=parse_fluidity(args.fluidity),
+        percentile_metrics=args.percentile_metrics,
         metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
         kill_replica_at=args.kill_replica_at, launch=args.launch,
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,

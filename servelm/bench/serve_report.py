@@ -15,9 +15,11 @@ def _ms(run: dict[str, Any], stat: str, name: str) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool) -> Table:
+def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool,
+               fluidity: bool = False) -> Table:
     cols = ["rate", "done", "failed", "duration s", "req/s", "out tok/s"]
     cols += ["goodput req/s"] if goodput else []
+    cols += ["fluidity"] if fluidity else []
     for name in METRICS:
         cols += [f"mean {name} ms", f"{tail} {name} ms"]
     table = Table(title, cols)
@@ -26,6 +28,8 @@ def rate_table(title: str, runs: list[dict[str, Any]], tail: str, goodput: bool)
                f"{run['duration_s']:.1f}", f"{run['request_throughput']:.2f}",
                f"{run['output_throughput']:.1f}"]
         row += [f"{run['request_goodput']:.2f}"] if goodput else []
+        if fluidity:
+            row.append("-" if run.get("fluidity_index") is None else f"{run['fluidity_index']:.3f}")
         for name in METRICS:
             row += [_ms(run, "mean", name), _ms(run, tail, name)]
         table.add_row(*row)
@@ -59,7 +63,8 @@ def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
     for system, runs in systems.items():
         where = system or f"{result['model_id']} at {result['base_url']}"
         tables.append(rate_table(f"serving: {where}{result['endpoint']}, "
-                                 f"{result['dataset']['name']}", runs, tail, bool(cfg.goodput)))
+                                 f"{result['dataset']['name']}", runs, tail, bool(cfg.goodput),
+                                 cfg.fluidity is not None))
         for run in runs:
             label = f"{system} rate {run['request_rate']}".strip()
             notes += [f"{label}: {n} failed: {reason}" for reason, n in run["failed_reasons"].items()]
@@ -81,6 +86,10 @@ def print_serve_report(systems: dict[str, list[dict[str, Any]]], cfg: Any,
     if cfg.goodput:
         notes.append("goodput SLOs (ms): " + ", ".join(f"{k} <= {v:g}"
                                                        for k, v in cfg.goodput.items()))
+    if cfg.fluidity is not None:
+        notes.append(f"fluidity-index: share of token deadlines met, first token due "
+                     f"{cfg.fluidity[0]:g} ms after sending, each next {cfg.fluidity[1]:g} ms "
+                     "after the one before (Etalon)")
     notes.append(f"results: {result['result_file']}")
     notes += [f"plot: {p}" for p in result.get("plots", [])]
     print_report(tables, notes)

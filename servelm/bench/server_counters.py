@@ -1,6 +1,6 @@
 """The server's own counters around a measured run: prefix-cache hit rate, requests per
-replica, retries and failures, handovers and live migrations, read from its Prometheus
-/metrics before and after.
+replica, retries and failures, handovers and live migrations, preemptions, read from its
+Prometheus /metrics before and after.
 
 The client cannot see where a request went or what the cache found; the server counts both.
 Deltas are per series and summed, so several replicas add up, and a series that went down
@@ -26,6 +26,7 @@ RETRIED = "servelm:router_requests_retried_total"
 FAILED = "servelm:router_requests_failed_total"
 HANDOVERS = "servelm:kv_handovers_total"
 MIGRATIONS = "servelm:migrations_total"
+PREEMPTIONS = "servelm:num_preemptions_total"
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -85,7 +86,8 @@ def counter_deltas(before: Samples | None, after: Samples | None) -> dict[str, A
         out["requests_per_replica"] = {names[lab]: int(v) for lab, v in
                                        sorted(routed.items(), key=lambda kv: names[kv[0]])}
     for key, name in (("requests_retried", RETRIED), ("requests_failed", FAILED),
-                      ("kv_handovers", HANDOVERS), ("migrations", MIGRATIONS)):
+                      ("kv_handovers", HANDOVERS), ("migrations", MIGRATIONS),
+                      ("num_preemptions", PREEMPTIONS)):
         d = _delta(before, after, name)
         if d is not None:
             out[key] = int(sum(d.values()))

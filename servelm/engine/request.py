@@ -27,9 +27,9 @@ class RequestStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
 
-    @property
-    def finished(self) -> bool:
-        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.SWAPPED)
+    def __init__(self, value: str) -> None:
+        # a plain attribute, not a property: it is read for every request every step
+        self.finished = value not in ("waiting", "running", "swapped")
 
 
 class Request:
@@ -128,11 +128,11 @@ class Request:
     def check_stop(self) -> bool:
         """Set a finished status from the last token (stop token or length). Stop strings
         are checked by the detokenizer, which sees text."""
-        n = self.num_output_tokens
+        n = len(self.output_token_ids)
         last = self.output_token_ids[-1]
-        if n >= self.params.min_tokens and last in self.stop_token_ids:
+        if last in self.stop_token_ids and n >= self.params.min_tokens:
             self.status = RequestStatus.FINISHED_STOPPED
             self.stop_reason = last
         elif n >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
-        return self.is_finished
+        return self.status.finished

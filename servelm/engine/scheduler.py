@@ -112,14 +112,15 @@ class Scheduler:
                 drafts = 0
             n = min(req.num_tokens + drafts - req.num_computed_tokens, budget)
             total = req.num_kv_tokens + n  # slots needed
-            while not self.kv.can_allocate(req.request_id, total):
-                victim = self._victim()
-                self._preempt(victim, out)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                break  # req preempted itself: nothing after it can run either
-            self.kv.allocate(req.request_id, total)
+            if total > self.kv.num_slots(req.request_id):  # a new block (most decodes: no)
+                while not self.kv.can_allocate(req.request_id, total):
+                    victim = self._victim()
+                    self._preempt(victim, out)
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
+                    break  # req preempted itself: nothing after it can run either
+                self.kv.allocate(req.request_id, total)
             self._add(req, n, drafts)
             budget -= n
             i += 1
@@ -348,6 +349,6 @@ class Scheduler:
             req.first_token_time = now
             if req.sample_index == 0:  # n samples share one prompt
                 self.counters["prompt_tokens_total"] += req.num_prompt_tokens
-        before = req.num_output_tokens
+        before = len(req.output_token_ids)
         append_tokens(req, tokens, logprobs)
-        self.counters["generation_tokens_total"] += req.num_output_tokens - before
+        self.counters["generation_tokens_total"] += len(req.output_token_ids) - before

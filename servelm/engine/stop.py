@@ -23,5 +23,5 @@ def append_tokens(req: Request, tokens: list[int], logprobs: list[PositionLogpro
             stop_str = req.detokenizer.update([token])
             if stop_str is not None:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        if req.is_finished:
+        if req.status.finished:
             return

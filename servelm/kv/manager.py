@@ -115,9 +115,15 @@ class KVCacheManager:
     def blocks_needed(self, request_id: str, num_tokens: int, cached: list[CachedBlock] = ()) -> int:
         """Free-list blocks a request consumes so that `num_tokens` tokens in total have a
         slot: new blocks, plus cached blocks revived from the free list or restored into one."""
+        if not cached:  # every running request, every step
+            return max(0, cdiv(num_tokens, self.block_size) - len(self._tables.get(request_id, ())))
         held = len(self._tables.get(request_id, ())) + len(cached)
         revived = sum(isinstance(b, HostBlock) or self.pool.is_free(b) for b in cached)
         return max(0, cdiv(num_tokens, self.block_size) - held) + revived
+
+    def num_slots(self, request_id: str) -> int:
+        """Tokens the request's block table has room for."""
+        return len(self._tables.get(request_id, ())) * self.block_size
 
     def can_allocate(self, request_id: str, num_tokens: int, cached: list[CachedBlock] = ()) -> bool:
         return self.pool.can_allocate(self.blocks_needed(request_id, num_tokens, cached))
@@ -146,8 +152,9 @@ class KVCacheManager:
 
     def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Make the request's newly completed full blocks findable by later requests."""
-        if not self.enable_prefix_caching:
-            return
+        if (not self.enable_prefix_caching
+                or num_computed // self.block_size <= self._num_cached.get(request_id, 0)):
+            return  # no block newly full: most steps of most requests
         table = self._tables.get(request_id)
         if not table:
             return

@@ -12,10 +12,11 @@ from servelm.engine.request import Request
 from servelm.engine.scheduler import Scheduler
 from servelm.kv.manager import KVCacheManager
 from servelm.sampling_params import SamplingParams
-from servelm.simulate.step_model import StepTimeModel
+from servelm.simulate.step_model import StepModel
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput
 
 SIM_TOKEN = 0  # what every simulated step samples (EOS is ignored: lengths come from the trace)
+_SAMPLED, _NOTHING = [SIM_TOKEN], []  # read only, so shared by every request
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SimEngineConfig:
 
 
 class SimReplica:
-    def __init__(self, name: str, config: SimEngineConfig, model: StepTimeModel,
+    def __init__(self, name: str, config: SimEngineConfig, model: StepModel,
                  clock: Callable[[], float]) -> None:
         self.name, self.config, self.model = name, config, model
         kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
@@ -69,12 +70,13 @@ class SimReplica:
         """Apply the step in progress; the requests that got a token."""
         step, self.step = self.step, None
         reqs = self.scheduler.requests
-        n = len(step.scheduled)
-        sampled = []
+        ids, sampled = [], []
         for s in step.scheduled:
+            ids.append(s.req_id)
             req = reqs.get(s.req_id)
-            done = req is not None and s.num_computed_tokens + s.num_new_tokens >= req.num_tokens
-            sampled.append([SIM_TOKEN] if done else [])
-        result = ModelRunnerOutput([s.req_id for s in step.scheduled], sampled, [None] * n, [None] * n,
-                                   [0] * n, [0] * n, [[] for _ in range(n)], [0] * n)
+            done = req is not None and s.num_computed_tokens + s.num_new_tokens >= len(req.all_token_ids)
+            sampled.append(_SAMPLED if done else _NOTHING)
+        n = len(ids)
+        nones, zeros = [None] * n, [0] * n  # no logprobs, drafts or K/V compression
+        result = ModelRunnerOutput(ids, sampled, nones, nones, zeros, zeros, [], zeros)
         return self.scheduler.update_from_output(step, result)

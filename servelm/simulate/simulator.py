@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from servelm.bench.serve_metrics import RequestRecord, compute_metrics
 from servelm.cluster.router import Router
+from servelm.engine.request import Request
 from servelm.simulate.replica import SimEngineConfig, SimReplica
-from servelm.simulate.step_model import StepTimeModel
+from servelm.simulate.step_model import StepModel
 from servelm.simulate.workload import TraceRequest
 
 
-@dataclass
-class _Tracked:
-    arrival: float
-    prompt_len: int
-    token_times: list[float] = field(default_factory=list)
-    tokens: int = 0
-
-
 class Simulation:
-    def __init__(self, config: SimEngineConfig, model: StepTimeModel, replicas: int = 1,
+    def __init__(self, config: SimEngineConfig, model: StepModel, replicas: int = 1,
                  router: str = "round-robin", keep_itl: bool = True) -> None:
         if replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {replicas}")
@@ -49,7 +41,7 @@ class Simulation:
     def run(self, trace: list[TraceRequest]) -> tuple[list[RequestRecord], dict[str, Any]]:
         """Replay `trace` to the end; the per-request records and the run's own figures."""
         started = time.perf_counter()
-        tracked: dict[str, _Tracked] = {}
+        token_times: dict[str, list[float]] = {}  # per request, with keep_itl
         records: list[RequestRecord] = []
         heap: list[tuple[float, int, str]] = []  # (time a replica's step ends, seq, replica)
         seq = 0
@@ -60,24 +52,23 @@ class Simulation:
             if heap and heap[0][0] <= arrival:
                 self.now, _, name = heapq.heappop(heap)
                 for req in self.replicas[name].finish_step():
-                    t = tracked[req.request_id]
-                    t.tokens = req.num_output_tokens
-                    if self.keep_itl or len(t.token_times) < 2:
-                        t.token_times.append(self.now)
-                    else:  # first and last token only
-                        t.token_times[-1] = self.now
-                    if req.is_finished:
-                        records.append(self._record(tracked.pop(req.request_id), len(records)))
+                    if self.keep_itl:
+                        token_times[req.request_id].append(self.now)
+                    if req.status.finished:
+                        records.append(self._record(req, token_times.pop(req.request_id, None),
+                                                    len(records)))
                         self.router.finished(name)
             else:
                 i = order[nxt]
                 nxt += 1
                 self.now = arrival
                 req = trace[i]
-                name = self.router.route(req.prompt_ids)
+                prompt = req.prompt_ids
+                name = self.router.route(prompt)
                 rid = f"r{i}"
-                tracked[rid] = _Tracked(arrival, len(req.prompt_ids))
-                self.replicas[name].add(rid, req.prompt_ids, req.output_len, arrival)
+                if self.keep_itl:
+                    token_times[rid] = []
+                self.replicas[name].add(rid, prompt, req.output_len, arrival)
             self.events += 1
             r = self.replicas[name]  # the only replica this event may have given work
             if r.step is None:
@@ -95,11 +86,13 @@ class Simulation:
                  "prefix_cache_hit_rate": self._hit_rate()}
         return records, stats
 
-    def _record(self, t: _Tracked, index: int) -> RequestRecord:
-        times = t.token_times
-        itl = [b - a for a, b in zip(times, times[1:])] if self.keep_itl else []
-        return RequestRecord(True, t.prompt_len, t.tokens, times[0] - t.arrival, itl,
-                             times[-1] - t.arrival, t.arrival, session=index)
+    @staticmethod
+    def _record(req: Request, times: list[float] | None, index: int) -> RequestRecord:
+        """What bench serve records of a request, from the scheduler's own timestamps."""
+        itl = [b - a for a, b in zip(times, times[1:])] if times else []
+        return RequestRecord(True, req.num_prompt_tokens, req.num_output_tokens,
+                             req.first_token_time - req.arrival_time, itl,
+                             req.finished_time - req.arrival_time, req.arrival_time, session=index)
 
     def _hit_rate(self) -> float | None:
         q = sum(r.scheduler.prefix_cache_query_tokens for r in self.replicas.values())
@@ -107,14 +100,14 @@ class Simulation:
         return h / q if q else None
 
 
-def simulate(trace: list[TraceRequest], config: SimEngineConfig, model: StepTimeModel,
+def simulate(trace: list[TraceRequest], config: SimEngineConfig, model: StepModel,
              replicas: int = 1, router: str = "round-robin", keep_itl: bool = True,
-             percentiles: list[float] | None = None, slos: dict[str, float] | None = None
-             ) -> dict[str, Any]:
+             percentiles: list[float] | None = None, slos: dict[str, float] | None = None,
+             fluidity: tuple[float, float] | None = None) -> dict[str, Any]:
     """One simulated run: bench serve's result keys plus the simulator's own figures."""
     records, stats = Simulation(config, model, replicas, router, keep_itl).run(trace)
     first = min(r.arrival_s for r in trace)
     duration = max(r.start + r.latency for r in records) - first
     metrics = compute_metrics(records, max(duration, 1e-9), percentiles, None if keep_itl else
-                              ["ttft", "tpot", "e2el"], slos)
+                              ["ttft", "tpot", "e2el"], slos, fluidity)
     return {**metrics, **stats}

@@ -9,6 +9,9 @@ least squares (coefficients kept >= 0) on steps timed on the real engine:
 - prefill attention (each chunk token against its context: chunk x (start + chunk / 2)).
 On CPU the weights are read once per step, so batching many decodes costs little more than
 one: the decode-sequences term is small next to the fixed cost.
+
+For hardware that is not here, roofline.py computes a step's time from FLOPs and bytes
+instead; `load_step_model` reads either kind of file.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from servelm.simulate.roofline import RooflineStepModel
 from servelm.step_io import SchedulerOutput
 
 FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention")
@@ -37,6 +41,15 @@ def step_features(step: SchedulerOutput) -> list[float]:
             prefill += s.num_new_tokens
             attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
     return [1.0, prefill, decodes, context, attention]
+
+
+class StepModel(Protocol):
+    """What a simulated replica needs of a step-time model; `source["engine"]` holds the
+    engine options the model describes (SimEngineConfig's names)."""
+
+    source: dict[str, Any]
+
+    def seconds(self, step: SchedulerOutput) -> float: ...
 
 
 @dataclass
@@ -74,7 +87,8 @@ class StepTimeModel:
         return cls(full, source or {}, error)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"features": FEATURES, **asdict(self)}, indent=1))
+        Path(path).write_text(json.dumps({"kind": "fitted", "features": FEATURES, **asdict(self)},
+                                         indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> StepTimeModel:
@@ -86,3 +100,19 @@ class StepTimeModel:
             raise ValueError(f"--profile: {path} models the features {data.get('features')}, "
                              f"expected {list(FEATURES)}; profile again")
         return cls(data["coefficients"], data.get("source", {}), data.get("fit_error", {}))
+
+
+def load_step_model(path: str | Path) -> StepTimeModel | RooflineStepModel:
+    """A model file of either kind: "roofline", or fitted (files written before the kind
+    field existed have none, and are fitted)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
+    kind = data.get("kind", "fitted") if isinstance(data, dict) else None
+    if kind == "roofline":
+        return RooflineStepModel.from_dict(data, str(path))
+    if kind == "fitted":
+        return StepTimeModel.load(path)
+    raise ValueError(f"--profile: {path} holds a step-time model of kind {kind!r}; "
+                     "expected 'fitted' or 'roofline'")

@@ -17,24 +17,41 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from servelm.bench.serve_datasets import draw_lengths, send_times
 
-VOCAB = (100, 30000)  # token ids drawn for prompts: any ids work, only equality matters
 
-
-@dataclass
+@dataclass(slots=True)
 class TraceRequest:
+    """One request of a trace. Its prompt is drawn when asked for, from its own seed: a
+    million prompts are never all held at once."""
+
     arrival_s: float
-    prompt_ids: list[int]
+    prompt_len: int
     output_len: int
+    prefix: list[int] = field(default_factory=list)  # opening tokens (one list shared by many)
+    seed: int = 0
+
+    @classmethod
+    def of(cls, arrival_s: float, prompt_ids: list[int], output_len: int) -> TraceRequest:
+        """A request with the given prompt."""
+        return cls(arrival_s, len(prompt_ids), output_len, list(prompt_ids))
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        n = self.prompt_len - len(self.prefix)
+        if n <= 0:
+            return self.prefix[:self.prompt_len]
+        return self.prefix + _ids(n, random.Random(self.seed))
 
 
 def _ids(n: int, rng: random.Random) -> list[int]:
-    return [rng.randrange(*VOCAB) for _ in range(n)]
+    """n random token ids (any ids work: only equality matters to the prefix cache)."""
+    return memoryview(rng.randbytes(2 * n)).cast("H").tolist()
 
 
 def synthetic(name: str, n: int, input_len: int, output_len: int, ratio: float,
@@ -50,13 +67,16 @@ def synthetic(name: str, n: int, input_len: int, output_len: int, ratio: float,
     outs = draw_lengths(output_len, ratio, n, rng)
     prefixes = [_ids(prefix_len, rng) for _ in range(num_prefixes)] if name == "shared-prefix" else [[]]
     times = send_times(n, rate, burstiness, seed if arrival_seed is None else arrival_seed)
-    return [TraceRequest(t, prefixes[i % len(prefixes)] + _ids(ins[i], rng), outs[i])
-            for i, t in enumerate(times)]
+    trace = []
+    for i, t in enumerate(times):
+        prefix = prefixes[i % len(prefixes)]
+        trace.append(TraceRequest(t, len(prefix) + ins[i], outs[i], prefix, rng.getrandbits(63)))
+    return trace
 
 
 def from_file(path: str | Path, rate: float, burstiness: float, seed: int) -> list[TraceRequest]:
     path = Path(path)
-    rows = _rows(path)
+    rows = _rows(path, rate)
     rng = random.Random(seed)
     prefixes: dict[str, list[int]] = {}
     times = send_times(len(rows), rate, burstiness, seed)
@@ -69,22 +89,32 @@ def from_file(path: str | Path, rate: float, burstiness: float, seed: int) -> li
         prefix: list[int] = []
         if row.get("prefix_id") not in (None, ""):
             size = int(row.get("prefix_len") or 0)
-            prefix = prefixes.setdefault(str(row["prefix_id"]), _ids(size, rng))[:prompt_len]
+            prefix = prefixes.setdefault(str(row["prefix_id"]), _ids(size, rng))
         arrival = float(row["arrival_s"]) if row.get("arrival_s") not in (None, "") else times[i]
-        out.append(TraceRequest(arrival, prefix + _ids(prompt_len - len(prefix), rng), max(1, output_len)))
+        out.append(TraceRequest(arrival, prompt_len, max(1, output_len), prefix, rng.getrandbits(63)))
     return sorted(out, key=lambda r: r.arrival_s)
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path, rate: float) -> list[dict]:
     text = path.read_text()
     if path.suffix == ".csv":
         return list(csv.DictReader(text.splitlines()))
     if path.suffix == ".json":  # a bench serve result with its requests
-        data = json.loads(text)
-        runs = data.get("runs") or [data]
-        reqs = runs[0].get("requests")
-        if not reqs:
-            raise ValueError(f"{path}: a bench serve result needs its requests (--save-detailed)")
-        return [{"arrival_s": r["start_s"], "prompt_len": r["prompt_len"],
-                 "output_len": r["output_len"]} for r in reqs if r.get("success")]
+        return _result_rows(path, json.loads(text), rate)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _result_rows(path: Path, data: dict, rate: float) -> list[dict]:
+    """The requests of a bench serve result's run at `rate` (its first system's), as sent."""
+    systems = data.get("systems") or {}
+    runs = next(iter(systems.values()))["runs"] if systems else data.get("runs") or [data]
+    if len(runs) > 1:
+        want = "inf" if math.isinf(rate) else rate
+        runs = [r for r in runs if r.get("request_rate") == want]
+        if not runs:
+            raise ValueError(f"--trace: {path} has no run at --request-rate {want}")
+    reqs = runs[0].get("requests")
+    if not reqs:
+        raise ValueError(f"--trace: {path} lacks its requests (run bench serve with --save-detailed)")
+    return [{"arrival_s": r["start_s"], "prompt_len": r["prompt_len"], "output_len": r["output_len"]}
+            for r in reqs if r.get("success")]

@@ -25,7 +25,7 @@ def test_random_completions_run_writes_vllm_keys_and_plot(server, tiny_model_dir
     out = tmp_path / "r.json"
     rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "6",
                "--random-input-len", "12", "--random-output-len", "5", "--request-rate", "40",
-               "--ignore-eos", "--goodput", "ttft:60000", "e2el:60000",
+               "--ignore-eos", "--goodput", "ttft:60000", "e2el:60000", "--fluidity", "60000:60000",
                "--metric-percentiles", "90,99", "--save-detailed")
     assert rc == 0
     res = json.loads(out.read_text())
@@ -41,6 +41,8 @@ def test_random_completions_run_writes_vllm_keys_and_plot(server, tiny_model_dir
     assert res["total_input_tokens"] == sum(r["prompt_len"] for r in reqs)
     assert res["request_throughput"] == pytest.approx(6 / res["duration_s"])
     assert res["request_goodput"] == pytest.approx(res["request_throughput"])  # generous SLOs
+    assert res["fluidity_index"] == 1.0 and res["fluidity_targets_ms"] == {"ttft": 60000,
+                                                                           "tbt": 60000}
     # Every latency statistic again from the per-request records.
     assert all(r["success"] and r["output_len"] == 5 for r in reqs)
     samples = {"ttft": [r["ttft_s"] for r in reqs], "e2el": [r["latency_s"] for r in reqs],

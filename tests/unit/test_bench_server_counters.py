@@ -11,7 +11,8 @@ HEAD = """# HELP servelm:prefix_cache_hits_total Prompt tokens found in the pref
 """
 
 
-def replicas(hits0, hits1, queries0, queries1, routed0, routed1, retried=0, failed=0) -> str:
+def replicas(hits0, hits1, queries0, queries1, routed0, routed1, retried=0, failed=0,
+             preempted=0) -> str:
     m = 'model="llama-30m",replica="llama-30m-{}"'
     return HEAD + f"""servelm:prefix_cache_hits_total{{{m.format(0)}}} {hits0}
 servelm:prefix_cache_hits_total{{{m.format(1)}}} {hits1}
@@ -22,6 +23,8 @@ servelm:router_requests_routed_total{{{m.format(1)}}} {routed1}
 servelm:router_requests_routed_total{{{m.format(0)}}} {routed0}
 servelm:router_requests_retried_total{{model="llama-30m"}} {retried}
 servelm:router_requests_failed_total{{model="llama-30m"}} {failed}
+servelm:num_preemptions_total{{{m.format(0)}}} {preempted}
+servelm:num_preemptions_total{{{m.format(1)}}} 4
 """
 
 
@@ -34,12 +37,13 @@ def test_parse_keeps_names_labels_and_values():
 
 def test_deltas_sum_the_replicas_and_count_requests_per_replica():
     before = parse_metrics(replicas(10, 0, 100, 50, 3, 2, retried=1))
-    after = parse_metrics(replicas(70, 30, 200, 150, 8, 9, retried=3, failed=1))
+    after = parse_metrics(replicas(70, 30, 200, 150, 8, 9, retried=3, failed=1, preempted=6))
     d = counter_deltas(before, after)
     assert d["prefix_cache_hit_tokens"] == 90 and d["prefix_cache_query_tokens"] == 200
     assert d["prefix_cache_hit_rate"] == pytest.approx(0.45)
     assert d["requests_per_replica"] == {"llama-30m-0": 5, "llama-30m-1": 7}
     assert d["requests_retried"] == 2 and d["requests_failed"] == 1
+    assert d["num_preemptions"] == 6  # replica 1's 4 were there before
     notes = counter_notes("servelm-replicas-prefix-aware rate inf", d)
     assert notes == ["servelm-replicas-prefix-aware rate inf: prefix-cache hit rate 45.0% "
                      "(90 of 200 prompt tokens, server counters)",

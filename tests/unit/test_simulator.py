@@ -6,6 +6,7 @@ writes bench serve's result keys."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -59,14 +60,14 @@ def test_it_schedules_what_the_real_engine_schedules(tiny_model_dir):
         return seconds
 
     replica.start_step = capture
-    records, stats = sim.run([TraceRequest(0.0, ids, out) for ids, out in reqs])
+    records, stats = sim.run([TraceRequest.of(0.0, ids, out) for ids, out in reqs])
     assert batches(simulated) == batches(real)
     assert stats["num_preemptions"] == engine.scheduler.num_preemptions > 0
     assert sorted(r.output_len for r in records) == sorted(out for _, out in reqs)
 
 
 def test_times_come_from_the_step_model():
-    trace = [TraceRequest(0.5, list(range(100, 150)), 4)]
+    trace = [TraceRequest.of(0.5, list(range(100, 150)), 4)]
     config = SimEngineConfig(num_kv_blocks=64, block_size=16, max_model_len=512)
     records, stats = Simulation(config, MODEL).run(trace)
     (r,) = records
@@ -115,6 +116,20 @@ def test_workloads_draw_bench_serves_lengths(tiny_model_dir, tmp_path):
     rows = from_file(path, 1.0, 1.0, 0)
     assert [(r.arrival_s, len(r.prompt_ids), r.output_len) for r in rows] == [(1.0, 20, 3), (2.0, 40, 5)]
     assert rows[0].prompt_ids[:16] == rows[1].prompt_ids[:16]
+    assert rows[0].prompt_ids == rows[0].prompt_ids  # drawn when asked, the same each time
+
+
+def test_a_bench_serve_result_replays_the_run_at_each_rate(tmp_path):
+    def run(rate, starts):
+        return {"request_rate": rate, "requests": [
+            {"start_s": t, "prompt_len": 30, "output_len": 4, "success": True} for t in starts]}
+    path = tmp_path / "real.json"
+    path.write_text(json.dumps({"systems": {"servelm": {"runs": [run(2.0, [0.0, 0.5]),
+                                                                  run("inf", [0.0, 0.0, 0.0])]}}}))
+    assert [r.arrival_s for r in from_file(path, 2.0, 1.0, 0)] == [0.0, 0.5]
+    assert len(from_file(path, math.inf, 1.0, 0)) == 3
+    with pytest.raises(ValueError, match="no run at --request-rate 6.0"):
+        from_file(path, 6.0, 1.0, 0)
     with pytest.raises(ValueError, match="'random' or 'shared-prefix'"):
         synthetic("mt-bench", 1, 1, 1, 0, 1, 1, 0)
 
