@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -146,6 +147,16 @@ class _Turns:
     def count_output(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
 
+    def common_prefix(self, convs: list[Conversation]) -> int:
+        """Tokens every conversation's first prompt opens with (a chat template's, a system
+        prompt's): what a replay of the run (`servelm simulate run --trace`) has them share."""
+        prompts = []
+        for conv in convs:
+            prompt = self.prompt(conv, 0, [])
+            text = prompt if isinstance(prompt, str) else render_prompt(self.tok, prompt)
+            prompts.append(self.tok.encode(text, add_special_tokens=False))
+        return len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+
 
 async def run_rate(target: Target, convs: list[Conversation], turns: _Turns, rate: float,
                    cfg: ServeConfig) -> tuple[list[RequestRecord], float]:
@@ -239,6 +250,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
             run["server_counters"] = counters
         if cfg.save_detailed:
             run["requests"] = _detail(records)
+            run["common_prefix_tokens"] = turns.common_prefix(convs)
         runs.append(run)
         samples[run["request_rate"]] = metric_samples(records)
     return {"base_url": base_url, "model_id": model}, runs, samples

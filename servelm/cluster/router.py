@@ -1,5 +1,5 @@
-"""Which replica serves a request: round-robin, least-loaded, power-of-two choices, or
-prefix-aware (the default), with chat sessions kept on one replica.
+"""Which replica serves a request: round-robin, least-loaded, power-of-two choices,
+speed-aware, or prefix-aware (the default), with chat sessions kept on one replica.
 
 Plain bookkeeping, no I/O: the serving front end reports each replica's load (requests it
 has outstanding, and its KV usage when the replica reports it) and calls `route` and
@@ -8,7 +8,10 @@ approximate tree of the prompts sent to it (radix.py); a request goes to the rep
 tree holds its longest prefix (the least loaded of those within `match_slack` of it),
 unless the replicas' loads are out of balance (then the least loaded takes it) or no
 replica holds enough of it (then the least loaded, and of equals the one that has cached
-least, spreading distinct prefixes over the replicas' caches).
+least, spreading distinct prefixes over the replicas' caches). Speed-aware routing is for
+replicas of unequal speed (mixed GPU generations, edge devices): the one whose requests,
+this one included, would take the least time at its speed, (outstanding + 1) / speed;
+with equal speeds it is least-loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 from servelm.cluster.radix import PrefixTree
 
-POLICIES = ("round-robin", "least-loaded", "power-of-two", "prefix-aware")
+POLICIES = ("round-robin", "least-loaded", "power-of-two", "speed-aware", "prefix-aware")
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Replica:
     name: str
     outstanding: int = 0  # requests routed to it and not finished
     kv_usage: float = 0.0  # its KV cache in use, 0-1, as it last reported
+    speed: float = 1.0  # relative throughput, for speed-aware routing
     tree: PrefixTree = field(default_factory=PrefixTree)
 
     @property
@@ -60,8 +64,10 @@ class Router:
         self._turn = itertools.count()
         self._rng = random.Random(self.options.seed)
 
-    def add_replica(self, name: str) -> None:
-        self.replicas[name] = Replica(name, tree=PrefixTree(self.options.tree_tokens))
+    def add_replica(self, name: str, speed: float = 1.0) -> None:
+        if not speed > 0:
+            raise ValueError(f"replica {name}: speed must be > 0, got {speed}")
+        self.replicas[name] = Replica(name, speed=speed, tree=PrefixTree(self.options.tree_tokens))
 
     def remove_replica(self, name: str) -> None:
         """Out of rotation (dead, or scaled down); its sessions move on their next turn."""
@@ -109,6 +115,8 @@ class Router:
             return replicas[next(self._turn) % len(replicas)]
         if self.policy == "least-loaded":
             return min(replicas, key=lambda r: r.load)
+        if self.policy == "speed-aware":
+            return min(replicas, key=lambda r: ((r.outstanding + 1) / r.speed, r.kv_usage))
         if self.policy == "power-of-two":
             picks = self._rng.sample(replicas, min(2, len(replicas)))
             return min(picks, key=lambda r: r.load)

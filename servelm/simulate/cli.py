@@ -32,13 +32,19 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     p.add_argument("--from-step-trace", nargs="+", default=None, metavar="FILE",
                    help="fit on steps a server recorded while serving (servelm serve --step-trace "
                         "FILE) instead of timing the grid")
+    p.add_argument("--calibrate-on", default=None, metavar="RESULT",
+                   help="a bench serve result (--save-detailed) of that serving run: fit the "
+                        "front-end delay that brings the replayed run's TTFT closest to it")
     add_engine_args(p)
     _add_roofline_args(p)
     p.set_defaults(func=cmd_profile)
 
     p = ssub.add_parser("run", help="replay a bench-serve workload on simulated replicas")
-    p.add_argument("--profile", required=True, help="step-time model from `simulate profile`")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--profile", required=True, nargs="+", metavar="FILE",
+                   help="step-time model from `simulate profile`; several make a cluster of "
+                        "unlike replicas (mixed GPU generations, edge devices)")
+    p.add_argument("--replicas", type=int, nargs="+", default=None, metavar="N",
+                   help="replicas of each --profile (default 1 each)")
     p.add_argument("--router", choices=ROUTERS, default="round-robin")
     g = p.add_argument_group("workload (as bench serve)")
     g.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix"])
@@ -58,6 +64,7 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None)
+    _add_cluster_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS")
     g.add_argument("--fluidity", default=None, metavar="TTFT_MS:TBT_MS",
@@ -69,11 +76,47 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     g.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 
+    from servelm.simulate.fidelity import add_compare_parser
+    from servelm.simulate.plan_cli import add_plan_parser
+
+    add_plan_parser(ssub, add_hardware_args)
+    add_compare_parser(ssub)
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    from servelm.simulate.replica import ROLES
+    from servelm.simulate.spot import RECOVERIES
+
+    g = p.add_argument_group("disaggregation (prefill/decode replicas) and the K/V link")
+    g.add_argument("--roles", nargs="+", choices=ROLES, default=None, metavar="ROLE",
+                   help="role of each --profile's replicas: both (default), or prefill and "
+                        "decode (one --profile file may be given twice)")
+    g.add_argument("--kv-link-gbs", type=float, default=25.0,
+                   help="replica-to-replica K/V bandwidth, GB/s one way (assumption: a 200 Gb/s "
+                        "NIC); handovers, migrations")
+    g.add_argument("--kv-link-latency-ms", type=float, default=1.0, help="per move (assumption)")
+    g.add_argument("--kv-bytes-per-token", type=float, default=None,
+                   help="K/V bytes of one token (default: a roofline profile's own; 131072, "
+                        "Llama-3-8B in bf16, for a fitted one)")
+    g = p.add_argument_group("spot replicas (preemptible: a notice, then gone after a grace period)")
+    g.add_argument("--spot-replicas", type=int, nargs="+", default=None, metavar="N",
+                   help="how many of each --profile's replicas are spot (the first N)")
+    g.add_argument("--spot-kill-times", type=float, nargs="+", default=None, metavar="S",
+                   help="simulated seconds of the notices, each to a random live spot replica")
+    g.add_argument("--spot-mean-lifetime-s", type=float, default=None,
+                   help="or: each spot replica gets its notice after an exponential lifetime")
+    g.add_argument("--spot-grace-s", type=float, default=30.0, help="notice to vanishing")
+    g.add_argument("--spot-recovery", choices=RECOVERIES, default="migrate",
+                   help="migrate: move running requests with their K/V during the grace period; "
+                        "restart: recompute them elsewhere once the replica is gone")
+    g.add_argument("--spot-replacement-delay-s", type=float, default=None,
+                   help="a fresh spot replica joins this long after one vanishes (default: none)")
+    g.add_argument("--spot-seed", type=int, default=0)
+
 
 def _add_roofline_args(p: argparse.ArgumentParser) -> None:
     from servelm.simulate.hardware import GPU_CHOICES
     from servelm.simulate.model_shape import MODEL_PRESETS
-    from servelm.simulate.roofline import KV_DTYPES, WEIGHT_DTYPES
 
     g = p.add_argument_group("roofline (no engine runs; engine flags that apply: --block-size, "
                              "--max-num-seqs, --max-num-batched-tokens, --max-model-len, "
@@ -88,6 +131,14 @@ def _add_roofline_args(p: argparse.ArgumentParser) -> None:
                    help="short for --tensor-parallel-size")
     g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=argparse.SUPPRESS,
                    help="short for --pipeline-parallel-size")
+    add_hardware_args(g)
+
+
+def add_hardware_args(g: Any) -> None:
+    """The roofline model's dtype, memory, efficiency and GPU-figure flags, shared by
+    `simulate profile --roofline` and `simulate plan`."""
+    from servelm.simulate.roofline import KV_DTYPES, WEIGHT_DTYPES
+
     g.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16")
     g.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -136,7 +187,7 @@ def _roofline(args: argparse.Namespace):
 def cmd_profile(args: argparse.Namespace) -> int:
     from servelm.config import EngineConfig
     from servelm.engine_args import engine_kwargs
-    from servelm.simulate.profile import describe, fit_step_trace, profile
+    from servelm.simulate.profile import calibrate_frontend_delay, describe, fit_step_trace, profile
     from servelm.simulate.roofline import describe_roofline
 
     if args.roofline:
@@ -146,8 +197,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 0
     if args.gpu is not None or args.model_config is not None:
         raise ValueError("--gpu and --model-config go with --roofline")
+    if args.calibrate_on and not args.from_step_trace:
+        raise ValueError("--calibrate-on goes with --from-step-trace (the run it recorded)")
     if args.from_step_trace:
         model = fit_step_trace(args.from_step_trace)
+        if args.calibrate_on:
+            model.frontend_delay_s = calibrate_frontend_delay(model, args.calibrate_on)
     else:
         model = profile(EngineConfig(model=args.model, **engine_kwargs(args)), args.repeats,
                         progress(False))
@@ -156,19 +211,55 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def replica_specs(profiles: list[str], counts: list[int] | None, args: argparse.Namespace):
+    """One ReplicaSpec per step-time model file, with the engine it was profiled on (less the
+    options given on the command line) and its count from --replicas."""
+    from servelm.simulate.replica import ReplicaSpec, SimEngineConfig
+    from servelm.simulate.step_model import load_step_model
+
+    counts = counts or [1] * len(profiles)
+    roles = getattr(args, "roles", None) or ["both"] * len(profiles)
+    spots = getattr(args, "spot_replicas", None) or [0] * len(profiles)
+    for flag, given in (("--replicas", counts), ("--roles", roles), ("--spot-replicas", spots)):
+        if len(given) != len(profiles):
+            raise ValueError(f"{flag}: give one per --profile ({len(profiles)}), got {given}")
+    stems = [Path(p).stem + ("" if role == "both" else f"-{role}") for p, role in zip(profiles, roles)]
+    names = stems if len(set(stems)) == len(stems) else [f"{s}-{i}" for i, s in enumerate(stems)]
+    specs = []
+    for i, (path, count) in enumerate(zip(profiles, counts)):
+        model = load_step_model(path)
+        profiled = model.source.get("engine", {})
+        config = SimEngineConfig(**{k: v for k, v in profiled.items()
+                                    if k in SimEngineConfig.__dataclass_fields__})
+        config = dataclasses.replace(config, **{k: getattr(args, k) for k in OVERRIDES
+                                                if getattr(args, k) is not None})
+        specs.append(ReplicaSpec(model, config, count, names[i], roles[i], spots[i]))
+    return specs
+
+
+def cluster_options(args: argparse.Namespace):
+    """The K/V link, and the spot options when any replica is spot (None otherwise)."""
+    from servelm.simulate.disagg import KVLink
+    from servelm.simulate.spot import SpotOptions
+
+    link = KVLink(args.kv_link_gbs, args.kv_link_latency_ms, args.kv_bytes_per_token)
+    spot_flags = (args.spot_kill_times, args.spot_mean_lifetime_s, args.spot_replacement_delay_s)
+    if not any(args.spot_replicas or ()):
+        if any(f is not None for f in spot_flags):
+            raise ValueError("--spot-kill-times, --spot-mean-lifetime-s and "
+                             "--spot-replacement-delay-s need --spot-replicas")
+        return link, None
+    return link, SpotOptions(args.spot_kill_times, args.spot_mean_lifetime_s, args.spot_grace_s,
+                             args.spot_recovery, args.spot_replacement_delay_s, args.spot_seed)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from servelm.bench.serve_metrics import parse_fluidity, parse_goodput
-    from servelm.simulate.replica import SimEngineConfig
     from servelm.simulate.simulator import simulate
-    from servelm.simulate.step_model import load_step_model
     from servelm.simulate.workload import from_file, synthetic
 
-    model = load_step_model(args.profile)
-    profiled = model.source.get("engine", {})
-    config = SimEngineConfig(**{k: v for k, v in profiled.items()
-                                if k in SimEngineConfig.__dataclass_fields__})
-    config = dataclasses.replace(config, **{k: getattr(args, k) for k in OVERRIDES
-                                            if getattr(args, k) is not None})
+    specs = replica_specs(args.profile, args.replicas, args)
+    link, spot = cluster_options(args)
     slos, fluidity = parse_goodput(args.goodput), parse_fluidity(args.fluidity)
     if fluidity and args.no_itl:
         raise ValueError("--fluidity needs every token's time: drop --no-itl")
@@ -182,16 +273,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                               args.random_output_len, args.random_range_ratio, rate, args.burstiness,
                               args.seed + i, args.shared_prefix_len, args.shared_prefix_num_prefixes,
                               arrival_seed=args.seed)
-        say(f"rate {rate} req/s: {len(trace)} requests on {args.replicas} simulated replicas ...")
-        result = simulate(trace, config, model, args.replicas, args.router, not args.no_itl,
-                          args.metric_percentiles, slos, fluidity)
+        say(f"rate {rate} req/s: {len(trace)} requests on "
+            f"{sum(s.count for s in specs)} simulated replicas ...")
+        result = simulate(trace, specs, args.router, not args.no_itl, args.metric_percentiles,
+                          slos, fluidity, link, spot)
         runs.append({"request_rate": "inf" if math.isinf(rate) else rate, **result})
         say(f"  {result['completed']} done in {result['wall_s']:.1f}s ({result['events_per_s']:.0f} "
             f"events/s): mean TTFT {result['mean_ttft_ms']:.1f} ms, mean TPOT "
             f"{result['mean_tpot_ms']:.2f} ms, {result['output_throughput']:.1f} tok/s")
+        if spot is not None or result["num_handovers"]:
+            say(f"  {result['num_handovers']} handovers, {result['num_migrations']} migrations, "
+                f"{result['num_restarted_requests']} restarted ({result['recomputed_tokens']} "
+                f"tokens recomputed), {result['replicas_lost']} replicas lost")
     out = result_path(args.result_file, "simulate")
-    doc = {**result_header("simulate"), "profile": str(Path(args.profile)), "engine": vars(config),
-           "replicas": args.replicas, "router": args.router, "runs": runs,
+    doc = {**result_header("simulate"), "replicas": [
+               {"name": s.name, "count": s.count, "role": s.role, "spot": s.spot,
+                "profile": str(Path(p)), "engine": vars(s.config), "decode_tokens_per_s": s.decode_rate,
+                "kv_bytes_per_token": link.bytes_per_token_of(s.model)}
+               for s, p in zip(specs, args.profile)],
+           "router": args.router, "kv_link": vars(link), "spot": spot and vars(spot), "runs": runs,
            **(runs[0] if len(runs) == 1 else {})}
     write_result(doc, out)
     print(f"results: {out}", file=sys.stderr)

@@ -13,6 +13,7 @@ warm-up is not kept.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import time
@@ -45,7 +46,8 @@ def _timed_steps(llm: AsyncLLM, batch: list[tuple[list[int], SamplingParams]],
         start = time.perf_counter()
         out = step()
         steps = [s for s in scheduled if s.scheduled]
-        starts.append((start, step_features(steps[0]) if len(steps) == 1 else None,
+        after_idle = not starts or not starts[-1][2]  # each batch starts an idle engine
+        starts.append((start, step_features(steps[0], after_idle) if len(steps) == 1 else None,
                        engine.has_unfinished_requests()))
         return out
 
@@ -113,14 +115,36 @@ def fit_step_trace(paths: list[str]) -> StepTimeModel:
             raise ValueError(f"--from-step-trace: cannot read {path}: {exc}") from exc
         steps = [x for x in lines if "batch" in x]
         header = next((x for x in lines if "engine" in x), header)
-        for a, b in zip(steps, steps[1:]):
+        for before, a, b in zip([{"busy": False}, *steps], steps, steps[1:]):
             if a["busy"] and b["t"] > a["t"]:
                 step = SchedulerOutput([ScheduledRequest("", n, c, num_draft_tokens=d) for n, c, d in a["batch"]])
-                samples.append((step_features(step), b["t"] - a["t"]))
+                samples.append((step_features(step, not before["busy"]), b["t"] - a["t"]))
     if not header:
         raise ValueError(f"--from-step-trace: {paths} hold no engine header (written by servelm serve --step-trace)")
     return StepTimeModel.fit([f for f, _ in samples], [s for _, s in samples], source={
         **header, "steps": len(samples), "step_trace": [str(p) for p in paths]})
+
+
+def calibrate_frontend_delay(model: StepTimeModel, result_path: str,
+                             candidates_ms: range = range(0, 101, 2)) -> float:
+    """The front-end delay (StepTimeModel.frontend_delay_s) that brings the simulated mean
+    TTFT closest to a measured bench serve run's, over its rates (the run is replayed: its
+    arrivals and lengths). Steps time only the engine; what a request spends before it
+    reaches the scheduler shows only at the client."""
+    from servelm.simulate.replica import ReplicaSpec
+    from servelm.simulate.simulator import simulate
+    from servelm.simulate.workload import bench_rates, from_file
+
+    config = SimEngineConfig(**{k: v for k, v in model.source.get("engine", {}).items()
+                                if k in SimEngineConfig.__dataclass_fields__})
+    measured = [(from_file(result_path, rate, 1.0, 0), ttft) for rate, ttft in bench_rates(result_path)]
+
+    def error(delay_ms: int) -> float:
+        trial = dataclasses.replace(model, frontend_delay_s=delay_ms / 1e3)
+        sims = [simulate(trace, [ReplicaSpec(trial, config)])["mean_ttft_ms"] for trace, _ in measured]
+        return sum(abs(sim / ttft - 1) for sim, (_, ttft) in zip(sims, measured))
+
+    return min(candidates_ms, key=error) / 1e3
 
 
 def sim_config(engine: LLMEngine) -> SimEngineConfig:
@@ -133,4 +157,5 @@ def sim_config(engine: LLMEngine) -> SimEngineConfig:
 
 
 def describe(model: StepTimeModel) -> dict[str, Any]:
-    return {"coefficients": model.coefficients, "fit_error": model.fit_error, **model.source}
+    return {"coefficients": model.coefficients, "frontend_delay_s": model.frontend_delay_s,
+            "fit_error": model.fit_error, **model.source}

@@ -1,20 +1,27 @@
 """One simulated engine replica: the real Scheduler and KV cache manager, on the
 simulator's clock, with each step's duration from the step-time model and its "output" a
-token for every request whose scheduled chunk reached the end of its tokens."""
+token for every request whose scheduled chunk reached the end of its tokens.
+
+A request that moves between replicas (a prefill replica's handover, a live migration, a
+replay after a replica is lost) leaves and joins through the calls engine/handoff.py makes
+on the real engine, so the scheduler and KV state are what the real engine's would be."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from servelm.cluster.router import Router
 from servelm.engine.policies import Policy
-from servelm.engine.request import Request
+from servelm.engine.request import Request, RequestStatus
 from servelm.engine.scheduler import Scheduler
 from servelm.kv.manager import KVCacheManager
 from servelm.sampling_params import SamplingParams
 from servelm.simulate.step_model import StepModel
-from servelm.step_io import ModelRunnerOutput, SchedulerOutput
+from servelm.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
+ROLES = ("both", "prefill", "decode")
 SIM_TOKEN = 0  # what every simulated step samples (EOS is ignored: lengths come from the trace)
 _SAMPLED, _NOTHING = [SIM_TOKEN], []  # read only, so shared by every request
 
@@ -34,23 +41,68 @@ class SimEngineConfig:
     scheduling_policy: str = "fcfs"
 
 
+@dataclass
+class ReplicaSpec:
+    """One kind of replica in a simulated cluster (several kinds: mixed GPU generations, edge
+    devices): its step-time model, its engine options and how many there are."""
+
+    model: StepModel
+    config: SimEngineConfig
+    count: int = 1
+    name: str = "sim"
+    role: str = "both"  # or "prefill" / "decode": disaggregated serving
+    spot: int = 0  # how many of the `count` are preemptible (the first ones)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"--roles: {self.role!r} is not one of {', '.join(ROLES)}")
+        if not 0 <= self.spot <= self.count:
+            raise ValueError(f"--spot-replicas: {self.spot} for {self.name!r}, which has "
+                             f"{self.count} replicas (allowed: 0 to {self.count})")
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second decoding 16 requests at 512 tokens of context: the replica's speed
+        as a speed-aware router weighs it."""
+        step = SchedulerOutput([ScheduledRequest("", 1, 512) for _ in range(16)])
+        return 16 / self.model.seconds(step)
+
+
+def sim_request(request_id: str, prompt_ids: list[int], output_len: int, now: float,
+                max_model_len: int) -> Request:
+    """A trace request as the engine holds it: exactly `output_len` tokens (EOS ignored)."""
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    return Request(request_id, prompt_ids, params, (), max_model_len, arrival_time=now)
+
+
 class SimReplica:
     def __init__(self, name: str, config: SimEngineConfig, model: StepModel,
-                 clock: Callable[[], float]) -> None:
-        self.name, self.config, self.model = name, config, model
+                 clock: Callable[[], float], role: str = "both", born: float = 0.0) -> None:
+        self.name, self.config, self.model, self.role = name, config, model, role
         kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                             config.num_swap_blocks)
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode, Policy(config.scheduling_policy),
                                    max_model_len=config.max_model_len, clock=clock)
         self.step: SchedulerOutput | None = None  # the step in progress
+        self.step_end = 0.0  # when it ends
         self.num_steps = 0
         self.busy_s = 0.0
+        self.idle = True  # nothing ran since the last step (or ever): the next wakes it
+        self.born, self.died = born, None  # died: when a spot replica vanished
+        self.router: Router | None = None  # its group's (set by the simulation)
+        self.spot = False
+        self.draining = False  # a spot replica after its notice: its requests move away
+        self.vanish_at = math.inf  # a spot replica's end, once it has its notice
+        self.last_step_s = 0.0  # how long its latest step took
+        self.link_free_at = 0.0  # its outbound K/V link is busy until then
+        self.kv_bytes_per_token = 0.0
+        # the simulation looks at it after each step: prefill (hands requests over) or draining
+        self.hooked = role == "prefill"
 
     def add(self, request_id: str, prompt_ids: list[int], output_len: int, now: float,
             priority: int = 0) -> Request:
-        params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-        req = Request(request_id, prompt_ids, params, (), self.config.max_model_len, arrival_time=now)
+        req = sim_request(request_id, prompt_ids, output_len, now, self.config.max_model_len)
         req.priority = priority
         self.scheduler.add(req)
         return req
@@ -59,9 +111,11 @@ class SimReplica:
         """Schedule the next step; its duration, or None when there is nothing to run."""
         step = self.scheduler.schedule()
         if not step.scheduled:  # at most news for the worker (finished ids): no step to time
+            self.idle = True
             return None
         self.step = step
-        seconds = self.model.seconds(step)
+        self.last_step_s = seconds = self.model.seconds(step, self.idle)
+        self.idle = False
         self.num_steps += 1
         self.busy_s += seconds
         return seconds
@@ -80,3 +134,35 @@ class SimReplica:
         nones, zeros = [None] * n, [0] * n  # no logprobs, drafts or K/V compression
         result = ModelRunnerOutput(ids, sampled, nones, nones, zeros, zeros, [], zeros)
         return self.scheduler.update_from_output(step, result)
+
+    def export(self, req: Request) -> Request:
+        """Take a request out, as handoff.export_request does: finished here (its blocks
+        freed, the full ones still findable by the prefix cache); `req` keeps its tokens,
+        params and times for the replica that goes on with it."""
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    def take(self, old: Request, with_kv: bool) -> bool:
+        """Go on with a request another replica gave up, as handoff.import_request does:
+        its K/V written into freshly allocated blocks and adopted by the scheduler, or, when
+        there is no K/V (a lost replica) or no room for it, recomputed from its tokens.
+        Returns whether the K/V was taken. Its arrival and first token stay those of its
+        stream (TTFT is where the first token came from)."""
+        req = Request(old.request_id, old.prompt_token_ids, old.params, (),
+                      self.config.max_model_len, arrival_time=old.arrival_time)
+        req.priority = old.priority
+        for token in old.output_token_ids:
+            req.append_token(token)
+        req.first_token_time = old.first_token_time
+        kv, n = self.scheduler.kv, req.num_tokens - 1
+        if with_kv and req.output_token_ids and kv.can_allocate(req.request_id, n):
+            kv.allocate(req.request_id, n)
+            req.num_computed_tokens = n
+            self.scheduler.adopt(req)
+            return True
+        self.scheduler.add(req)
+        return False
+
+    def requests(self) -> list[Request]:
+        """Every unfinished request here: running, waiting or swapped out."""
+        return list(self.scheduler.requests.values())

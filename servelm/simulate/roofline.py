@@ -104,8 +104,8 @@ class RooflineStepModel:
 
     # -- time ------------------------------------------------------------------------------
 
-    def seconds(self, step: SchedulerOutput) -> float:
-        return self.step_seconds(step.scheduled)
+    def seconds(self, step: SchedulerOutput, after_idle: bool = False) -> float:
+        return self.step_seconds(step.scheduled)  # a GPU idles warm: no wake-up cost
 
     def step_seconds(self, items: list[ScheduledRequest]) -> float:
         tokens = sampled = 0

@@ -26,11 +26,13 @@ import numpy as np
 from servelm.simulate.roofline import RooflineStepModel
 from servelm.step_io import SchedulerOutput
 
-FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention")
+FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention",
+            "after_idle")
 
 
-def step_features(step: SchedulerOutput) -> list[float]:
-    """The features of one scheduled step (a one-token item is a decode)."""
+def step_features(step: SchedulerOutput, after_idle: bool = False) -> list[float]:
+    """The features of one scheduled step (a one-token item is a decode); `after_idle`: the
+    engine had nothing to do before it (waking up costs: on this machine tens of ms)."""
     prefill = decodes = context = attention = 0.0
     for s in step.scheduled:
         n = s.num_new_tokens - s.num_draft_tokens
@@ -40,7 +42,7 @@ def step_features(step: SchedulerOutput) -> list[float]:
         else:
             prefill += s.num_new_tokens
             attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
-    return [1.0, prefill, decodes, context, attention]
+    return [1.0, prefill, decodes, context, attention, float(after_idle)]
 
 
 class StepModel(Protocol):
@@ -49,7 +51,7 @@ class StepModel(Protocol):
 
     source: dict[str, Any]
 
-    def seconds(self, step: SchedulerOutput) -> float: ...
+    def seconds(self, step: SchedulerOutput, after_idle: bool = False) -> float: ...
 
 
 @dataclass
@@ -59,9 +61,17 @@ class StepTimeModel:
     coefficients: list[float]
     source: dict[str, Any] = field(default_factory=dict)
     fit_error: dict[str, float] = field(default_factory=dict)  # on the profiled steps
+    # From a client's send to its request reaching the scheduler (HTTP, tokenizing, and on a
+    # busy machine the wait for the server's event loop): fitted by calibrate_frontend_delay.
+    frontend_delay_s: float = 0.0
 
-    def seconds(self, step: SchedulerOutput) -> float:
-        return sum(c * f for c, f in zip(self.coefficients, step_features(step)))
+    def __post_init__(self) -> None:
+        if len(self.coefficients) > len(FEATURES):
+            raise ValueError(f"{len(self.coefficients)} coefficients for {len(FEATURES)} features")
+        self.coefficients = [*self.coefficients, *[0.0] * (len(FEATURES) - len(self.coefficients))]
+
+    def seconds(self, step: SchedulerOutput, after_idle: bool = False) -> float:
+        return sum(c * f for c, f in zip(self.coefficients, step_features(step, after_idle)))
 
     @classmethod
     def fit(cls, features: list[list[float]], seconds: list[float],
@@ -96,10 +106,13 @@ class StepTimeModel:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
-        if tuple(data.get("features", ())) != FEATURES:
+        features, coefficients = tuple(data.get("features", ())), list(data.get("coefficients", ()))
+        # FEATURES[:5]: written before after_idle was a feature (it costs 0 there)
+        if features not in (FEATURES, FEATURES[:5]) or len(coefficients) != len(features):
             raise ValueError(f"--profile: {path} models the features {data.get('features')}, "
                              f"expected {list(FEATURES)}; profile again")
-        return cls(data["coefficients"], data.get("source", {}), data.get("fit_error", {}))
+        return cls(coefficients, data.get("source", {}), data.get("fit_error", {}),
+                   float(data.get("frontend_delay_s", 0.0)))
 
 
 def load_step_model(path: str | Path) -> StepTimeModel | RooflineStepModel:

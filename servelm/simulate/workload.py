@@ -74,10 +74,14 @@ def synthetic(name: str, n: int, input_len: int, output_len: int, ratio: float,
     return trace
 
 
-def from_file(path: str | Path, rate: float, burstiness: float, seed: int) -> list[TraceRequest]:
+def from_file(path: str | Path, rate: float, burstiness: float, seed: int,
+              num_prompts: int | None = None) -> list[TraceRequest]:
     path = Path(path)
     rows = _rows(path, rate)
     rng = random.Random(seed)
+    if num_prompts is not None:  # a prompt set's lengths, drawn with replacement (a real trace: cut)
+        timed = any(row.get("arrival_s") not in (None, "") for row in rows)
+        rows = rows[:num_prompts] if timed else [rng.choice(rows) for _ in range(num_prompts)]
     prefixes: dict[str, list[int]] = {}
     times = send_times(len(rows), rate, burstiness, seed)
     out = []
@@ -104,10 +108,21 @@ def _rows(path: Path, rate: float) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def bench_rates(path: str | Path) -> list[tuple[float, float]]:
+    """(request rate, measured mean TTFT in ms) of each run in a bench serve result."""
+    data = json.loads(Path(path).read_text())
+    return [(math.inf if r["request_rate"] == "inf" else float(r["request_rate"]), r["mean_ttft_ms"])
+            for r in _result_runs(data)]
+
+
+def _result_runs(data: dict) -> list[dict]:
+    systems = data.get("systems") or {}
+    return next(iter(systems.values()))["runs"] if systems else data.get("runs") or [data]
+
+
 def _result_rows(path: Path, data: dict, rate: float) -> list[dict]:
     """The requests of a bench serve result's run at `rate` (its first system's), as sent."""
-    systems = data.get("systems") or {}
-    runs = next(iter(systems.values()))["runs"] if systems else data.get("runs") or [data]
+    runs = _result_runs(data)
     if len(runs) > 1:
         want = "inf" if math.isinf(rate) else rate
         runs = [r for r in runs if r.get("request_rate") == want]
@@ -116,5 +131,7 @@ def _result_rows(path: Path, data: dict, rate: float) -> list[dict]:
     reqs = runs[0].get("requests")
     if not reqs:
         raise ValueError(f"--trace: {path} lacks its requests (run bench serve with --save-detailed)")
-    return [{"arrival_s": r["start_s"], "prompt_len": r["prompt_len"], "output_len": r["output_len"]}
+    shared = runs[0].get("common_prefix_tokens", 0)  # a chat template's, a system prompt's
+    return [{"arrival_s": r["start_s"], "prompt_len": r["prompt_len"], "output_len": r["output_len"],
+             "prefix_id": "common" if shared else None, "prefix_len": shared}
             for r in reqs if r.get("success")]

@@ -215,7 +215,7 @@ def test_profile_roofline_writes_a_model_that_simulate_run_uses(tmp_path, capsys
                  "--random-input-len", "256", "--random-output-len", "16", "--request-rate", "5",
                  "--result-file", str(result), "--quiet"]) == 0
     doc = json.loads(result.read_text())
-    assert doc["completed"] == 20 and doc["engine"]["num_kv_blocks"] == printed["engine"]["num_kv_blocks"]
+    assert doc["completed"] == 20 and doc["replicas"][0]["engine"]["num_kv_blocks"] == printed["engine"]["num_kv_blocks"]
     # a roofline without its GPU, and GPU flags without --roofline, are refused
     assert main(["simulate", "profile", "--roofline", "--model-config", "llama-3-8b",
                  "--output", str(out)]) == 2

@@ -49,6 +49,19 @@ def test_round_robin_least_loaded_and_power_of_two():
         Router("random")
 
 
+def test_speed_aware_sends_a_faster_replica_its_share():
+    router = Router("speed-aware")
+    router.add_replica("fast", speed=3.0)
+    router.add_replica("slow", speed=1.0)
+    picks = [router.route([1]) for _ in range(8)]  # nothing finishes: load builds up
+    assert picks.count("fast") == 6 and picks.count("slow") == 2
+    same = make("speed-aware", 3)  # equal speeds: least-loaded
+    same.report("r0", outstanding=2)
+    assert same.route([1]) == "r1"
+    with pytest.raises(ValueError, match="speed must be > 0"):
+        router.add_replica("broken", speed=0)
+
+
 def test_prefix_aware_follows_the_prefix_spreads_new_ones_and_rebalances():
     router = make("prefix-aware", balance_abs=4, balance_rel=1.5)
     a, b = list(range(100, 160)), list(range(200, 260))

@@ -17,7 +17,7 @@ from servelm.config import EngineConfig
 from servelm.engine.engine import LLMEngine
 from servelm.model.loader import load_tokenizer
 from servelm.sampling_params import SamplingParams
-from servelm.simulate.replica import SimEngineConfig
+from servelm.simulate.replica import ReplicaSpec, SimEngineConfig
 from servelm.simulate.simulator import Simulation, simulate
 from servelm.simulate.step_model import FEATURES, StepTimeModel, step_features
 from servelm.simulate.workload import TraceRequest, from_file, synthetic
@@ -49,7 +49,7 @@ def test_it_schedules_what_the_real_engine_schedules(tiny_model_dir):
         engine.step()
     config = SimEngineConfig(num_kv_blocks=24, block_size=4, max_num_batched_tokens=32, max_num_seqs=6,
                              max_model_len=engine.max_model_len)
-    sim = Simulation(config, MODEL)
+    sim = Simulation([ReplicaSpec(MODEL, config)])
     replica = sim.replicas["sim-0"]
     simulated, start = [], replica.start_step
 
@@ -69,7 +69,7 @@ def test_it_schedules_what_the_real_engine_schedules(tiny_model_dir):
 def test_times_come_from_the_step_model():
     trace = [TraceRequest.of(0.5, list(range(100, 150)), 4)]
     config = SimEngineConfig(num_kv_blocks=64, block_size=16, max_model_len=512)
-    records, stats = Simulation(config, MODEL).run(trace)
+    records, stats = Simulation([ReplicaSpec(MODEL, config)]).run(trace)
     (r,) = records
     prefill = 0.010 + 50 * 0.0001  # the whole prompt in one step, then its first token
     assert r.ttft == pytest.approx(prefill) and r.start == 0.5
@@ -79,15 +79,18 @@ def test_times_come_from_the_step_model():
 
 def test_fit_recovers_a_linear_step_time_and_round_trips(tmp_path):
     rng = random.Random(0)
-    truth = [0.004, 2e-5, 3e-4, 1e-7, 5e-9]
-    xs = [[1.0, rng.randint(0, 2048), rng.randint(0, 64), rng.randint(0, 50000), rng.randint(0, 10**6)]
-          for _ in range(200)]
+    truth = [0.004, 2e-5, 3e-4, 1e-7, 5e-9, 0.03]
+    xs = [[1.0, rng.randint(0, 2048), rng.randint(0, 64), rng.randint(0, 50000), rng.randint(0, 10**6),
+           float(rng.random() < 0.1)] for _ in range(200)]
     ys = [sum(c * x for c, x in zip(truth, row)) for row in xs]
     fitted = StepTimeModel.fit(xs, ys, {"model": "synthetic"})
     assert fitted.coefficients == pytest.approx(truth, rel=1e-6)
     assert fitted.fit_error["mean_abs_rel"] < 1e-9
     fitted.save(tmp_path / "m.json")
     assert StepTimeModel.load(tmp_path / "m.json").coefficients == fitted.coefficients
+    old = {"features": FEATURES[:5], "coefficients": truth[:5]}  # before after_idle
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert StepTimeModel.load(tmp_path / "old.json").coefficients == [*truth[:5], 0.0]
     (tmp_path / "bad.json").write_text(json.dumps({"features": ["x"], "coefficients": [1]}))
     with pytest.raises(ValueError, match="profile again"):
         StepTimeModel.load(tmp_path / "bad.json")
@@ -99,7 +102,8 @@ def test_step_features_split_prefill_from_decode():
     from servelm.step_io import ScheduledRequest, SchedulerOutput
 
     step = SchedulerOutput([ScheduledRequest("a", 10, 20), ScheduledRequest("b", 1, 99)])
-    assert step_features(step) == [1.0, 10, 1, 100, 10 * 25]
+    assert step_features(step) == [1.0, 10, 1, 100, 10 * 25, 0.0]
+    assert step_features(step, after_idle=True)[-1] == 1.0
 
 
 def test_workloads_draw_bench_serves_lengths(tiny_model_dir, tmp_path):
@@ -114,24 +118,32 @@ def test_workloads_draw_bench_serves_lengths(tiny_model_dir, tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("arrival_s,prompt_len,output_len,prefix_id,prefix_len\n2.0,40,5,a,16\n1.0,20,3,a,16\n")
     rows = from_file(path, 1.0, 1.0, 0)
+    assert len(from_file(path, 1.0, 1.0, 0, num_prompts=1)) == 1  # a timed trace: cut
+    lengths = tmp_path / "lengths.jsonl"
+    lengths.write_text('{"prompt_len": 20, "output_len": 3}\n{"prompt_len": 40, "output_len": 5}\n')
+    drawn = from_file(lengths, 1.0, 1.0, 0, num_prompts=50)  # a prompt set's lengths, at a rate
+    assert len(drawn) == 50 and {(r.prompt_len, r.output_len) for r in drawn} == {(20, 3), (40, 5)}
     assert [(r.arrival_s, len(r.prompt_ids), r.output_len) for r in rows] == [(1.0, 20, 3), (2.0, 40, 5)]
     assert rows[0].prompt_ids[:16] == rows[1].prompt_ids[:16]
     assert rows[0].prompt_ids == rows[0].prompt_ids  # drawn when asked, the same each time
+    with pytest.raises(ValueError, match="'random' or 'shared-prefix'"):
+        synthetic("mt-bench", 1, 1, 1, 0, 1, 1, 0)
 
 
 def test_a_bench_serve_result_replays_the_run_at_each_rate(tmp_path):
     def run(rate, starts):
-        return {"request_rate": rate, "requests": [
+        return {"request_rate": rate, "common_prefix_tokens": 20, "requests": [
             {"start_s": t, "prompt_len": 30, "output_len": 4, "success": True} for t in starts]}
     path = tmp_path / "real.json"
     path.write_text(json.dumps({"systems": {"servelm": {"runs": [run(2.0, [0.0, 0.5]),
                                                                   run("inf", [0.0, 0.0, 0.0])]}}}))
-    assert [r.arrival_s for r in from_file(path, 2.0, 1.0, 0)] == [0.0, 0.5]
+    rows = from_file(path, 2.0, 1.0, 0)
+    assert [r.arrival_s for r in rows] == [0.0, 0.5]
+    assert rows[0].prompt_ids[:20] == rows[1].prompt_ids[:20]  # the template they open with
+    assert rows[0].prompt_ids[20:] != rows[1].prompt_ids[20:]
     assert len(from_file(path, math.inf, 1.0, 0)) == 3
     with pytest.raises(ValueError, match="no run at --request-rate 6.0"):
         from_file(path, 6.0, 1.0, 0)
-    with pytest.raises(ValueError, match="'random' or 'shared-prefix'"):
-        synthetic("mt-bench", 1, 1, 1, 0, 1, 1, 0)
 
 
 def test_simulate_run_writes_bench_serve_keys(tmp_path):
@@ -152,13 +164,28 @@ def test_simulate_run_writes_bench_serve_keys(tmp_path):
                     "request_goodput", "num_preemptions", "events_per_s"):
             assert key in run
     assert res["runs"][1]["mean_ttft_ms"] > res["runs"][0]["mean_ttft_ms"]  # all at once queue
-    assert res["engine"]["num_kv_blocks"] == 128 and res["replicas"] == 2
+    assert [(r["count"], r["engine"]["num_kv_blocks"]) for r in res["replicas"]] == [(2, 128)]
 
 
 def test_simulate_sums_up_a_run():
     trace = synthetic("random", 30, 32, 8, 0.0, 10.0, 1.0, 1)
-    res = simulate(trace, SimEngineConfig(num_kv_blocks=256, max_model_len=512), MODEL, 3, "least-loaded")
+    res = simulate(trace, [ReplicaSpec(MODEL, SimEngineConfig(num_kv_blocks=256, max_model_len=512), 3)],
+                   "least-loaded")
     assert res["completed"] == 30 and res["total_output_tokens"] == 240
+
+
+def test_a_speed_aware_router_gives_faster_replicas_more_of_the_work():
+    """Two replicas 4x as fast as the third: speed-aware routing sends them more, and the
+    cluster answers sooner than when the slow one takes its equal share."""
+    config = SimEngineConfig(num_kv_blocks=512, max_model_len=512)
+    slow = StepTimeModel([c * 4 for c in MODEL.coefficients])
+    specs = [ReplicaSpec(MODEL, config, 2, "fast"), ReplicaSpec(slow, config, 1, "slow")]
+    assert specs[0].decode_rate == pytest.approx(4 * specs[1].decode_rate)
+    trace = synthetic("random", 120, 64, 16, 0.5, 40.0, 1.0, 3)
+    rr, fast = (simulate(trace, specs, router) for router in ("round-robin", "speed-aware"))
+    assert rr["requests_by_kind"] == {"fast": 80, "slow": 40}
+    assert fast["requests_by_kind"]["fast"] > 90
+    assert fast["mean_e2el_ms"] < rr["mean_e2el_ms"]
 
 
 def test_profile_times_the_real_engine_and_keeps_its_options(tiny_model_dir, monkeypatch):
