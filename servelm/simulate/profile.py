@@ -126,7 +126,7 @@ def fit_step_trace(paths: list[str]) -> StepTimeModel:
 
 
 def calibrate_frontend_delay(model: StepTimeModel, result_path: str,
-                             candidates_ms: range = range(0, 101, 2)) -> float:
+                             candidates_ms: range = range(-30, 101, 2)) -> float:
     """The front-end delay (StepTimeModel.frontend_delay_s) that brings the simulated mean
     TTFT closest to a measured bench serve run's, over its rates (the run is replayed: its
     arrivals and lengths). Steps time only the engine; what a request spends before it

@@ -272,12 +272,17 @@ def simulate(trace: list[TraceRequest], specs: list[ReplicaSpec], router: str = 
              fluidity: tuple[float, float] | None = None, link: KVLink | None = None,
              spot: SpotOptions | None = None) -> dict[str, Any]:
     """One simulated run: bench serve's result keys plus the simulator's own figures."""
+    # The front end's own time (StepTimeModel.frontend_delay_s): each request reaches a
+    # scheduler that much later, and is timed from when its client sent it. Negative: the
+    # client sees each token that much before the step's period (which goes on with the
+    # engine's work after delivering) ends.
     delay = max(getattr(spec.model, "frontend_delay_s", 0.0) for spec in specs)
-    if delay:  # the front end's own time: each request reaches a scheduler that much later ...
-        trace = [dataclasses.replace(r, arrival_s=r.arrival_s + delay) for r in trace]
+    late = max(delay, 0.0)
+    if late:
+        trace = [dataclasses.replace(r, arrival_s=r.arrival_s + late) for r in trace]
     records, stats = Simulation(specs, router, keep_itl, link, spot).run(trace)
-    for r in records:  # ... and is timed from when its client sent it
-        r.start, r.ttft, r.latency = r.start - delay, r.ttft + delay, r.latency + delay
+    for r in records:
+        r.start, r.ttft, r.latency = r.start - late, r.ttft + delay, r.latency + delay
     first = min(r.arrival_s for r in trace)
     duration = max(r.start + r.latency for r in records) - first
     metrics = compute_metrics(records, max(duration, 1e-9), percentiles, None if keep_itl else

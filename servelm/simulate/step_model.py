@@ -62,7 +62,8 @@ class StepTimeModel:
     source: dict[str, Any] = field(default_factory=dict)
     fit_error: dict[str, float] = field(default_factory=dict)  # on the profiled steps
     # From a client's send to its request reaching the scheduler (HTTP, tokenizing, and on a
-    # busy machine the wait for the server's event loop): fitted by calibrate_frontend_delay.
+    # busy machine the wait for the server's event loop), less how much before a step's
+    # period ends its tokens reach the client: fitted by calibrate_frontend_delay.
     frontend_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
