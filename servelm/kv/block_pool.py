@@ -26,7 +26,12 @@ class BlockPool:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # The free list: blocks never handed out ([_next_fresh, num_blocks), least recently
+        # freed of all, taken in order) and then those freed since, oldest first. Kept apart
+        # so that a pool costs memory for the blocks it has used, not for all of them (a
+        # simulated cluster holds a thousand pools).
+        self._next_fresh = 0
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # block hash -> block holding that content
         self.num_evicted = 0
@@ -34,20 +39,24 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.num_blocks - self._next_fresh
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
         """Take `n` blocks from the least recently freed end (refcount 1 each), evicting
         their cached contents. Caller must check `can_allocate` first."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, only {len(self._free)} free")
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks, only {self.num_free} free")
         blocks = []
         for _ in range(n):
-            b, _ = self._free.popitem(last=False)
-            self._evict(b)
+            if self._next_fresh < self.num_blocks:
+                b = self._next_fresh
+                self._next_fresh += 1
+            else:
+                b, _ = self._free.popitem(last=False)
+                self._evict(b)
             self._ref_counts[b] = 1
             blocks.append(b)
         return blocks
@@ -84,7 +93,7 @@ class BlockPool:
 
     def touch(self, block: int) -> None:
         """Mark a free cached block most recently used, so it is evicted last."""
-        if self._ref_counts[block] == 0:
+        if self._ref_counts[block] == 0 and block in self._free:  # never-used blocks hold nothing
             self._free.move_to_end(block)
 
     def is_free(self, block: int) -> bool:
@@ -107,8 +116,9 @@ class BlockPool:
         for b, rc in enumerate(self._ref_counts):
             if rc < 0:
                 raise AssertionError(f"KV block {b} has negative refcount {rc}")
-            if (rc == 0) != (b in self._free):
-                raise AssertionError(f"KV block {b}: refcount {rc} but free={b in self._free}")
+            free = b in self._free or b >= self._next_fresh
+            if (rc == 0) != free or (b in self._free and b >= self._next_fresh):
+                raise AssertionError(f"KV block {b}: refcount {rc} but free={free}")
         for h, b in self.cached.items():
             if self._hash_of[b] != h:
                 raise AssertionError(f"cache maps a hash to KV block {b}, which holds another")

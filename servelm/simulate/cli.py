@@ -18,7 +18,8 @@ from servelm.config import SCHEDULING_POLICIES
 
 _rates = listed(float, "rates (numbers > 0, or 'inf')", lambda r: r > 0)
 _floats = listed(float, "numbers")
-OVERRIDES = ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "scheduling_policy")
+OVERRIDES = ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "scheduling_policy",
+             "enable_prefix_caching")
 
 
 def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -50,7 +51,9 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     g.add_argument("--dataset-name", default="random", choices=["random", "shared-prefix"])
     g.add_argument("--trace", default=None, help="JSONL/CSV of prompt_len, output_len[, arrival_s, "
                    "prefix_id, prefix_len], or a bench serve result with --save-detailed")
-    g.add_argument("--num-prompts", type=int, default=100)
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help="requests (default 100; with --trace: its rows, or this many drawn from "
+                        "a trace of lengths without arrival times)")
     g.add_argument("--random-input-len", type=int, default=1024)
     g.add_argument("--random-output-len", type=int, default=128)
     g.add_argument("--random-range-ratio", type=float, default=0.0)
@@ -64,6 +67,8 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="off saves the prefix cache's memory where prompts share nothing")
     _add_cluster_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS")
@@ -112,6 +117,10 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spot-replacement-delay-s", type=float, default=None,
                    help="a fresh spot replica joins this long after one vanishes (default: none)")
     g.add_argument("--spot-seed", type=int, default=0)
+    g.add_argument("--migrate-imbalance", type=int, default=0, metavar="N",
+                   help="move a decoding request from the busiest replica to the idlest when "
+                        "they differ by N requests, once a second (servelm serve's balancer; "
+                        "it defaults to 4 there, off here)")
 
 
 def _add_roofline_args(p: argparse.ArgumentParser) -> None:
@@ -267,16 +276,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     runs = []
     for i, rate in enumerate(args.request_rate):
         if args.trace:
-            trace = from_file(args.trace, rate, args.burstiness, args.seed)
+            trace = from_file(args.trace, rate, args.burstiness, args.seed, args.num_prompts)
         else:
-            trace = synthetic(args.dataset_name, args.num_prompts, args.random_input_len,
+            trace = synthetic(args.dataset_name, args.num_prompts or 100, args.random_input_len,
                               args.random_output_len, args.random_range_ratio, rate, args.burstiness,
                               args.seed + i, args.shared_prefix_len, args.shared_prefix_num_prefixes,
                               arrival_seed=args.seed)
         say(f"rate {rate} req/s: {len(trace)} requests on "
             f"{sum(s.count for s in specs)} simulated replicas ...")
         result = simulate(trace, specs, args.router, not args.no_itl, args.metric_percentiles,
-                          slos, fluidity, link, spot)
+                          slos, fluidity, link, spot, args.migrate_imbalance)
         runs.append({"request_rate": "inf" if math.isinf(rate) else rate, **result})
         say(f"  {result['completed']} done in {result['wall_s']:.1f}s ({result['events_per_s']:.0f} "
             f"events/s): mean TTFT {result['mean_ttft_ms']:.1f} ms, mean TPOT "

@@ -97,6 +97,7 @@ class SimReplica:
         self.last_step_s = 0.0  # how long its latest step took
         self.link_free_at = 0.0  # its outbound K/V link is busy until then
         self.kv_bytes_per_token = 0.0
+        self.moves: list[tuple[str, str]] = []  # (request, target) the balancer picked here
         # the simulation looks at it after each step: prefill (hands requests over) or draining
         self.hooked = role == "prefill"
 

@@ -221,11 +221,19 @@ class RooflineStepModel:
 
     @classmethod
     def load(cls, path: str | Path) -> RooflineStepModel:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
+        data = read_model_file(path)
         return cls.from_dict(data, str(path))
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """A step-time model file's JSON, or a ValueError naming --profile."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"--profile: {path} holds no step-time model")
+    return data
 
 
 def replica_engine(model: RooflineStepModel, block_size: int = 16, max_num_seqs: int = 256,

@@ -24,6 +24,7 @@ from typing import Any
 from servelm.bench.serve_metrics import RequestRecord, compute_metrics
 from servelm.cluster.router import Router
 from servelm.engine.request import Request
+from servelm.simulate.balance import Balancer
 from servelm.simulate.disagg import KVLink, check_roles
 from servelm.simulate.replica import ReplicaSpec, SimReplica, sim_request
 from servelm.simulate.spot import SpotMarket, SpotOptions
@@ -36,7 +37,7 @@ COUNTS = ("num_handovers", "num_migrations", "num_kv_not_taken", "num_restarted_
 class Simulation:
     def __init__(self, specs: list[ReplicaSpec], router: str = "round-robin",
                  keep_itl: bool = True, link: KVLink | None = None,
-                 spot: SpotOptions | None = None) -> None:
+                 spot: SpotOptions | None = None, migrate_imbalance: int = 0) -> None:
         if not specs or any(spec.count < 1 for spec in specs):
             raise ValueError(f"--replicas must be >= 1 for each profile, got "
                              f"{[spec.count for spec in specs]}")
@@ -69,6 +70,8 @@ class Simulation:
             for i in range(spec.count):
                 self.add_replica(spec, spot=i < spec.spot)
         self.market = SpotMarket(self, spot) if spot is not None else None
+        self.balancer = Balancer(self, migrate_imbalance) if migrate_imbalance else None
+        self.total = 0  # requests in the trace being run
 
     def clock(self) -> float:
         return self.now
@@ -94,8 +97,11 @@ class Simulation:
         total, events = len(trace), 0
         order = sorted(range(total), key=lambda i: trace[i].arrival_s)
         nxt = 0
+        self.total = total
         if self.market is not None:
             self.market.start()
+        if self.balancer is not None:
+            self.balancer.start()
         while len(records) < total:
             arrival = trace[order[nxt]].arrival_s if nxt < total else float("inf")
             if heap and heap[0][0] <= arrival:
@@ -162,6 +168,10 @@ class Simulation:
         return records, stats
 
     # ---- the cluster's events ------------------------------------------------------
+    def busy(self) -> bool:
+        """Requests are left to serve (periodic events stop rescheduling once none are)."""
+        return len(self.records) < self.total
+
     def at(self, t: float, event: Callable[[], None]) -> None:
         heapq.heappush(self.heap, (t, next(self._seq), event))
 
@@ -185,6 +195,8 @@ class Simulation:
                     else:  # no decode replica left: it waits, and recomputes
                         self.lost(req, req.num_tokens - 1)
                         self.place(req)
+        if r.moves:
+            self.balancer.move(r)
         if r.draining and self.market is not None:
             self.market.drain(r)
 
@@ -270,7 +282,7 @@ def simulate(trace: list[TraceRequest], specs: list[ReplicaSpec], router: str = 
              keep_itl: bool = True,
              percentiles: list[float] | None = None, slos: dict[str, float] | None = None,
              fluidity: tuple[float, float] | None = None, link: KVLink | None = None,
-             spot: SpotOptions | None = None) -> dict[str, Any]:
+             spot: SpotOptions | None = None, migrate_imbalance: int = 0) -> dict[str, Any]:
     """One simulated run: bench serve's result keys plus the simulator's own figures."""
     # The front end's own time (StepTimeModel.frontend_delay_s): each request reaches a
     # scheduler that much later, and is timed from when its client sent it. Negative: the
@@ -280,7 +292,7 @@ def simulate(trace: list[TraceRequest], specs: list[ReplicaSpec], router: str = 
     late = max(delay, 0.0)
     if late:
         trace = [dataclasses.replace(r, arrival_s=r.arrival_s + late) for r in trace]
-    records, stats = Simulation(specs, router, keep_itl, link, spot).run(trace)
+    records, stats = Simulation(specs, router, keep_itl, link, spot, migrate_imbalance).run(trace)
     for r in records:
         r.start, r.ttft, r.latency = r.start - late, r.ttft + delay, r.latency + delay
     first = min(r.arrival_s for r in trace)

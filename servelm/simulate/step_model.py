@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from servelm.simulate.roofline import RooflineStepModel
+from servelm.simulate.roofline import RooflineStepModel, read_model_file
 from servelm.step_io import SchedulerOutput
 
 FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention",
@@ -103,10 +103,7 @@ class StepTimeModel:
 
     @classmethod
     def load(cls, path: str | Path) -> StepTimeModel:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
+        data = read_model_file(path)
         features, coefficients = tuple(data.get("features", ())), list(data.get("coefficients", ()))
         # FEATURES[:5]: written before after_idle was a feature (it costs 0 there)
         if features not in (FEATURES, FEATURES[:5]) or len(coefficients) != len(features):
@@ -119,11 +116,8 @@ class StepTimeModel:
 def load_step_model(path: str | Path) -> StepTimeModel | RooflineStepModel:
     """A model file of either kind: "roofline", or fitted (files written before the kind
     field existed have none, and are fitted)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--profile: cannot read a step-time model from {path}: {exc}") from exc
-    kind = data.get("kind", "fitted") if isinstance(data, dict) else None
+    data = read_model_file(path)
+    kind = data.get("kind", "fitted")
     if kind == "roofline":
         return RooflineStepModel.from_dict(data, str(path))
     if kind == "fitted":

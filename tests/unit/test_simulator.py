@@ -236,3 +236,28 @@ def test_a_served_step_trace_fits_a_model(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="no engine header"):
         (tmp_path / "empty.jsonl").write_text("")
         fit_step_trace([str(tmp_path / "empty.jsonl")])
+
+
+def test_the_balancer_moves_decoding_requests_from_the_busiest_replica():
+    """Round-robin gives one replica every long request: with --migrate-imbalance the pool's
+    balancer (cluster/migration.py's pick) moves some to the idle one, which finishes the
+    run sooner; every request still gets all its tokens and no block is left held."""
+    config = SimEngineConfig(num_kv_blocks=1024, max_model_len=1024, max_num_seqs=8)
+    trace = [TraceRequest.of(0.0, list(range(1000 + 40 * i, 1032 + 40 * i)), 200 if i % 2 == 0 else 4)
+             for i in range(24)]
+
+    def run(imbalance):
+        sim = Simulation([ReplicaSpec(MODEL, config, 2)], "round-robin", migrate_imbalance=imbalance)
+        records, stats = sim.run(trace)
+        for r in sim.replicas.values():
+            r.scheduler.kv.pool.check_invariants()
+            assert r.scheduler.kv.num_free_blocks == 1024 and not r.scheduler.requests
+        return records, stats
+
+    still, _ = run(0)
+    moved, stats = run(4)
+    assert stats["num_migrations"] > 0
+    assert sorted(r.output_len for r in moved) == sorted(r.output_len for r in still)
+    assert max(r.start + r.latency for r in moved) < max(r.start + r.latency for r in still)
+    with pytest.raises(ValueError, match="--migrate-imbalance must be >= 0"):
+        Simulation([ReplicaSpec(MODEL, config)], migrate_imbalance=-1)

@@ -85,10 +85,12 @@ def test_simulated_latencies_are_within_ten_percent_of_the_served_ones(tiny_mode
     model = tiny_model_dir("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1)
     config = EngineConfig(model=str(model), dtype="float32", num_threads=1, block_size=16,
-                          num_kv_blocks=56, max_num_batched_tokens=512, max_model_len=512,
+                          num_kv_blocks=40, max_num_batched_tokens=512, max_model_len=512,
                           step_trace=str(steps))
-    rates = (3.5, 8.0, math.inf)  # about 30% and 65% of what it serves at once, and overloaded
-    traces = [synthetic("random", 64, 64, 16, 0.5, rate, 1.0, seed) for seed, rate in enumerate(rates)]
+    rates = (3.5, 7.0, math.inf)  # about 30% and 60% of what it serves at once, and overloaded
+    sizes = (96, 96, 192)  # the overloaded run long enough to preempt a score of times
+    traces = [synthetic("random", n, 64, 16, 0.5, rate, 1.0, seed)
+              for seed, (n, rate) in enumerate(zip(sizes, rates))]
     llm = AsyncLLM(config)
     try:
         serve(llm, traces[0][:4])  # warm-up, not compared
@@ -112,4 +114,5 @@ def test_simulated_latencies_are_within_ten_percent_of_the_served_ones(tiny_mode
             (simulated["num_preemptions"] - measured["num_preemptions"]) / max(measured["num_preemptions"], 10))
     assert real[-1]["num_preemptions"] > 0  # the overloaded run preempts: the count is compared
     worst = max(errors.items(), key=lambda kv: abs(kv[1]))
+    print(f"largest error {worst[1]:+.1%} at {worst[0]}", [r["num_preemptions"] for r in real])  # pytest -s
     assert abs(worst[1]) <= BOUND, {k: round(v, 3) for k, v in errors.items()}
