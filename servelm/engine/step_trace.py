@@ -16,14 +16,16 @@ from typing import Any
 
 class StepTrace:
     def __init__(self, path: str, engine: Any) -> None:
-        c, info = engine.config, engine.worker_info
+        c, info, spec = engine.config, engine.worker_info, engine.scheduler.spec
         self._file = open(path, "a", buffering=1 << 16)  # kept open while the engine serves
         header = {"engine": {
             "num_kv_blocks": info.num_kv_blocks, "block_size": c.block_size,
             "max_num_batched_tokens": c.max_num_batched_tokens, "max_num_seqs": c.max_num_seqs,
             "max_model_len": engine.max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
             "preemption_mode": c.preemption_mode, "num_swap_blocks": info.num_swap_blocks,
-            "scheduling_policy": c.scheduling_policy}, "model": info.model_source,
+            "scheduling_policy": c.scheduling_policy,
+            "num_speculative_tokens": spec.num_speculative_tokens if spec else 0},
+            "model": info.model_source,
             "num_threads": c.num_threads}
         self._file.write(json.dumps(header) + "\n")
 

@@ -19,7 +19,7 @@ from servelm.config import SCHEDULING_POLICIES
 _rates = listed(float, "rates (numbers > 0, or 'inf')", lambda r: r > 0)
 _floats = listed(float, "numbers")
 OVERRIDES = ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "scheduling_policy",
-             "enable_prefix_caching")
+             "enable_prefix_caching", "num_speculative_tokens", "spec_acceptance_rate")
 
 
 def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -69,6 +69,10 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     g.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="off saves the prefix cache's memory where prompts share nothing")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="speculative decoding: drafts per decode (a chain)")
+    g.add_argument("--spec-acceptance-rate", type=float, default=None,
+                   help="the chance each draft is accepted (after the ones before it)")
     _add_cluster_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS")

@@ -148,12 +148,13 @@ def calibrate_frontend_delay(model: StepTimeModel, result_path: str,
 
 
 def sim_config(engine: LLMEngine) -> SimEngineConfig:
-    c = engine.config
+    c, spec = engine.config, engine.scheduler.spec
     return SimEngineConfig(num_kv_blocks=engine.worker_info.num_kv_blocks, block_size=c.block_size,
                            max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
                            max_model_len=engine.max_model_len, enable_prefix_caching=c.enable_prefix_caching,
                            preemption_mode=c.preemption_mode, num_swap_blocks=engine.worker_info.num_swap_blocks,
-                           scheduling_policy=c.scheduling_policy)
+                           scheduling_policy=c.scheduling_policy,
+                           num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
 
 
 def describe(model: StepTimeModel) -> dict[str, Any]:

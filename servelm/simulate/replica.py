@@ -9,6 +9,7 @@ on the real engine, so the scheduler and KV state are what the real engine's wou
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from servelm.engine.scheduler import Scheduler
 from servelm.kv.manager import KVCacheManager
 from servelm.sampling_params import SamplingParams
 from servelm.simulate.step_model import StepModel
+from servelm.speculative.config import SpecConfig
 from servelm.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 ROLES = ("both", "prefill", "decode")
@@ -39,6 +41,21 @@ class SimEngineConfig:
     preemption_mode: str = "recompute"
     num_swap_blocks: int = 0
     scheduling_policy: str = "fcfs"
+    # Speculative decoding: drafts per decode (a chain), each accepted with this probability
+    # (until the first rejected), as the drafter would on the workload.
+    num_speculative_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 0 or not 0.0 <= self.spec_acceptance_rate <= 1.0:
+            raise ValueError("--num-speculative-tokens must be >= 0 and --spec-acceptance-rate in "
+                             f"[0, 1], got {self.num_speculative_tokens}, {self.spec_acceptance_rate}")
+
+    @property
+    def spec(self) -> SpecConfig | None:
+        if not self.num_speculative_tokens:
+            return None
+        return SpecConfig("ngram", self.num_speculative_tokens)  # the method is the drafter's
 
 
 @dataclass
@@ -83,7 +100,8 @@ class SimReplica:
                             config.num_swap_blocks)
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.preemption_mode, Policy(config.scheduling_policy),
-                                   max_model_len=config.max_model_len, clock=clock)
+                                   spec=config.spec, max_model_len=config.max_model_len, clock=clock)
+        self.rng = random.Random(name)  # draws which drafts are accepted
         self.step: SchedulerOutput | None = None  # the step in progress
         self.step_end = 0.0  # when it ends
         self.num_steps = 0
@@ -133,8 +151,28 @@ class SimReplica:
             sampled.append(_SAMPLED if done else _NOTHING)
         n = len(ids)
         nones, zeros = [None] * n, [0] * n  # no logprobs, drafts or K/V compression
-        result = ModelRunnerOutput(ids, sampled, nones, nones, zeros, zeros, [], zeros)
+        if self.config.num_speculative_tokens:
+            drafted, accepted = self._verify(step, sampled)
+        else:
+            drafted = accepted = zeros
+        result = ModelRunnerOutput(ids, sampled, nones, nones, drafted, accepted, [], zeros)
         return self.scheduler.update_from_output(step, result)
+
+    def _verify(self, step: SchedulerOutput, sampled: list[list[int]]) -> tuple[list[int], list[int]]:
+        """Each decode's drafts: accepted one after another with the configured rate until
+        the first is rejected, then the target's own token (sampled grows to 1 + accepted)."""
+        rate, draw = self.config.spec_acceptance_rate, self.rng.random
+        drafted, accepted = [], []
+        for i, s in enumerate(step.scheduled):
+            d = s.num_draft_tokens if sampled[i] else 0
+            a = 0
+            while a < d and draw() < rate:
+                a += 1
+            drafted.append(d)
+            accepted.append(a)
+            if a:
+                sampled[i] = [SIM_TOKEN] * (1 + a)
+        return drafted, accepted
 
     def export(self, req: Request) -> Request:
         """Take a request out, as handoff.export_request does: finished here (its blocks

@@ -261,3 +261,27 @@ def test_the_balancer_moves_decoding_requests_from_the_busiest_replica():
     assert max(r.start + r.latency for r in moved) < max(r.start + r.latency for r in still)
     with pytest.raises(ValueError, match="--migrate-imbalance must be >= 0"):
         Simulation([ReplicaSpec(MODEL, config)], migrate_imbalance=-1)
+
+
+def test_speculative_decoding_accepts_drafts_at_the_given_rate():
+    """Drafts ride along decodes as the real scheduler plans them; all accepted, a request
+    needs about a quarter of the steps, none accepted as many as without drafts; every
+    request gets exactly its tokens either way."""
+    trace = [TraceRequest.of(0.0, list(range(100 + 50 * i, 132 + 50 * i)), 40) for i in range(6)]
+
+    def run(k, rate):
+        config = SimEngineConfig(num_kv_blocks=256, max_model_len=512, num_speculative_tokens=k,
+                                 spec_acceptance_rate=rate)
+        sim = Simulation([ReplicaSpec(MODEL, config)])
+        records, stats = sim.run(trace)
+        assert [r.output_len for r in records] == [40] * 6
+        sim.replicas["sim-0"].scheduler.kv.pool.check_invariants()
+        return stats["steps"], sim.replicas["sim-0"].scheduler.counters
+
+    plain, _ = run(0, 0.0)
+    ideal, counters = run(3, 1.0)
+    assert ideal < plain / 3 and counters["spec_accepted_tokens"] == counters["spec_proposed_tokens"] > 0
+    rejected, counters = run(3, 0.0)
+    assert rejected == plain and counters["spec_accepted_tokens"] == 0
+    with pytest.raises(ValueError, match="--spec-acceptance-rate"):
+        SimEngineConfig(num_speculative_tokens=2, spec_acceptance_rate=1.5)
