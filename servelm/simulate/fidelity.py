@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from servelm.bench.harness import Table
+from servelm.simulate.workload import result_runs
 
 METRICS = ("mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms", "output_throughput", "num_preemptions")
 
@@ -25,10 +26,8 @@ def _runs(path: str) -> dict[str, dict[str, Any]]:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read a result from {path}: {exc}") from exc
-    systems = data.get("systems") or {}
-    runs = next(iter(systems.values()))["runs"] if systems else data.get("runs") or [data]
     out = {}
-    for run in runs:
+    for run in result_runs(data):
         run = dict(run)
         counted = run.get("server_counters", {}).get("num_preemptions")
         if "num_preemptions" not in run and counted is not None:

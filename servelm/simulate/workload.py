@@ -112,17 +112,18 @@ def bench_rates(path: str | Path) -> list[tuple[float, float]]:
     """(request rate, measured mean TTFT in ms) of each run in a bench serve result."""
     data = json.loads(Path(path).read_text())
     return [(math.inf if r["request_rate"] == "inf" else float(r["request_rate"]), r["mean_ttft_ms"])
-            for r in _result_runs(data)]
+            for r in result_runs(data)]
 
 
-def _result_runs(data: dict) -> list[dict]:
+def result_runs(data: dict) -> list[dict]:
+    """A bench serve (or simulate run) result's runs, of its first system when it has several."""
     systems = data.get("systems") or {}
     return next(iter(systems.values()))["runs"] if systems else data.get("runs") or [data]
 
 
 def _result_rows(path: Path, data: dict, rate: float) -> list[dict]:
     """The requests of a bench serve result's run at `rate` (its first system's), as sent."""
-    runs = _result_runs(data)
+    runs = result_runs(data)
     if len(runs) > 1:
         want = "inf" if math.isinf(rate) else rate
         runs = [r for r in runs if r.get("request_rate") == want]

@@ -285,3 +285,26 @@ def test_speculative_decoding_accepts_drafts_at_the_given_rate():
     assert rejected == plain and counters["spec_accepted_tokens"] == 0
     with pytest.raises(ValueError, match="--spec-acceptance-rate"):
         SimEngineConfig(num_speculative_tokens=2, spec_acceptance_rate=1.5)
+
+
+def test_compare_sets_a_simulated_run_beside_the_mean_of_measured_ones(tmp_path):
+    from servelm.simulate.fidelity import compare
+
+    def result(path, ttft, preempted=None, counters=False):
+        run = {"request_rate": 2.0, "mean_ttft_ms": ttft}
+        if counters:
+            run["server_counters"] = {"num_preemptions": preempted}
+        else:
+            run["num_preemptions"] = preempted
+        path.write_text(json.dumps({"runs": [run]}))
+        return str(path)
+
+    real = [result(tmp_path / "a.json", 90.0, 8, True), result(tmp_path / "b.json", 110.0, 12, True)]
+    rows = {r["metric"]: r for r in compare(real, result(tmp_path / "s.json", 105.0, 11))["rows"]}
+    assert rows["mean_ttft_ms"]["measured_mean"] == 100.0
+    assert rows["mean_ttft_ms"]["error"] == pytest.approx(0.05)
+    assert rows["mean_ttft_ms"]["spread"] == pytest.approx(0.2)
+    assert rows["num_preemptions"]["measured"] == [8, 12]  # from the servers' own counters
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [{"request_rate": "inf"}]}))
+    with pytest.raises(ValueError, match="share no request rate"):
+        compare(real, str(tmp_path / "other.json"))
