@@ -50,7 +50,7 @@ class ScheduledRequest:
     num_draft_tokens: int = 0  # draft tokens it may propose and verify (inside num_new_tokens)
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     """One step's input for the worker; `scheduled` is the batch order."""
 
@@ -78,7 +78,7 @@ class SchedulerOutput:
         return not (self.scheduled or self.finished_req_ids or self.moves_kv)
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelRunnerOutput:
     """Aligned with `SchedulerOutput.scheduled`."""
 

@@ -25,7 +25,7 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 SLO_METRICS = ("ttft", "tpot", "e2el")
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     """What one streamed request did. Times in seconds; `start` is relative to the run start."""
 

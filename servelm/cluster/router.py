@@ -60,6 +60,7 @@ class Router:
             raise ValueError(f"router must be one of {POLICIES}, got {policy!r}")
         self.policy, self.options = policy, options or RouterOptions()
         self.replicas: dict[str, Replica] = {}
+        self._pool: list[Replica] = []  # the replicas' values, kept for choosing among them
         self.sessions: dict[str, str] = {}  # chat session -> the replica holding its history
         self._turn = itertools.count()
         self._rng = random.Random(self.options.seed)
@@ -68,10 +69,12 @@ class Router:
         if not speed > 0:
             raise ValueError(f"replica {name}: speed must be > 0, got {speed}")
         self.replicas[name] = Replica(name, speed=speed, tree=PrefixTree(self.options.tree_tokens))
+        self._pool = list(self.replicas.values())
 
     def remove_replica(self, name: str) -> None:
         """Out of rotation (dead, or scaled down); its sessions move on their next turn."""
         self.replicas.pop(name, None)
+        self._pool = list(self.replicas.values())
         self.sessions = {s: r for s, r in self.sessions.items() if r != name}
 
     def report(self, name: str, outstanding: int | None = None, kv_usage: float | None = None) -> None:
@@ -94,7 +97,8 @@ class Router:
             if len(self.sessions) > self.options.max_sessions:
                 del self.sessions[next(iter(self.sessions))]
         replica.outstanding += 1
-        replica.tree.insert(prompt_ids)
+        if self.policy == "prefix-aware":  # the only reader of the trees
+            replica.tree.insert(prompt_ids)
         return replica.name
 
     def assign(self, name: str) -> None:
@@ -110,7 +114,7 @@ class Router:
             replica.outstanding -= 1
 
     def _choose(self, prompt_ids: Sequence[int]) -> Replica:
-        replicas = list(self.replicas.values())
+        replicas = self._pool
         if self.policy == "round-robin":
             return replicas[next(self._turn) % len(replicas)]
         if self.policy == "least-loaded":

@@ -53,7 +53,9 @@ class Scheduler:
         self.spec = spec
         self.max_model_len = max_model_len
         self.num_micro_batches = num_micro_batches
-        self.in_flight: set[str] = set()  # ids scheduled in steps whose output is not back yet
+        # ids scheduled in steps whose output is not back yet; always empty with one
+        # micro-batch, where the next step is scheduled after the last one's output is in
+        self.in_flight: set[str] = set()
         self.step_count = 0
         self.requests: dict[str, Request] = {}  # every request not finished yet
         self.waiting: deque[Request] = deque()
@@ -101,27 +103,33 @@ class Scheduler:
         # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
         # Draft tokens ride along with a decode while budget and blocks allow; they are the
         # first thing given up.
-        i = 0
-        while i < len(self.running) and budget > 0 and len(out.scheduled) < seats:
-            req = self.running[i]
-            if req.request_id in self.in_flight:
+        # (the loop runs for every request every step: what it reads is held in locals)
+        running, in_flight, kv, scheduled = self.running, self.in_flight, self.kv, out.scheduled
+        add, step, drafts, i = self.builder.add, self.step_count, 0, 0
+        while i < len(running) and budget > 0 and len(scheduled) < seats:
+            req = running[i]
+            rid = req.request_id
+            if rid in in_flight:
                 i += 1
                 continue
-            drafts = self._num_drafts(req, budget) if speculating else 0
-            if drafts and not self.kv.can_allocate(req.request_id, req.num_tokens + drafts):
-                drafts = 0
-            n = min(req.num_tokens + drafts - req.num_computed_tokens, budget)
-            total = req.num_kv_tokens + n  # slots needed
-            if total > self.kv.num_slots(req.request_id):  # a new block (most decodes: no)
-                while not self.kv.can_allocate(req.request_id, total):
+            num_tokens = len(req.all_token_ids)
+            if speculating:
+                drafts = self._num_drafts(req, budget)
+                if drafts and not kv.can_allocate(rid, num_tokens + drafts):
+                    drafts = 0
+            n = min(num_tokens + drafts - req.num_computed_tokens, budget)
+            total = req.num_computed_tokens - req.num_evicted_tokens + n  # K/V slots needed
+            if total > kv.num_slots(rid):  # a new block (most decodes: no)
+                while not kv.can_allocate(rid, total):
                     victim = self._victim()
                     self._preempt(victim, out)
                     if victim is req:
                         break
                 if req.status is not RequestStatus.RUNNING:
                     break  # req preempted itself: nothing after it can run either
-                self.kv.allocate(req.request_id, total)
-            self._add(req, n, drafts)
+                kv.allocate(rid, total)
+            req.last_scheduled_step = step
+            add(req, n, drafts)
             budget -= n
             i += 1
 
@@ -138,7 +146,8 @@ class Scheduler:
                 break
             budget -= n
         out.offload, out.restore = self.kv.take_tier_copies()
-        self.in_flight.update(s.req_id for s in out.scheduled)
+        if self.num_micro_batches > 1:
+            self.in_flight.update(s.req_id for s in out.scheduled)
         return out
 
     def update_from_output(self, step: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
@@ -148,11 +157,13 @@ class Scheduler:
         that are done. Returns the requests that got tokens this step."""
         now = self.clock()
         progressed = []
-        self.in_flight.difference_update(s.req_id for s in step.scheduled)
+        requests, kv, generated = self.requests, self.kv, 0
+        if self.in_flight:
+            self.in_flight.difference_update(s.req_id for s in step.scheduled)
         for i, (sched, tokens, logprobs, prompt_logprobs, drafted, accepted, evicted) in enumerate(zip(
                 step.scheduled, result.sampled_token_ids, result.logprobs, result.prompt_logprobs,
                 result.num_draft_tokens, result.num_accepted_tokens, result.num_evicted_tokens)):
-            req = self.requests.get(sched.req_id)
+            req = requests.get(sched.req_id)
             if req is None:
                 continue  # aborted during the step
             if drafted and self.num_micro_batches > 1:
@@ -162,25 +173,29 @@ class Scheduler:
                 self._count_drafts(req, drafted, accepted)
                 # The KV of rejected drafts is garbage: uncount it, free emptied blocks.
                 self._trim(req, req.num_computed_tokens + 1)
-            self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if kv.enable_prefix_caching:
+                kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if prompt_logprobs is not None:
                 req.prompt_logprobs.extend(prompt_logprobs)
             if tokens:
                 progressed.append(req)
+                if req.first_token_time is None:
+                    self._first_token(req, now)
                 try:
-                    self._append(req, tokens, logprobs, now)
+                    generated += append_tokens(req, tokens, logprobs)
                 except Exception as exc:  # fail this request only; the batch goes on
                     logger.exception("request %s failed", req.request_id)
                     req.error = f"{type(exc).__name__}: {exc}"
                     self.finish(req, RequestStatus.FINISHED_ERROR)
                     continue
-                if req.is_finished:
+                if req.status.finished:
                     self.finish(req, req.status)
                     continue
             if evicted:
                 req.num_evicted_tokens += evicted
                 self.counters["kv_evicted_tokens"] += evicted
                 self._trim(req, req.num_kv_tokens)  # the blocks past the budget
+        self.counters["generation_tokens_total"] += generated
         return progressed
 
     def finish(self, req: Request, status: RequestStatus) -> None:
@@ -344,11 +359,7 @@ class Scheduler:
         self.counters["spec_proposed_tokens"] += proposed
         self.counters["spec_accepted_tokens"] += accepted
 
-    def _append(self, req: Request, tokens: list[int], logprobs: list | None, now: float) -> None:
-        if req.first_token_time is None:
-            req.first_token_time = now
-            if req.sample_index == 0:  # n samples share one prompt
-                self.counters["prompt_tokens_total"] += req.num_prompt_tokens
-        before = len(req.output_token_ids)
-        append_tokens(req, tokens, logprobs)
-        self.counters["generation_tokens_total"] += len(req.output_token_ids) - before
+    def _first_token(self, req: Request, now: float) -> None:
+        req.first_token_time = now
+        if req.sample_index == 0:  # n samples share one prompt
+            self.counters["prompt_tokens_total"] += req.num_prompt_tokens

@@ -11,7 +11,12 @@ from servelm.engine.request import Request, RequestStatus
 from servelm.outputs import PositionLogprobs
 
 
-def append_tokens(req: Request, tokens: list[int], logprobs: list[PositionLogprobs] | None) -> None:
+def append_tokens(req: Request, tokens: list[int], logprobs: list[PositionLogprobs] | None) -> int:
+    """Append `tokens` up to the first that stops `req`; how many were appended."""
+    if logprobs is None and req.detokenizer is None and len(tokens) == 1:  # most decode steps
+        req.append_token(tokens[0])
+        req.check_stop()
+        return 1
     for j, token in enumerate(tokens):
         req.append_token(token)
         if logprobs is not None:
@@ -24,4 +29,5 @@ def append_tokens(req: Request, tokens: list[int], logprobs: list[PositionLogpro
             if stop_str is not None:
                 req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
         if req.status.finished:
-            return
+            return j + 1
+    return len(tokens)

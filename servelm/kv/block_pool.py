@@ -7,10 +7,12 @@ the prompt of n > 1 samples); a block returns to the free list only at refcount 
 Prefix caching: a full block may carry a hash of its contents (chained over every token
 before it). Freed hashed blocks keep their KV and their entry in `cached` while they sit in
 the free list, so a later request with the same prefix revives them instead of recomputing.
-The free list is ordered least- to most-recently freed; allocation takes from the front,
-evicting that block's hash if it had one. Revival and eviction are O(1) (an ordered dict).
-An `on_evict(block, hash)` hook sees each eviction before the block is handed out, so the
-contents can be saved to a second tier first.
+Allocation takes blocks that hold nothing first (freed ones, most recently freed first,
+then never-used ones), and only then evicts cached blocks, least recently freed first, so
+cached contents live as long as the pool allows. Revival and eviction are O(1) (an ordered
+dict). An `on_evict(block, hash)` hook sees each eviction before the block is handed out,
+so the contents can be saved to a second tier first. A pool costs memory for the blocks it
+has used, not for all of them (a simulated cluster holds a thousand pools).
 """
 
 from __future__ import annotations
@@ -25,35 +27,39 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._ref_counts = [0] * num_blocks
-        # The free list: blocks never handed out ([_next_fresh, num_blocks), least recently
-        # freed of all, taken in order) and then those freed since, oldest first. Kept apart
-        # so that a pool costs memory for the blocks it has used, not for all of them (a
-        # simulated cluster holds a thousand pools).
+        # Free blocks in three sets: never handed out ([_next_fresh, num_blocks)), freed
+        # holding nothing (a stack), and freed holding cached contents (oldest first).
+        # Per-block state covers the blocks handed out so far.
         self._next_fresh = 0
+        self._empty: list[int] = []
         self._free: OrderedDict[int, None] = OrderedDict()
-        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._ref_counts: list[int] = []
+        self._hash_of: list[bytes | None] = []
         self.cached: dict[bytes, int] = {}  # block hash -> block holding that content
         self.num_evicted = 0
         self.on_evict = on_evict
 
     @property
     def num_free(self) -> int:
-        return len(self._free) + self.num_blocks - self._next_fresh
+        return len(self._empty) + len(self._free) + self.num_blocks - self._next_fresh
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` blocks from the least recently freed end (refcount 1 each), evicting
-        their cached contents. Caller must check `can_allocate` first."""
+        """Take `n` blocks (refcount 1 each): empty ones first, then the least recently freed
+        cached ones, evicting their contents. Caller must check `can_allocate` first."""
         if n > self.num_free:
             raise RuntimeError(f"asked for {n} KV blocks, only {self.num_free} free")
         blocks = []
         for _ in range(n):
-            if self._next_fresh < self.num_blocks:
+            if self._empty:
+                b = self._empty.pop()
+            elif self._next_fresh < self.num_blocks:
                 b = self._next_fresh
                 self._next_fresh += 1
+                self._ref_counts.append(0)
+                self._hash_of.append(None)
             else:
                 b, _ = self._free.popitem(last=False)
                 self._evict(b)
@@ -71,15 +77,18 @@ class BlockPool:
             self._ref_counts[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference from each block; blocks reaching 0 go to the most recently
-        freed end of the free list, keeping any cached contents until evicted."""
+        """Drop one reference from each block; a block reaching 0 is free, and one holding
+        cached contents keeps them (most recently freed: evicted last) until evicted."""
         for b in blocks:
             rc = self._ref_counts[b] - 1
             if rc < 0:
                 raise RuntimeError(f"double free of KV block {b}")
             self._ref_counts[b] = rc
             if rc == 0:
-                self._free[b] = None
+                if self._hash_of[b] is None:
+                    self._empty.append(b)
+                else:
+                    self._free[b] = None
 
     def cache(self, block: int, block_hash: bytes) -> None:
         """Record that `block` (held by a request) now holds the content `block_hash`."""
@@ -97,10 +106,10 @@ class BlockPool:
             self._free.move_to_end(block)
 
     def is_free(self, block: int) -> bool:
-        return self._ref_counts[block] == 0
+        return self.ref_count(block) == 0
 
     def ref_count(self, block: int) -> int:
-        return self._ref_counts[block]
+        return self._ref_counts[block] if block < self._next_fresh else 0
 
     def _evict(self, block: int) -> None:
         h = self._hash_of[block]
@@ -112,13 +121,18 @@ class BlockPool:
                 self.on_evict(block, h)
 
     def check_invariants(self) -> None:
-        """Raise if refcounts, the free list and the cache disagree (tests call this)."""
+        """Raise if refcounts, the free lists and the cache disagree (tests call this)."""
+        empty = set(self._empty)
+        if len(empty) != len(self._empty):
+            raise AssertionError("a KV block is on the empty free list twice")
+        if not len(self._ref_counts) == len(self._hash_of) == self._next_fresh:
+            raise AssertionError(f"state for {len(self._ref_counts)} KV blocks, {self._next_fresh} used")
         for b, rc in enumerate(self._ref_counts):
-            if rc < 0:
-                raise AssertionError(f"KV block {b} has negative refcount {rc}")
-            free = b in self._free or b >= self._next_fresh
-            if (rc == 0) != free or (b in self._free and b >= self._next_fresh):
-                raise AssertionError(f"KV block {b}: refcount {rc} but free={free}")
+            where = (b in self._free) + (b in empty)
+            if rc < 0 or where > 1 or (rc == 0) != (where == 1):
+                raise AssertionError(f"KV block {b}: refcount {rc} but on {where} free lists")
+            if (b in empty or b in self._free) and (b in empty) != (self._hash_of[b] is None):
+                raise AssertionError(f"KV block {b} is on the wrong free list for its contents")
         for h, b in self.cached.items():
             if self._hash_of[b] != h:
                 raise AssertionError(f"cache maps a hash to KV block {b}, which holds another")

@@ -8,6 +8,7 @@ on the real engine, so the scheduler and KV state are what the real engine's wou
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -88,8 +89,14 @@ class ReplicaSpec:
 def sim_request(request_id: str, prompt_ids: list[int], output_len: int, now: float,
                 max_model_len: int) -> Request:
     """A trace request as the engine holds it: exactly `output_len` tokens (EOS ignored)."""
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    return Request(request_id, prompt_ids, params, (), max_model_len, arrival_time=now)
+    return Request(request_id, prompt_ids, _params(output_len), (), max_model_len, arrival_time=now)
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(output_len: int) -> SamplingParams:
+    """One (read-only) SamplingParams per output length: validating one per request would
+    cost more than the rest of its admission."""
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
 
 
 class SimReplica:
@@ -140,15 +147,13 @@ class SimReplica:
         return seconds
 
     def finish_step(self) -> list[Request]:
-        """Apply the step in progress; the requests that got a token."""
+        """Apply the step in progress; the requests that got a token. (No request leaves a
+        replica during a step: exports and migrations happen between steps.)"""
         step, self.step = self.step, None
-        reqs = self.scheduler.requests
-        ids, sampled = [], []
-        for s in step.scheduled:
-            ids.append(s.req_id)
-            req = reqs.get(s.req_id)
-            done = req is not None and s.num_computed_tokens + s.num_new_tokens >= len(req.all_token_ids)
-            sampled.append(_SAMPLED if done else _NOTHING)
+        scheduled, reqs = step.scheduled, self.scheduler.requests
+        ids = [s.req_id for s in scheduled]
+        sampled = [_SAMPLED if s.num_computed_tokens + s.num_new_tokens >= len(reqs[s.req_id].all_token_ids)
+                   else _NOTHING for s in scheduled]
         n = len(ids)
         nones, zeros = [None] * n, [0] * n  # no logprobs, drafts or K/V compression
         if self.config.num_speculative_tokens:

@@ -108,15 +108,15 @@ class RooflineStepModel:
         return self.step_seconds(step.scheduled)  # a GPU idles warm: no wake-up cost
 
     def step_seconds(self, items: list[ScheduledRequest]) -> float:
-        tokens = sampled = 0
+        tokens, sampled = 0, len(items)
         keys = kv_read = 0.0
         for s in items:
             n, c = s.num_new_tokens, s.num_computed_tokens - s.num_evicted_tokens
             tokens += n
             keys += n * c + n * (n + 1) / 2  # token i of the chunk attends c + i + 1 keys
-            kv_read += c + n
-            sampled += 1 + s.num_draft_tokens
-        return sum(self.breakdown(tokens, sampled, keys, kv_read).values())
+            kv_read += c
+            sampled += s.num_draft_tokens
+        return sum(self.breakdown(tokens, sampled, keys, kv_read + tokens).values())
 
     def breakdown(self, tokens: int, sampled: int, keys: float, kv_read: float) -> dict[str, float]:
         """Seconds by part for a step of `tokens` new tokens, `sampled` sampled positions,

@@ -16,6 +16,7 @@ Arrivals: gamma-distributed gaps of mean 1/rate with shape `burstiness` (1: Pois
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -46,7 +47,10 @@ class TraceRequest:
         n = self.prompt_len - len(self.prefix)
         if n <= 0:
             return self.prefix[:self.prompt_len]
-        return self.prefix + _ids(n, random.Random(self.seed))
+        # from a hash of its seed: seeding a random.Random would cost more than the rest of
+        # the request's admission
+        data = hashlib.shake_128(self.seed.to_bytes(8, "little")).digest(2 * n)
+        return self.prefix + memoryview(data).cast("H").tolist()
 
 
 def _ids(n: int, rng: random.Random) -> list[int]:

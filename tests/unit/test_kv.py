@@ -32,11 +32,18 @@ def test_pool_refuses_misuse():
         BlockPool(0)
 
 
-def test_freed_blocks_are_reused_last():
-    pool = BlockPool(3)
-    first = pool.allocate(1)
-    pool.free(first)
-    assert pool.allocate(2) == [1, 2]
+def test_empty_blocks_are_taken_before_cached_ones_are_evicted():
+    pool = BlockPool(4)
+    cached, empty = pool.allocate(2)
+    pool.cache(cached, b"h")
+    pool.free([cached, empty])
+    pool.check_invariants()
+    assert pool.allocate(1) == [empty]  # freed holding nothing: first
+    assert pool.allocate(2) == [2, 3]  # then never used
+    assert pool.lookup(b"h") == cached and pool.num_evicted == 0
+    assert pool.allocate(1) == [cached]  # only now evicted
+    assert pool.lookup(b"h") is None and pool.num_evicted == 1
+    pool.check_invariants()
 
 
 def test_manager_grows_tables_by_block():
