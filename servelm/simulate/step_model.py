@@ -1,14 +1,19 @@
 """How long one engine step takes, from what the scheduler put in it.
 
-A step's time is modelled as a linear function of five features of its batch, fitted by
-least squares (coefficients kept >= 0) on steps timed on the real engine:
+A step's time is modelled as a linear function of features of its batch, fitted by least
+squares (coefficients kept >= 0) on steps timed on the real engine:
 - 1 (a fixed cost per step: Python, sampling, launching the kernels);
 - prefill tokens (the weights' matmuls over the prompt chunks);
 - decoding sequences (a token each: matmuls at batch B, sampling);
 - decode context (the K/V each decode reads: memory-bound attention);
-- prefill attention (each chunk token against its context: chunk x (start + chunk / 2)).
+- prefill attention (each chunk token against its context: chunk x (start + chunk / 2));
+- after idle (the first step after the engine had nothing to do: waking up);
+- sqrt(decoding sequences): each decode costs less the more share a batch (the matmuls get
+  more efficient with B). Without it a straight line through small and large batches
+  underestimates mid-sized ones by 5-8% on this CPU, and queueing amplifies that to 15-25%
+  in TPOT at 60-80% load.
 On CPU the weights are read once per step, so batching many decodes costs little more than
-one: the decode-sequences term is small next to the fixed cost.
+one: the decode terms are small next to the fixed cost.
 
 For hardware that is not here, roofline.py computes a step's time from FLOPs and bytes
 instead; `load_step_model` reads either kind of file.
@@ -17,6 +22,7 @@ instead; `load_step_model` reads either kind of file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +33,7 @@ from servelm.simulate.roofline import RooflineStepModel, read_model_file
 from servelm.step_io import SchedulerOutput
 
 FEATURES = ("step", "prefill_tokens", "decode_seqs", "decode_context", "prefill_attention",
-            "after_idle")
+            "after_idle", "decode_seqs_sqrt")
 
 
 def step_features(step: SchedulerOutput, after_idle: bool = False) -> list[float]:
@@ -42,7 +48,7 @@ def step_features(step: SchedulerOutput, after_idle: bool = False) -> list[float
         else:
             prefill += s.num_new_tokens
             attention += s.num_new_tokens * (s.num_computed_tokens + s.num_new_tokens / 2)
-    return [1.0, prefill, decodes, context, attention, float(after_idle)]
+    return [1.0, prefill, decodes, context, attention, float(after_idle), math.sqrt(decodes)]
 
 
 class StepModel(Protocol):
@@ -105,8 +111,8 @@ class StepTimeModel:
     def load(cls, path: str | Path) -> StepTimeModel:
         data = read_model_file(path)
         features, coefficients = tuple(data.get("features", ())), list(data.get("coefficients", ()))
-        # FEATURES[:5]: written before after_idle was a feature (it costs 0 there)
-        if features not in (FEATURES, FEATURES[:5]) or len(coefficients) != len(features):
+        # FEATURES[:5], [:6]: written before after_idle, decode_seqs_sqrt (they cost 0 there)
+        if features not in (FEATURES, FEATURES[:5], FEATURES[:6]) or len(coefficients) != len(features):
             raise ValueError(f"--profile: {path} models the features {data.get('features')}, "
                              f"expected {list(FEATURES)}; profile again")
         return cls(coefficients, data.get("source", {}), data.get("fit_error", {}),

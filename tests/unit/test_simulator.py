@@ -79,9 +79,9 @@ def test_times_come_from_the_step_model():
 
 def test_fit_recovers_a_linear_step_time_and_round_trips(tmp_path):
     rng = random.Random(0)
-    truth = [0.004, 2e-5, 3e-4, 1e-7, 5e-9, 0.03]
-    xs = [[1.0, rng.randint(0, 2048), rng.randint(0, 64), rng.randint(0, 50000), rng.randint(0, 10**6),
-           float(rng.random() < 0.1)] for _ in range(200)]
+    truth = [0.004, 2e-5, 3e-4, 1e-7, 5e-9, 0.03, 2e-3]
+    xs = [[1.0, rng.randint(0, 2048), decodes := rng.randint(0, 64), rng.randint(0, 50000),
+           rng.randint(0, 10**6), float(rng.random() < 0.1), math.sqrt(decodes)] for _ in range(200)]
     ys = [sum(c * x for c, x in zip(truth, row)) for row in xs]
     fitted = StepTimeModel.fit(xs, ys, {"model": "synthetic"})
     assert fitted.coefficients == pytest.approx(truth, rel=1e-6)
@@ -90,7 +90,7 @@ def test_fit_recovers_a_linear_step_time_and_round_trips(tmp_path):
     assert StepTimeModel.load(tmp_path / "m.json").coefficients == fitted.coefficients
     old = {"features": FEATURES[:5], "coefficients": truth[:5]}  # before after_idle
     (tmp_path / "old.json").write_text(json.dumps(old))
-    assert StepTimeModel.load(tmp_path / "old.json").coefficients == [*truth[:5], 0.0]
+    assert StepTimeModel.load(tmp_path / "old.json").coefficients == [*truth[:5], 0.0, 0.0]
     (tmp_path / "bad.json").write_text(json.dumps({"features": ["x"], "coefficients": [1]}))
     with pytest.raises(ValueError, match="profile again"):
         StepTimeModel.load(tmp_path / "bad.json")
@@ -101,9 +101,9 @@ def test_fit_recovers_a_linear_step_time_and_round_trips(tmp_path):
 def test_step_features_split_prefill_from_decode():
     from servelm.step_io import ScheduledRequest, SchedulerOutput
 
-    step = SchedulerOutput([ScheduledRequest("a", 10, 20), ScheduledRequest("b", 1, 99)])
-    assert step_features(step) == [1.0, 10, 1, 100, 10 * 25, 0.0]
-    assert step_features(step, after_idle=True)[-1] == 1.0
+    step = SchedulerOutput([ScheduledRequest("a", 10, 20), *(ScheduledRequest(c, 1, 99) for c in "bcde")])
+    assert step_features(step) == [1.0, 10, 4, 400, 10 * 25, 0.0, 2.0]  # ..., sqrt(4 decodes)
+    assert step_features(step, after_idle=True)[FEATURES.index("after_idle")] == 1.0
 
 
 def test_workloads_draw_bench_serves_lengths(tiny_model_dir, tmp_path):
