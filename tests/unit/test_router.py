@@ -45,6 +45,11 @@ def test_round_robin_least_loaded_and_power_of_two():
     assert all(p2.route([1]) == "r1" for _ in range(5))  # both sampled: the idler wins
     p2.finished("r1")
     assert p2.replicas["r1"].outstanding == 4
+    # only prefix-aware routing reads the prompt trees, so only it keeps them
+    assert all(r.tree.num_tokens == 0 for router in (rr, ll, p2) for r in router.replicas.values())
+    pa = make("prefix-aware", 1)
+    pa.route([1, 2, 3])
+    assert pa.replicas["r0"].tree.num_tokens == 3
     with pytest.raises(ValueError, match="router must be one of"):
         Router("random")
 
