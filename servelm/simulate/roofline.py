@@ -101,6 +101,8 @@ class RooflineStepModel:
         # K/V heads a rank holds: replicated when there are fewer than ranks
         self._kv_heads = math.ceil(s.num_kv_heads / self.tp)
         self._kv_token_layer = 2 * self._kv_heads * s.head_dim * KV_DTYPES[self.kv_dtype]
+        # read for every simulated step: computed once
+        self._layer_params, self._embedding_params = s.layer_params, s.embedding_params
 
     # -- time ------------------------------------------------------------------------------
 
@@ -128,14 +130,14 @@ class RooflineStepModel:
             return out
         act = tokens * s.hidden_size * ACT_BYTES
         for st in self._stages:
-            out["matmul"] += self._roof(2 * st.layers * s.layer_params * tokens / tp,
-                                        st.layers * s.layer_params * w / tp)
+            out["matmul"] += self._roof(2 * st.layers * self._layer_params * tokens / tp,
+                                        st.layers * self._layer_params * w / tp)
             out["attention"] += self._roof(
                 4 * st.layers * s.num_heads * s.head_dim * keys / tp,
                 st.layers * self._kv_token_layer * (kv_read + tokens))
             if st.last and sampled:
-                out["lm_head"] += self._roof(2 * s.embedding_params * sampled / tp,
-                                             s.embedding_params * EMBED_BYTES / tp)
+                out["lm_head"] += self._roof(2 * self._embedding_params * sampled / tp,
+                                             self._embedding_params * EMBED_BYTES / tp)
             if tp > 1:
                 calls = 2 * st.layers + st.first
                 out["all_reduce"] += calls * (2 * (tp - 1) / tp * act / self._link + self._latency)

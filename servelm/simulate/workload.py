@@ -47,10 +47,11 @@ class TraceRequest:
         n = self.prompt_len - len(self.prefix)
         if n <= 0:
             return self.prefix[:self.prompt_len]
-        # from a hash of its seed: seeding a random.Random would cost more than the rest of
-        # the request's admission
-        data = hashlib.shake_128(self.seed.to_bytes(8, "little")).digest(2 * n)
-        return self.prefix + memoryview(data).cast("H").tolist()
+        # From a hash of its seed (seeding a random.Random would cost more than the rest of
+        # the request's admission), one byte a token: ids under 256 are ints Python shares,
+        # so a prompt allocates no int objects (a random 16-token block still repeats
+        # with odds of 2^-128).
+        return self.prefix + list(hashlib.shake_128(self.seed.to_bytes(8, "little")).digest(n))
 
 
 def _ids(n: int, rng: random.Random) -> list[int]:
