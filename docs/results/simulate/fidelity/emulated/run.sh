@@ -1,0 +1,33 @@
+#!/bin/bash
+# Held-out fidelity check on an emulated device (serve_emulated.py): every step lasts what
+# the step model of the CPU run cal1 (../interleaved/model-cal1.json) says, so the
+# machine's drift leaves the step times alone. A seed-7 run (cal), then two seed-0 runs
+# (chk1, chk2), each on a fresh server with a step trace; the model is fitted on cal's
+# steps (its front-end delay on cal's streams) and the seed-0 runs are simulated with it.
+set -e
+here=$(cd "$(dirname "$0")" && pwd)
+tiny=${TINY:-/tmp/servelm-tiny-30m}
+[ -d "$tiny" ] || python "$here/tiny_model.py" /work/models/llama-30m "$tiny"
+serve_and_bench() {  # SEED NAME
+  python "$here/serve_emulated.py" "$here/../interleaved/model-cal1.json" --model "$tiny" \
+    --num-threads 2 --max-model-len 2048 --num-kv-blocks 256 --port 18779 \
+    --step-trace "$here/steps-$2.jsonl" & pid=$!
+  until curl -sf http://127.0.0.1:18779/health >/dev/null; do sleep 1; done
+  servelm bench serve --base-url http://127.0.0.1:18779 --tokenizer /work/models/llama-30m \
+    --dataset-name self-instruct --num-prompts 100 --request-rate 1,2.5,inf --ignore-eos \
+    --no-plots --seed "$1" --save-detailed --result-file "$here/real-$2.json"
+  kill $pid; wait $pid || true
+}
+serve_and_bench 7 cal
+serve_and_bench 0 chk1
+serve_and_bench 0 chk2
+servelm simulate profile --from-step-trace "$here/steps-cal.jsonl" --calibrate-on "$here/real-cal.json" \
+  --output "$here/model-cal.json"
+for run in cal chk1 chk2; do
+  servelm simulate run --profile "$here/model-cal.json" --trace "$here/real-$run.json" \
+    --request-rate 1,2.5,inf --result-file "$here/sim-$run.json" --quiet
+done
+servelm simulate compare --real "$here/real-chk1.json" "$here/real-chk2.json" --sim "$here/sim-chk1.json" \
+  --result-file "$here/compare-chk.json" | tee "$here/compare-chk.txt"
+servelm simulate compare --real "$here/real-cal.json" --sim "$here/sim-cal.json" --result-file "$here/compare-cal.json" | tee "$here/compare-cal.txt"
+gzip -f "$here"/steps-*.jsonl
