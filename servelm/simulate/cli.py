@@ -33,9 +33,11 @@ def add_simulate_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentPa
     p.add_argument("--from-step-trace", nargs="+", default=None, metavar="FILE",
                    help="fit on steps a server recorded while serving (servelm serve --step-trace "
                         "FILE) instead of timing the grid")
-    p.add_argument("--calibrate-on", default=None, metavar="RESULT",
-                   help="a bench serve result (--save-detailed) of that serving run: fit the "
-                        "front-end delay that brings the replayed run's TTFT closest to it")
+    p.add_argument("--calibrate-on", nargs="+", default=None, metavar="RESULT",
+                   help="bench serve results (--save-detailed) of those serving runs: fit the "
+                        "front-end delay that brings the replayed runs' TTFT closest to them "
+                        "(runs before and after the ones to predict average out a drifting "
+                        "machine)")
     add_engine_args(p)
     _add_roofline_args(p)
     p.set_defaults(func=cmd_profile)

@@ -125,24 +125,31 @@ def fit_step_trace(paths: list[str]) -> StepTimeModel:
         **header, "steps": len(samples), "step_trace": [str(p) for p in paths]})
 
 
-def calibrate_frontend_delay(model: StepTimeModel, result_path: str,
+def calibrate_frontend_delay(model: StepTimeModel, result_paths: str | list[str],
                              candidates_ms: range = range(-30, 101, 2)) -> float:
     """The front-end delay (StepTimeModel.frontend_delay_s) that brings the simulated mean
-    TTFT closest to a measured bench serve run's, over its rates (the run is replayed: its
-    arrivals and lengths). Steps time only the engine; what a request spends before it
-    reaches the scheduler shows only at the client."""
+    TTFT closest to measured bench serve runs', summing the relative error over the request
+    rates (each run is replayed: its arrivals and lengths; several runs at one rate count
+    as their mean, so runs before and after a drift meet in between). Steps time only the
+    engine; what a request spends before it reaches the scheduler shows only at the client."""
     from servelm.simulate.replica import ReplicaSpec
     from servelm.simulate.simulator import simulate
-    from servelm.simulate.workload import bench_rates, from_file
+    from servelm.simulate.workload import TraceRequest, bench_rates, from_file
 
     config = SimEngineConfig(**{k: v for k, v in model.source.get("engine", {}).items()
                                 if k in SimEngineConfig.__dataclass_fields__})
-    measured = [(from_file(result_path, rate, 1.0, 0), ttft) for rate, ttft in bench_rates(result_path)]
+    runs: dict[float, list[tuple[list[TraceRequest], float]]] = {}  # rate -> (replay, TTFT)
+    for path in [result_paths] if isinstance(result_paths, str) else result_paths:
+        for rate, ttft in bench_rates(path):
+            runs.setdefault(rate, []).append((from_file(path, rate, 1.0, 0), ttft))
 
     def error(delay_ms: int) -> float:
         trial = dataclasses.replace(model, frontend_delay_s=delay_ms / 1e3)
-        sims = [simulate(trace, [ReplicaSpec(trial, config)])["mean_ttft_ms"] for trace, _ in measured]
-        return sum(abs(sim / ttft - 1) for sim, (_, ttft) in zip(sims, measured))
+        total = 0.0
+        for measured in runs.values():
+            sim = sum(simulate(trace, [ReplicaSpec(trial, config)])["mean_ttft_ms"] for trace, _ in measured)
+            total += abs(sim / sum(ttft for _, ttft in measured) - 1)
+        return total
 
     return min(candidates_ms, key=error) / 1e3
 

@@ -5,6 +5,7 @@ writes bench serve's result keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -144,6 +145,26 @@ def test_a_bench_serve_result_replays_the_run_at_each_rate(tmp_path):
     assert len(from_file(path, math.inf, 1.0, 0)) == 3
     with pytest.raises(ValueError, match="no run at --request-rate 6.0"):
         from_file(path, 6.0, 1.0, 0)
+
+
+def test_the_front_end_delay_is_calibrated_on_one_or_several_served_runs(tmp_path):
+    """Runs "served" with a known delay before the scheduler (here: simulated with it) give
+    that delay back; runs before and after a drift give the delay between theirs."""
+    from servelm.simulate.profile import calibrate_frontend_delay
+
+    trace = synthetic("random", 40, 64, 16, 0.5, 20.0, 1.0, 0)
+
+    def served(delay_ms: int) -> str:
+        model = dataclasses.replace(MODEL, frontend_delay_s=delay_ms / 1e3)
+        run = simulate(trace, [ReplicaSpec(model, SimEngineConfig())])
+        path = tmp_path / f"served-{delay_ms}.json"
+        path.write_text(json.dumps({"runs": [{**run, "request_rate": 20.0, "requests": [
+            {"start_s": r.arrival_s, "prompt_len": r.prompt_len, "output_len": r.output_len,
+             "success": True} for r in trace]}]}))
+        return str(path)
+
+    assert calibrate_frontend_delay(MODEL, served(20)) == pytest.approx(0.020)
+    assert calibrate_frontend_delay(MODEL, [served(12), served(28)]) == pytest.approx(0.020, abs=0.0021)
 
 
 def test_simulate_run_writes_bench_serve_keys(tmp_path):
