@@ -39,3 +39,4 @@ servelm simulate compare --real "$here/real-chk1.json" "$here/real-chk2.json" --
   --result-file "$here/compare-chk.json" | tee "$here/compare-chk.txt"
 servelm simulate compare --real "$here/real-cal.json" --sim "$here/sim-cal.json" --result-file "$here/compare-cal.json" | tee "$here/compare-cal.txt"
 gzip -f "$here"/steps-*.jsonl
+python "$here/step_drift.py" | tee "$here/step_drift.txt"
