@@ -1,7 +1,8 @@
 """How long one engine step takes, from what the scheduler put in it.
 
 A step's time is modelled as a linear function of features of its batch, fitted by least
-squares on the relative error (coefficients kept >= 0) on steps timed on the real engine:
+squares (each squared error divided by the step's time; coefficients kept >= 0) on steps
+timed on the real engine:
 - 1 (a fixed cost per step: Python, sampling, launching the kernels);
 - prefill tokens (the weights' matmuls over the prompt chunks);
 - decoding sequences (a token each: matmuls at batch B, sampling);
@@ -83,16 +84,18 @@ class StepTimeModel:
     @classmethod
     def fit(cls, features: list[list[float]], seconds: list[float],
             source: dict[str, Any] | None = None) -> StepTimeModel:
-        """Least squares on the relative error, with non-negative coefficients: a feature
-        whose coefficient comes out negative is dropped and the rest refitted. Relative,
-        because served steps run from 15 ms to most of a second: on absolute error the few
-        longest (a full prefill chunk as an overloaded run starts) set the small terms, and
-        a token's latency is made of the many short ones (on an emulated device that moved
-        the held-out light-load TTFT from +10.6% to +4%)."""
+        """Least squares with each squared error divided by the step's time, and
+        non-negative coefficients: a feature whose coefficient comes out negative is dropped
+        and the rest refitted. Served steps run from 15 ms to most of a second, and a long
+        step's noise is larger (a sum of more parts, each with its jitter). On plain
+        squared error the few longest (a full prefill chunk as an overloaded run starts)
+        set the small terms; on relative error the many short ones set the mean, which a
+        CPU's long-tailed step times then underestimate (docs/benchmarks.md, the
+        emulated-device fidelity check)."""
         x, y = np.asarray(features, dtype=float), np.asarray(seconds, dtype=float)
         if len(y) < len(FEATURES):
             raise ValueError(f"need at least {len(FEATURES)} timed steps to fit, got {len(y)}")
-        weight = 1.0 / np.maximum(y, 1e-9)
+        weight = 1.0 / np.sqrt(np.maximum(y, 1e-9))
         keep = list(range(len(FEATURES)))
         while True:
             coef, *_ = np.linalg.lstsq(x[:, keep] * weight[:, None], y * weight, rcond=None)
