@@ -125,7 +125,7 @@ def fit_step_trace(paths: list[str]) -> StepTimeModel:
         **header, "steps": len(samples), "step_trace": [str(p) for p in paths]})
 
 
-def calibrate_frontend_delay(model: StepTimeModel, result_paths: str | list[str],
+def calibrate_frontend_delay(model: StepTimeModel, result_paths: list[str],
                              candidates_ms: range = range(-30, 101, 2)) -> float:
     """The front-end delay (StepTimeModel.frontend_delay_s) that brings the simulated mean
     TTFT closest to measured bench serve runs', summing the relative error over the request
@@ -139,7 +139,7 @@ def calibrate_frontend_delay(model: StepTimeModel, result_paths: str | list[str]
     config = SimEngineConfig(**{k: v for k, v in model.source.get("engine", {}).items()
                                 if k in SimEngineConfig.__dataclass_fields__})
     runs: dict[float, list[tuple[list[TraceRequest], float]]] = {}  # rate -> (replay, TTFT)
-    for path in [result_paths] if isinstance(result_paths, str) else result_paths:
+    for path in result_paths:
         for rate, ttft in bench_rates(path):
             runs.setdefault(rate, []).append((from_file(path, rate, 1.0, 0), ttft))
 

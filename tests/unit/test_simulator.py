@@ -163,7 +163,7 @@ def test_the_front_end_delay_is_calibrated_on_one_or_several_served_runs(tmp_pat
              "success": True} for r in trace]}]}))
         return str(path)
 
-    assert calibrate_frontend_delay(MODEL, served(20)) == pytest.approx(0.020)
+    assert calibrate_frontend_delay(MODEL, [served(20)]) == pytest.approx(0.020)
     assert calibrate_frontend_delay(MODEL, [served(12), served(28)]) == pytest.approx(0.020, abs=0.0021)
 
 

@@ -109,7 +109,7 @@ def test_simulated_latencies_are_within_ten_percent_of_the_served_ones(tiny_mode
     measured_runs.write_text(json.dumps({"runs": [
         {**run, "request_rate": "inf" if math.isinf(rate) else rate} for rate, run in zip(rates, real)]}))
     step_model = fit_step_trace([str(steps)])
-    step_model.frontend_delay_s = calibrate_frontend_delay(step_model, str(measured_runs))
+    step_model.frontend_delay_s = calibrate_frontend_delay(step_model, [str(measured_runs)])
     errors, preempted = {}, []
     for rate, measured in zip(rates, real):
         replay = from_file(measured_runs, rate, 1.0, 0)  # the arrivals and lengths as served

@@ -9,20 +9,12 @@ set -e
 here=$(cd "$(dirname "$0")" && pwd)
 tiny=${TINY:-/tmp/servelm-tiny-30m}
 [ -d "$tiny" ] || python "$here/tiny_model.py" /work/models/llama-30m "$tiny"
-serve_and_bench() {  # SEED NAME
-  python "$here/serve_emulated.py" "$here/../interleaved/model-cal1.json" --model "$tiny" \
-    --num-threads 2 --max-model-len 2048 --num-kv-blocks 256 --port 18779 \
-    --step-trace "$here/steps-$2.jsonl" & pid=$!
-  until curl -sf http://127.0.0.1:18779/health >/dev/null; do sleep 1; done
-  servelm bench serve --base-url http://127.0.0.1:18779 --tokenizer /work/models/llama-30m \
-    --dataset-name self-instruct --num-prompts 100 --request-rate 1,2.5,inf --ignore-eos \
-    --no-plots --seed "$1" --save-detailed --result-file "$here/real-$2.json"
-  kill $pid; wait $pid || true
-}
-serve_and_bench 7 cal
-serve_and_bench 0 chk1
-serve_and_bench 0 chk2
-serve_and_bench 7 cal2
+source "$here/../serve_and_bench.sh"
+serve=(python "$here/serve_emulated.py" "$here/../interleaved/model-cal1.json" --model "$tiny")
+serve_and_bench 7 cal "${serve[@]}"
+serve_and_bench 0 chk1 "${serve[@]}"
+serve_and_bench 0 chk2 "${serve[@]}"
+serve_and_bench 7 cal2 "${serve[@]}"
 servelm simulate profile --from-step-trace "$here/steps-cal.jsonl" --calibrate-on "$here/real-cal.json" \
   --output "$here/model-cal.json"
 servelm simulate profile --from-step-trace "$here/steps-cal.jsonl" "$here/steps-cal2.jsonl" \

@@ -4,18 +4,11 @@
 # simulated with the step model of each (servelm d8029d2, 2026-12-06, the 2-core Xeon).
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
-serve_and_bench() {  # SEED NAME
-  servelm serve --model /work/models/llama-30m --num-threads 2 --max-model-len 2048 \
-    --num-kv-blocks 256 --port 18777 --step-trace "$here/steps-$2.jsonl" & pid=$!
-  until curl -sf http://127.0.0.1:18777/health >/dev/null; do sleep 1; done
-  servelm bench serve --base-url http://127.0.0.1:18777 --tokenizer /work/models/llama-30m \
-    --dataset-name self-instruct --num-prompts 100 --request-rate 1,2.5,inf --ignore-eos \
-    --no-plots --seed "$1" --save-detailed --result-file "$here/real-$2.json"
-  kill $pid; wait $pid || true
-}
-serve_and_bench 7 cal1
-serve_and_bench 0 chk
-serve_and_bench 7 cal2
+source "$here/../serve_and_bench.sh"
+serve=(servelm serve --model /work/models/llama-30m)
+serve_and_bench 7 cal1 "${serve[@]}"
+serve_and_bench 0 chk "${serve[@]}"
+serve_and_bench 7 cal2 "${serve[@]}"
 for m in cal1 chk cal2; do
   servelm simulate profile --from-step-trace "$here/steps-$m.jsonl" --calibrate-on "$here/real-$m.json" \
     --output "$here/model-$m.json"
