@@ -25,6 +25,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "sjf", "mlfq")
 QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 QUANTIZATION_GROUP_SIZES = (32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8")
+DEVICES = ("auto", "cpu", "cuda")
 ROLES = ("both", "prefill", "decode")
 
 
@@ -47,14 +48,21 @@ class EngineConfig:
     """
 
     model: str | None = option(None, "HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    device: str = option("auto", "where the model runs: cuda (Triton kernels, CUDA graphs), cpu, "
+                         "or auto: cuda when torch sees a GPU", choices=DEVICES)
     dtype: str = option(
-        "auto", "compute dtype of activations and float weights; auto: float32 where the "
-        "matmul weights stay block-quantized (a GGUF, or --quantization int8/int4), else "
-        "bfloat16 on a CPU with native bf16, else float32", choices=DTYPES)
+        "auto", "compute dtype of activations and float weights; auto: bfloat16 on CUDA; on "
+        "CPU float32 where the matmul weights stay block-quantized (a GGUF, or --quantization "
+        "int8/int4), else bfloat16 on a CPU with native bf16, else float32", choices=DTYPES)
     block_size: int = option(16, "tokens per KV-cache block", minimum=1)
     num_kv_blocks: int | None = option(None, "KV-cache blocks (default: from --kv-cache-memory-gb)",
                                        minimum=1)
-    kv_cache_memory_gb: float = option(2.0, "memory for the KV cache, GiB", above=0)
+    kv_cache_memory_gb: float = option(2.0, "CPU: memory for the KV cache, GiB", above=0)
+    gpu_memory_utilization: float = option(
+        0.9, "CUDA: the share of the GPU's memory servelm may use; the KV cache takes what the "
+        "weights and the largest step's activations leave of it", above=0)
+    enforce_eager: bool = option(
+        False, "CUDA: run decode steps op by op instead of replaying captured CUDA graphs")
     max_num_batched_tokens: int = option(2048, "token budget of one step (prefill chunk size)",
                                          minimum=1)
     max_num_seqs: int = option(256, "requests running at once", minimum=1)
@@ -125,6 +133,9 @@ class EngineConfig:
                 value = os.fspath(value)
                 setattr(self, f.name, value)
             _check_field(f, value)
+        if self.gpu_memory_utilization > 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got "
+                             f"{self.gpu_memory_utilization!r}")
         if self.length_predictor is not None and self.scheduling_policy != "sjf":
             raise ValueError("length_predictor is used only by scheduling_policy 'sjf', "
                              f"got scheduling_policy {self.scheduling_policy!r}")

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from servelm.model import loader
+
+# The Triton kernels run in Triton's interpreter where there is no GPU; it must be on
+# before the first kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:  # tests/ is on sys.path when it is not a package (pytest's default "prepend" mode)
     from fixtures_models import build_tiny_model, build_tokenizer, write_tiny_llama_gguf

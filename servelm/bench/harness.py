@@ -52,7 +52,8 @@ def split_engine(engine: dict[str, Any]) -> tuple[str | None, dict[str, Any], st
 
     rest = dict(engine)
     model = rest.pop("model", None)
-    dtype = compute_dtype(rest.get("dtype", "auto"), model, rest.get("quantization", "auto"))
+    dtype = compute_dtype(rest.get("dtype", "auto"), model, rest.get("quantization", "auto"),
+                          rest.get("device", "auto"))
     return model, rest, str(dtype).removeprefix("torch.")
 
 

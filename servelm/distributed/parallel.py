@@ -37,6 +37,7 @@ class ParallelContext:
     tp_group: Any = field(default=None, repr=False)  # torch ProcessGroup of this stage's ranks
     stats: CollectiveStats = field(default_factory=CollectiveStats)  # gloo's, counted here
     shm_allreduce: ShmAllReduce | None = field(default=None, repr=False)
+    device: torch.device = torch.device("cpu")  # where activations sent between stages live
     _sending: tuple[Any, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -124,7 +125,7 @@ class ParallelContext:
         self._sending = (dist.isend(x, self.rank + self.tp_size), x)
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        x = torch.empty(shape, dtype=dtype)
+        x = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(x, self.rank - self.tp_size)
         return x
 
@@ -133,13 +134,18 @@ SINGLE = ParallelContext()
 
 
 def init_parallel(tp_size: int, pp_size: int, rank: int, port: int, timeout_s: float,
-                  allreduce: str = "shm", backend: str = "gloo") -> ParallelContext:
+                  allreduce: str = "shm", device: torch.device = torch.device("cpu")) -> ParallelContext:
     """Join the world of tp_size x pp_size ranks at 127.0.0.1:`port` and make each stage's
     tensor-parallel group. Every rank must call it; collectives and the rendezvous give up
-    after `timeout_s` with an error instead of waiting forever. `allreduce`: "shm" sums
-    through shared memory (shm_allreduce.py) where its C kernel builds, "gloo" through the
-    process group."""
+    after `timeout_s` with an error instead of waiting forever. `allreduce` (CPU): "shm"
+    sums through shared memory (shm_allreduce.py) where its C kernel builds, "gloo" through
+    the process group. On CUDA, tensors on the GPU go through NCCL and the few host
+    tensors (block counts) through gloo."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    cuda = device.type == "cuda"
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(device)
     world = tp_size * pp_size
     try:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -149,13 +155,13 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, port: int, timeout_s: f
             f"rank {rank} of {world} could not join the process group at 127.0.0.1:{port} within "
             f"{timeout_s:g}s ({e}); check that every worker process started (the others' logs) and "
             "that nothing else holds the port") from None
-    ctx = ParallelContext(tp_size, pp_size, rank)
+    ctx = ParallelContext(tp_size, pp_size, rank, device=device)
     for stage in range(pp_size):  # every rank takes part in creating every group
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
         group = dist.new_group(ranks, timeout=timeout) if tp_size > 1 else None
         if stage == ctx.pp_rank:
             ctx.tp_group = group
-    lib = shm_allreduce.load() if tp_size > 1 and allreduce == "shm" else None
+    lib = shm_allreduce.load() if tp_size > 1 and allreduce == "shm" and not cuda else None
     if lib is not None:
         ranks = list(range(ctx.pp_rank * tp_size, (ctx.pp_rank + 1) * tp_size))
         ctx.shm_allreduce = shm_allreduce.ShmAllReduce(lib, ctx.tp_group, ranks, rank, timeout_s)

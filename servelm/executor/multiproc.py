@@ -51,7 +51,7 @@ class MultiprocExecutor(Executor):
         # The cores shared out: more threads than cores would make the ranks preempt each other.
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)
         # Decided here once, so that every rank computes in the same dtype.
-        dtype = str(compute_dtype(config.dtype, config.model, config.quantization))
+        dtype = str(compute_dtype(config.dtype, config.model, config.quantization, config.device))
         config = dataclasses.replace(config, num_threads=threads, dtype=dtype.removeprefix("torch."))
         self._startup_s = config.distributed_timeout_s
         self._error: WorkerFailed | None = None

@@ -30,11 +30,13 @@ def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, bea
                      name="servelm-heartbeat").start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the engine stops us
     from servelm.distributed.parallel import destroy_parallel, init_parallel
+    from servelm.worker.device import resolve_device
     from servelm.worker.worker import Worker
 
     try:
         parallel = init_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, rank,
-                                 port, config.distributed_timeout_s, config.allreduce)
+                                 port, config.distributed_timeout_s, config.allreduce,
+                                 resolve_device(config.device, rank))
         worker = Worker(config, parallel)
         conn.send(("ready", worker.info))
         while True:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from servelm.ops.attention import AttentionMetadata, DecodeGroup, PrefillSlice
+from servelm.ops.attention import AttentionMetadata, DecodeGroup, PagedPrefills, PrefillSlice
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _decode_group(start: int, pos: torch.Tensor, tables: list[list[int]], block_
         max_len = max_blocks * block_size
         beyond = (torch.arange(max_len).unsqueeze(0) > pos.unsqueeze(1)).view(d, 1, 1, max_len)
         mask = torch.zeros(d, 1, 1, max_len, dtype=dtype).masked_fill_(beyond, float("-inf"))
-    return DecodeGroup(start, d, table.reshape(-1), pos + 1, mask)
+    return DecodeGroup(start, d, table.reshape(-1), pos + 1, mask, int(pos.max()) + 1)
 
 
 def build_step_batch(
@@ -81,9 +81,13 @@ def build_step_batch(
     block_size: int,
     dtype: torch.dtype,
     split_decodes: bool = True,
+    paged_prefills: bool = False,
+    device: torch.device | str = "cpu",
 ) -> StepBatch:
     """`split_decodes`: group decodes by context length and build padding masks (for
-    backends that pad each group to its longest context); False: one group, no mask."""
+    backends that pad each group to its longest context); False: one group, no mask.
+    `paged_prefills`: also describe the untreed prefill chunks as one `PagedPrefills`.
+    Built on the CPU and then copied to `device`."""
     decodes = sorted((i for i, c in enumerate(chunks) if c.is_decode), key=lambda i: chunks[i].start)
     prefills = [i for i, c in enumerate(chunks) if not c.is_decode]
     order = decodes + prefills
@@ -123,15 +127,38 @@ def build_step_batch(
         row_start.append(row)
         row += n
 
-    return StepBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        positions=torch.cat(positions),
-        attn=AttentionMetadata(
-            slot_mapping=torch.cat(slots),
-            block_size=block_size,
-            decodes=decode_groups,
-            prefills=prefill_slices,
-        ),
-        order=order,
-        row_start=row_start,
-    )
+    attn = AttentionMetadata(torch.cat(slots), block_size, decode_groups, prefill_slices)
+    if paged_prefills:
+        attn.paged_prefills = _paged(prefill_slices, [block_tables[i] for i in prefills])
+    batch = StepBatch(torch.tensor(ids, dtype=torch.long), torch.cat(positions), attn, order, row_start)
+    return batch if torch.device(device).type == "cpu" else _to_device(batch, device)
+
+
+def _paged(slices: list[PrefillSlice], tables: list[list[int]]) -> PagedPrefills | None:
+    chunks = [(s, t) for s, t in zip(slices, tables) if s.mask is None]
+    if not chunks:
+        return None
+    table = torch.zeros(len(chunks), max(len(t) for _, t in chunks), dtype=torch.long)
+    for row, (_, t) in enumerate(chunks):
+        table[row, : len(t)] = torch.tensor(t, dtype=torch.long)
+    ints = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PagedPrefills(table, ints([s.start for s, _ in chunks]), ints([s.num_new for s, _ in chunks]),
+                         ints([s.context_len for s, _ in chunks]), max(s.num_new for s, _ in chunks))
+
+
+def _to_device(batch: StepBatch, device: torch.device | str) -> StepBatch:
+    """Every tensor of the batch copied to `device`."""
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    meta = batch.attn
+    for g in meta.decodes:
+        g.block_index, g.context_lens, g.mask = to(g.block_index), to(g.context_lens), to(g.mask)
+    for p in meta.prefills:
+        p.block_index, p.mask = to(p.block_index), to(p.mask)
+    if (pp := meta.paged_prefills) is not None:
+        pp.block_tables, pp.q_starts = to(pp.block_tables), to(pp.q_starts)
+        pp.q_lens, pp.context_lens = to(pp.q_lens), to(pp.context_lens)
+    meta.slot_mapping = to(meta.slot_mapping)
+    batch.input_ids, batch.positions = to(batch.input_ids), to(batch.positions)
+    return batch

@@ -110,14 +110,17 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, backend: AttentionBackend, dtype: torch.dtype,
-                 max_positions: int, parallel: ParallelContext = SINGLE) -> None:
-        """`arch`: this rank's part (ModelArch of its heads and layers; Shard.local_arch)."""
+                 max_positions: int, parallel: ParallelContext = SINGLE,
+                 device: torch.device | str = "cpu") -> None:
+        """`arch`: this rank's part (ModelArch of its heads and layers; Shard.local_arch).
+        `device`: where the weights it is given lie."""
         super().__init__()
         self.arch, self.parallel = arch, parallel
         self.vocab = vocab_range(arch.vocab_size, parallel.tp_size, parallel.tp_rank)
         self.layers = nn.ModuleList(DecoderLayer(arch, backend, parallel) for _ in range(arch.num_layers))
-        self.dtype = dtype
-        self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype,
+                                    device)
         self.embed: torch.Tensor
         self.final_norm: torch.Tensor
         self.lm_head: torch.Tensor
@@ -158,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
         hook = getattr(self.parallel.shm_allreduce, "c_hook", None)
+        if self._fused is None and self.device.type != "cpu":
+            self._fused = False  # a C kernel
         if self._fused is None and self.parallel.tp_size > 1 and hook is None:
             self._fused = False  # its all-reduces must be callable from C: the shared-memory one
         if self._fused is None:

@@ -132,12 +132,16 @@ def block_weights(model: str | None, quantization: str) -> bool:
     return quantization in ("int8", "int4") or (quantization == "auto" and gguf_with_blocks(model))
 
 
-def compute_dtype(dtype: str, model: str | None, quantization: str) -> torch.dtype:
-    """The torch dtype for `dtype` (config.DTYPES). auto: float32 where the matmul weights
-    stay block-quantized, since the block kernels take float32 activations and bfloat16
-    would only add conversions; else bfloat16 where the CPU has it natively; else float32."""
+def compute_dtype(dtype: str, model: str | None, quantization: str, device: str = "cpu") -> torch.dtype:
+    """The torch dtype for `dtype` (config.DTYPES) on `device` (config.DEVICES). auto:
+    bfloat16 on CUDA (tensor cores; the Triton block kernels take it too); on CPU float32
+    where the matmul weights stay block-quantized, since the C block kernels take float32
+    activations and bfloat16 would only add conversions; else bfloat16 where the CPU has it
+    natively; else float32."""
     if dtype != "auto":
         return getattr(torch, dtype)
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
     return torch.float32 if block_weights(model, quantization) or not native_bf16() else torch.bfloat16
 
 

@@ -19,11 +19,12 @@ MODEL_CLASSES = {
 
 def build_model(arch: ModelArch, weights: dict[str, torch.Tensor], backend: AttentionBackend,
                 dtype: torch.dtype, max_positions: int,
-                parallel: ParallelContext = SINGLE) -> LlamaForCausalLM:
-    """`arch`: the part this rank builds (model/sharding.py), `weights` its slices."""
+                parallel: ParallelContext = SINGLE, device: torch.device | str = "cpu") -> LlamaForCausalLM:
+    """`arch`: the part this rank builds (model/sharding.py), `weights` its slices, on
+    `device`."""
     cls = MODEL_CLASSES.get(arch.family)
     if cls is None:
         raise ValueError(f"unsupported architecture family {arch.family!r}; allowed: {sorted(MODEL_CLASSES)}")
-    model = cls(arch, backend, dtype, max_positions, parallel)
+    model = cls(arch, backend, dtype, max_positions, parallel, device)
     model.load_weights(weights)
     return model.eval()

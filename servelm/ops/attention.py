@@ -42,6 +42,19 @@ class DecodeGroup:
     block_index: torch.Tensor  # [num * max_blocks] cache blocks to read, row-major
     context_lens: torch.Tensor  # [num] tokens each row attends to
     mask: torch.Tensor | None  # [num, 1, 1, max_blocks * block_size] additive: 0 or -inf
+    max_len: int = 0  # a bound on context_lens (kernels size their grid by it)
+
+
+@dataclass
+class PagedPrefills:
+    """Every prefill chunk without a tree mask, for kernels that run them all in one call,
+    reading even the chunk's own K/V back through the block table."""
+
+    block_tables: torch.Tensor  # [chunks, max_blocks]
+    q_starts: torch.Tensor  # [chunks] first row of each chunk in the flat batch
+    q_lens: torch.Tensor  # [chunks] new tokens
+    context_lens: torch.Tensor  # [chunks] cached tokens before the chunk + new tokens
+    max_q_len: int
 
 
 @dataclass
@@ -64,6 +77,7 @@ class AttentionMetadata:
     decodes: list[DecodeGroup]
     prefills: list[PrefillSlice]
     scored: list[ScoredRows] = field(default_factory=list)
+    paged_prefills: PagedPrefills | None = None  # built for backends with `pages_prefills`
 
 
 class AttentionBackend(Protocol):
@@ -109,6 +123,7 @@ class TorchPagedAttention:
     """
 
     pads_decodes = True  # decode groups are padded to their longest context
+    pages_prefills = False  # reads prefill chunks' metadata from `prefills`, not `paged_prefills`
 
     def __init__(self) -> None:
         self._k_ws = torch.empty(0)
@@ -124,8 +139,8 @@ class TorchPagedAttention:
         row = block_size * num_kv * head_dim
         n = blocks.numel()
         if self._k_ws.numel() < n * row or self._k_ws.dtype != kv_cache.dtype:
-            self._k_ws = torch.empty(n * row, dtype=kv_cache.dtype)
-            self._v_ws = torch.empty(n * row, dtype=kv_cache.dtype)
+            self._k_ws = torch.empty(n * row, dtype=kv_cache.dtype, device=kv_cache.device)
+            self._v_ws = torch.empty(n * row, dtype=kv_cache.dtype, device=kv_cache.device)
         k = torch.index_select(kv_cache[0].view(-1, row), 0, blocks, out=self._k_ws[: n * row].view(n, row))
         v = torch.index_select(kv_cache[1].view(-1, row), 0, blocks, out=self._v_ws[: n * row].view(n, row))
         shape = (n * block_size, num_kv, head_dim)
@@ -217,8 +232,8 @@ class CPUKernelPagedAttention(TorchPagedAttention):
 
 def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                    kv_cache_dtype: str = "auto") -> AttentionBackend:
-    """kv_cache_dtype as resolved by the worker (float32, bfloat16, int8, fp8, or auto for
-    the compute dtype)."""
+    """The CPU backend; kv_cache_dtype as resolved by the worker (float32, bfloat16, int8,
+    fp8, or auto for the compute dtype). CUDA's is ops/gpu/backend.py."""
     store = storage_dtype(kv_cache_dtype, dtype)
     if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim, None if store == dtype else store):
         return CPUKernelPagedAttention()

@@ -29,12 +29,12 @@ def accumulate_attention(q: torch.Tensor, kv_cache: torch.Tensor | QuantizedKV, 
     bs = meta.block_size
     for r in meta.scored:
         ctx = r.first_index + r.num
-        idx = torch.arange(ctx)
+        idx = torch.arange(ctx, device=q.device)
         slots = r.block_table[idx // bs] * bs + idx % bs
         k = _keys(kv_cache, slots, q.dtype).float()  # [ctx, KV, D]
         num_kv = k.shape[1]
         qr = q[r.start:r.start + r.num].float().view(r.num, num_kv, -1, k.shape[2])  # [n, KV, G, D]
         logits = torch.einsum("nkgd,ckd->kgnc", qr, k) * scale
-        causal = idx[None, :] > (r.first_index + torch.arange(r.num))[:, None]  # [n, ctx]
+        causal = idx[None, :] > (r.first_index + torch.arange(r.num, device=q.device))[:, None]  # [n, ctx]
         probs = logits.masked_fill_(causal, float("-inf")).softmax(-1)
         scores.index_add_(0, slots, probs.sum(dim=(1, 2)).T)

@@ -146,18 +146,19 @@ def _add_roofline_args(p: argparse.ArgumentParser) -> None:
                    help="short for --tensor-parallel-size")
     g.add_argument("--pp", dest="pipeline_parallel_size", type=int, default=argparse.SUPPRESS,
                    help="short for --pipeline-parallel-size")
-    add_hardware_args(g)
+    add_hardware_args(g, memory_flag=False)  # the engine's --gpu-memory-utilization serves
 
 
-def add_hardware_args(g: Any) -> None:
+def add_hardware_args(g: Any, memory_flag: bool = True) -> None:
     """The roofline model's dtype, memory, efficiency and GPU-figure flags, shared by
     `simulate profile --roofline` and `simulate plan`."""
     from servelm.simulate.roofline import KV_DTYPES, WEIGHT_DTYPES
 
     g.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="bf16")
     g.add_argument("--kv-dtype", choices=list(KV_DTYPES), default="bf16")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="share of GPU memory for weights, activations and the KV cache")
+    if memory_flag:
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="share of GPU memory for weights, activations and the KV cache")
     g.add_argument("--compute-efficiency", type=float, default=0.7,
                    help="achievable share of the peak FLOP/s (assumption)")
     g.add_argument("--bandwidth-efficiency", type=float, default=0.8,

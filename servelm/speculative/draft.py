@@ -58,12 +58,13 @@ class ModelDrafter:
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  compute_logits: Callable[[torch.Tensor], torch.Tensor], block_size: int,
                  dtype: torch.dtype, branching: tuple[int, ...], shares_target_cache: bool,
-                 split_decodes: bool) -> None:
+                 split_decodes: bool, paged_prefills: bool = False,
+                 device: torch.device | str = "cpu") -> None:
         self.forward, self.compute_logits = forward, compute_logits
         self.block_size, self.dtype = block_size, dtype
         self.branching = branching
         self.shares_target_cache = shares_target_cache
-        self.split_decodes = split_decodes
+        self.split_decodes, self.paged_prefills, self.device = split_decodes, paged_prefills, device
         self._trees: dict[int, DraftTree] = {}
         self._seen: dict[str, int] = {}  # tokens whose K/V the draft's own cache holds
         self._fed_levels: dict[str, int] = {}  # tree levels the last step wrote K/V for
@@ -151,7 +152,8 @@ class ModelDrafter:
     def _run(self, chunks: list[SeqChunk], tables: list[list[int]],
              last_only: bool = False) -> list[torch.Tensor]:
         """Logits of every row of each chunk, or of its last row only."""
-        batch = build_step_batch(chunks, tables, self.block_size, self.dtype, self.split_decodes)
+        batch = build_step_batch(chunks, tables, self.block_size, self.dtype, self.split_decodes,
+                                 self.paged_prefills, self.device)
         with attention_context(batch.attn):
             hidden = self.forward(batch.input_ids, batch.positions)
         spans = [(0, 0)] * len(chunks)

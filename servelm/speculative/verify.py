@@ -64,7 +64,7 @@ def verify(logits: Tensor, draft: list[int], params: SamplingParams,
             d = draft[child - 1]
             q = None if draft_probs is None else draft_probs[child - 1]
             q_d = 1.0 if q is None else float(q[d])
-            if float(torch.rand(1, generator=generator)) * q_d < float(p[d]):
+            if float(torch.rand(1, generator=generator, device=p.device)) * q_d < float(p[d]):
                 break
             if q is None:
                 p = p.clone()

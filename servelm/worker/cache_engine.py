@@ -20,12 +20,12 @@ from servelm.worker.kv_selection import select_kept
 class CacheEngine:
     def __init__(self, arch: ModelArch, block_size: int, dtype: torch.dtype, kv_cache_dtype: str,
                  num_kv_blocks: int, num_swap_blocks: int, num_offload_blocks: int,
-                 compression: CompressionConfig | None) -> None:
+                 compression: CompressionConfig | None, device: torch.device | str = "cpu") -> None:
         self.arch, self.block_size, self.compression = arch, block_size, compression
         with_scores = compression is not None and compression.needs_scores
 
         def tensors(num_blocks: int, host: bool) -> KVTensors:
-            return KVTensors(arch, num_blocks * block_size, dtype, kv_cache_dtype, host, with_scores)
+            return KVTensors(arch, num_blocks * block_size, dtype, kv_cache_dtype, host, with_scores, device)
 
         self.kv = tensors(num_kv_blocks, host=False)
         # Host-memory pools in the same layout: swap space for preemption by swap, and the
@@ -57,7 +57,7 @@ class CacheEngine:
         moves = [(root + node, root + depth) for depth, node in enumerate(path, 1) if node != depth]
         if not moves:
             return
-        t = torch.tensor(table)
+        t = torch.tensor(table).cpu()
         src, dst = (slots_of(t, torch.tensor(x), self.block_size) for x in zip(*moves))
         self.kv.copy_slots(self.kv, src, dst)
 
@@ -65,9 +65,12 @@ class CacheEngine:
     def compress(self, table: list[int], kv_len: int) -> None:
         """Keep the compression budget's worth of a request's `kv_len` cached tokens, per
         layer and head as the policy picks, compacted into its first cache indices."""
-        t, bs = torch.tensor(table), self.block_size
+        device, bs = self.kv.values.device, self.block_size
+        t = torch.tensor(table, device=device)
         scores = None
         if self.kv.scores is not None:
-            scores = self.kv.scores[:, 0].index_select(1, slots_of(t, torch.arange(kv_len), bs))
-        keep = select_kept(self.compression, kv_len, scores, self.arch.num_layers, self.arch.num_kv_heads)
-        self.kv.gather_per_head(slots_of(t, keep, bs), slots_of(t, torch.arange(keep.shape[-1]), bs))
+            scores = self.kv.scores[:, 0].index_select(1, slots_of(t, torch.arange(kv_len, device=device), bs))
+        keep = select_kept(self.compression, kv_len, scores, self.arch.num_layers,
+                           self.arch.num_kv_heads).to(device)
+        self.kv.gather_per_head(slots_of(t, keep, bs),
+                                slots_of(t, torch.arange(keep.shape[-1], device=device), bs))

@@ -63,9 +63,9 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def read_blocks(kv: KVTensors, block_size: int, block_ids: list[int]) -> KVPayload:
     """A copy of these blocks' K/V (and scales), in block order."""
-    slots = _slots(block_ids, block_size)
-    values = _raw(as_bytes(kv.values).index_select(2, slots))
-    scales = None if kv.scales is None else _raw(kv.scales.index_select(2, slots))
+    slots = _slots(block_ids, block_size).to(kv.values.device)
+    values = _raw(as_bytes(kv.values).index_select(2, slots)).cpu()
+    scales = None if kv.scales is None else _raw(kv.scales.index_select(2, slots)).cpu()
     return KVPayload(KVLayout.of(kv, block_size), len(block_ids), values, scales)
 
 
@@ -75,9 +75,9 @@ def write_blocks(kv: KVTensors, block_size: int, block_ids: list[int], payload: 
     KVLayout.of(kv, block_size).check(payload.layout)
     if len(block_ids) != payload.num_blocks:
         raise ValueError(f"KV payload holds {payload.num_blocks} blocks, {len(block_ids)} given")
-    slots = _slots(block_ids, block_size)
     dst = as_bytes(kv.values)
+    slots = _slots(block_ids, block_size).to(dst.device)
     shape = (*dst.shape[:2], len(slots), *dst.shape[3:])
-    dst.index_copy_(2, slots, payload.values.view(dst.dtype).view(shape))
+    dst.index_copy_(2, slots, payload.values.view(dst.dtype).view(shape).to(dst.device))
     if kv.scales is not None:
-        kv.scales.index_copy_(2, slots, payload.scales.view(torch.float32).view(shape[:4]))
+        kv.scales.index_copy_(2, slots, payload.scales.view(torch.float32).view(shape[:4]).to(dst.device))

@@ -26,5 +26,5 @@ def select_kept(cfg: CompressionConfig, kv_len: int, scores: torch.Tensor | None
         pad = cfg.pool_kernel // 2
         s = F.max_pool1d(s.reshape(-1, 1, s.shape[-1]), cfg.pool_kernel, 1, pad).view_as(s)
     hitters = s.topk(b - recent, dim=-1).indices
-    tail = torch.arange(kv_len - recent, kv_len).expand(num_layers, num_kv_heads, recent)
+    tail = torch.arange(kv_len - recent, kv_len, device=s.device).expand(num_layers, num_kv_heads, recent)
     return torch.cat([hitters.sort(-1).values, tail], dim=-1)

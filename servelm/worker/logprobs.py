@@ -10,7 +10,7 @@ from servelm.outputs import Logprob, PositionLogprobs
 def logprobs_for(logits: torch.Tensor, targets: list[int], k: int) -> list[PositionLogprobs]:
     """Per row of `logits`: the target token's logprob and rank, plus the top-k tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tgt = torch.tensor(targets, dtype=torch.long)
+    tgt = torch.tensor(targets, dtype=torch.long, device=logits.device)
     tgt_lp = logprobs.gather(1, tgt.unsqueeze(1)).squeeze(1)
     ranks = ((logprobs > tgt_lp.unsqueeze(1)).sum(1) + 1).tolist()
     tgt_lp = tgt_lp.tolist()

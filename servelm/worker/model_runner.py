@@ -24,6 +24,7 @@ from servelm.speculative.proposer import Draft, DraftRequest, Proposer
 from servelm.speculative.verify import verify
 from servelm.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from servelm.worker.cache_engine import CacheEngine
+from servelm.worker.cuda_graphs import DecodeGraphs
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.request_state import CachedRequestState, RequestStates
 
@@ -48,11 +49,13 @@ def _chunk(state: CachedRequestState, n: int, draft: Draft | None) -> SeqChunk:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, attention: AttentionBackend, cache: CacheEngine,
                  proposer: Proposer | None, block_size: int, dtype: torch.dtype,
-                 compression: CompressionConfig | None) -> None:
+                 compression: CompressionConfig | None, device: torch.device = torch.device("cpu")) -> None:
         self.model, self.attention, self.cache, self.proposer = model, attention, cache, proposer
         self.block_size, self.dtype, self.compression = block_size, dtype, compression
-        self.states = RequestStates()
+        self.device = device
+        self.states = RequestStates(device)
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), set by the worker
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -73,15 +76,17 @@ class ModelRunner:
         # Real tokens this step (a proposer may return fewer drafts than were granted).
         num_real = [s.num_new_tokens - s.num_draft_tokens for s in scheduled]
         chunks = [_chunk(st, n, d) for st, n, d in zip(states, num_real, drafts)]
-        batch = build_step_batch(chunks, [st.block_table for st in states], self.block_size,
-                                 self.dtype, split_decodes=self.attention.pads_decodes)
+        batch = build_step_batch(chunks, [st.block_table for st in states], self.block_size, self.dtype,
+                                 self.attention.pads_decodes, self.attention.pages_prefills, self.device)
         if self.cache.kv.scores is not None:
             self._mark_scored(batch, states, chunks)
         parallel = self.model.parallel
-        with attention_context(batch.attn):
-            residual = None if parallel.is_first_stage else parallel.recv_prev(
-                (len(batch.input_ids), self.model.arch.hidden_size), self.dtype)
-            hidden = self.model(batch.input_ids, batch.positions, residual=residual)
+        hidden = self.graphs.run(batch) if self.graphs is not None else None
+        if hidden is None:
+            with attention_context(batch.attn):
+                residual = None if parallel.is_first_stage else parallel.recv_prev(
+                    (len(batch.input_ids), self.model.arch.hidden_size), self.dtype)
+                hidden = self.model(batch.input_ids, batch.positions, residual=residual)
         if parallel.is_last_stage:
             self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
         else:
@@ -198,7 +203,8 @@ class ModelRunner:
             if rows:
                 offset, count = rows
                 batch.attn.scored.append(ScoredRows(batch.row_start[b] + offset, count,
-                                                    st.num_kv_tokens + offset, torch.tensor(st.block_table)))
+                                                    st.num_kv_tokens + offset,
+                                                    torch.tensor(st.block_table, device=self.device)))
 
     def _compress(self, st: CachedRequestState, n: int) -> int:
         """Bring a request that passed its KV budget this step back to it; returns the

@@ -30,12 +30,13 @@ class CachedRequestState:
     num_evicted_tokens: int = 0
     num_prompt_logprobs: int = 0  # prompt positions whose logprobs were sent (position 0 has none)
     draft_seed: int = 0
+    device: torch.device = torch.device("cpu")  # where its generators draw
     _draft_generator: torch.Generator | None = None
 
     def draft_generator(self) -> torch.Generator:
         """What a proposer draws sampled drafts from (made on first use)."""
         if self._draft_generator is None:
-            self._draft_generator = torch.Generator().manual_seed(self.draft_seed)
+            self._draft_generator = torch.Generator(self.device).manual_seed(self.draft_seed)
         return self._draft_generator
 
     @property
@@ -53,7 +54,12 @@ class CachedRequestState:
 
 
 class RequestStates(dict[str, CachedRequestState]):
-    """req_id -> its state, kept in step with the scheduler by `update`."""
+    """req_id -> its state, kept in step with the scheduler by `update`. Seeded requests'
+    generators live on `device`, with the logits they sample from."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__()
+        self.device = device
 
     def update(self, step: SchedulerOutput) -> list[str]:
         """Apply one step's changes. Returns the ids of requests that finished or whose
@@ -62,12 +68,12 @@ class RequestStates(dict[str, CachedRequestState]):
         for req_id in step.finished_req_ids:
             self.pop(req_id, None)
         for new in step.new_requests:
-            gen = None if new.seed is None else torch.Generator().manual_seed(new.seed)
+            gen = None if new.seed is None else torch.Generator(self.device).manual_seed(new.seed)
             if gen is not None and new.generator_state is not None:  # moved from another engine
                 gen.set_state(torch.frombuffer(bytearray(new.generator_state), dtype=torch.uint8))
             self[new.req_id] = CachedRequestState(new.req_id, list(new.prompt_token_ids), new.params,
                                                   gen, list(new.prompt_token_ids), new.stop_token_ids,
-                                                  draft_seed=new.draft_seed)
+                                                  draft_seed=new.draft_seed, device=self.device)
         for sched in step.scheduled:
             self._apply(sched)
         return [*step.finished_req_ids, *(s.req_id for s in step.scheduled if s.block_table_start == 0)]

@@ -1,6 +1,8 @@
 """A worker: the model, its KV cache and the proposer, on one device, driven by plain data.
 
-It loads the weights, sizes the KV cache from the memory budget, and then runs whatever
+It loads the weights onto its device (worker/device.py), sizes the KV cache from the memory
+budget (on CUDA: what a profiled step leaves of --gpu-memory-utilization), captures the
+decode graphs (worker/cuda_graphs.py), and then runs whatever
 `SchedulerOutput` it is handed. An executor owns one (in this process) or several (in
 others); the engine only ever sees the `WorkerInfo` and the `ModelRunnerOutput`s. As one
 rank of tensor/pipeline parallelism it loads and caches only its part of the model
@@ -22,6 +24,7 @@ from servelm.model.loader import LoadedModel, compute_dtype, kv_storage, load_mo
 from servelm.model.registry import build_model
 from servelm.model.sharding import Shard
 from servelm.ops.attention import AttentionBackend, select_backend
+from servelm.ops.gpu.backend import TritonPagedAttention
 from servelm.ops.quant import METHODS
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.draft import ModelDrafter, load_draft
@@ -30,8 +33,11 @@ from servelm.speculative.proposer import Proposer
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 from servelm.worker.cache_engine import CacheEngine
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
+from servelm.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from servelm.worker.device import kv_blocks_for_memory, resolve_device, weights_to
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
 from servelm.worker.kv_payload import KVPayload, read_blocks, write_blocks
+from servelm.worker.memory_profile import non_torch_bytes, peak_step_bytes
 from servelm.worker.model_runner import ModelRunner
 
 
@@ -40,7 +46,8 @@ class Worker:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
         self.config = config
-        dtype = compute_dtype(config.dtype, config.model, config.quantization)
+        self.device = device = resolve_device(config.device, parallel.rank)
+        dtype = compute_dtype(config.dtype, config.model, config.quantization, device.type)
         self.kv_dtype = kv = kv_storage(config.kv_cache_dtype, dtype, config.model, config.quantization)
         shard = Shard(parallel.tp_size, parallel.tp_rank, parallel.pp_size, parallel.pp_rank)
         # The tokenizer is the engine's: the worker sees token ids only.
@@ -49,19 +56,25 @@ class Worker:
         arch, spec = loaded.arch, config.spec
         local = shard.local_arch(arch)  # this rank's heads and layers
         draft = load_draft(spec, loaded, dtype) if spec else None
+        for part in (loaded, draft):
+            if part is not None:
+                part.weights = weights_to(part.weights, device)
         per_block = config.block_size * kv_bytes_per_token(local, dtype, kv)
         # A draft model's cache shares the block tables, so each block also costs its bytes.
         draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, kv)
                            if draft else 0)
-        num_blocks = parallel.all_reduce_min(config.num_kv_blocks or max(
-            1, int(config.kv_cache_memory_gb * 2**30) // (per_block + draft_per_block)))
+        attention = (TritonPagedAttention() if device.type == "cuda"
+                     else select_backend(dtype, local.num_heads, local.num_kv_heads, local.head_dim, kv))
+        model = self._build_model(loaded, local, attention, dtype, _context_limit(config, arch), parallel)
+        num_blocks = parallel.all_reduce_min(config.num_kv_blocks or self._fitting_blocks(
+            model, attention, local, dtype, per_block + draft_per_block, parallel))
         max_model_len = _max_model_len(config, arch, num_blocks)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
-        attention = select_backend(dtype, local.num_heads, local.num_kv_heads, local.head_dim, kv)
-        model = self._build_model(loaded, local, attention, dtype, max_model_len, parallel)
-        cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks,
-                            num_swap, num_offload, config.compression)
+        graphs = device.type == "cuda" and not config.enforce_eager and parallel.pp_size == 1
+        # With graphs, one block more than the engine gets: the padding rows' scratch space.
+        cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks + graphs,
+                            num_swap, num_offload, config.compression, device)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.kv.layer(i)
             if cache.kv.scores is not None:
@@ -70,7 +83,10 @@ class Worker:
                     if spec else None)
         keep_freed_memory_in_heap()  # for the steps; loading gave its temporaries back to the OS
         self.runner = ModelRunner(model, attention, cache, proposer, config.block_size, dtype,
-                                  config.compression)
+                                  config.compression, device)
+        if graphs:
+            self.runner.graphs = DecodeGraphs(model, capture_sizes(config.max_num_seqs), max_model_len,
+                                              config.block_size, num_blocks, device)
         total = parallel.all_reduce_sum  # the figures of all ranks together
         self.info = WorkerInfo(
             arch=arch, model_source=loaded.source,
@@ -91,10 +107,23 @@ class Worker:
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(step)
 
+    def _fitting_blocks(self, model: LlamaForCausalLM, attention: AttentionBackend, arch: ModelArch,
+                        dtype: torch.dtype, block_bytes: int, parallel: ParallelContext) -> int:
+        """KV blocks the memory budget holds: --kv-cache-memory-gb on CPU; on CUDA what the
+        largest step leaves of --gpu-memory-utilization."""
+        config = self.config
+        if self.device.type == "cpu":
+            return max(1, int(config.kv_cache_memory_gb * 2**30) // block_bytes)
+        peak = peak_step_bytes(model, attention, arch, config.block_size, dtype, self.kv_dtype,
+                               config.max_num_batched_tokens, config.max_num_seqs, parallel, self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return kv_blocks_for_memory(total, config.gpu_memory_utilization,
+                                    peak + non_torch_bytes(self.device), block_bytes)
+
     def _build_model(self, loaded: LoadedModel, arch: ModelArch, attention: AttentionBackend,
                      dtype: torch.dtype, max_model_len: int,
                      parallel: ParallelContext = SINGLE) -> LlamaForCausalLM:
-        model = build_model(arch, loaded.weights, attention, dtype, max_model_len, parallel)
+        model = build_model(arch, loaded.weights, attention, dtype, max_model_len, parallel, self.device)
         if self.config.quantization in METHODS:
             model.quantize(self.config.quantization, self.config.quantization_group_size)
         return model
@@ -117,15 +146,23 @@ class Worker:
                 return target(ids, pos, num_layers=spec.num_layers)
 
             return ModelDrafter(forward, target.compute_logits, bs, dtype, branching, True,
-                                attention.pads_decodes)
+                                attention.pads_decodes, attention.pages_prefills, self.device)
         arch = draft.arch
-        backend = select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype)
+        backend = (TritonPagedAttention() if self.device.type == "cuda" else
+                   select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype))
         # A draft model runs whole on every rank: small, and identical on each.
         model = self._build_model(draft, arch, backend, dtype, max_model_len)
-        cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype)
+        cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype, device=self.device)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.layer(i)
-        return ModelDrafter(model, model.compute_logits, bs, dtype, branching, False, backend.pads_decodes)
+        return ModelDrafter(model, model.compute_logits, bs, dtype, branching, False, backend.pads_decodes,
+                            backend.pages_prefills, self.device)
+
+
+def _context_limit(config: EngineConfig, arch: ModelArch) -> int:
+    """The longest context the model and config allow, before the KV cache's size caps it."""
+    model_limit = min(arch.max_position_embeddings, arch.sliding_window or arch.max_position_embeddings)
+    return min(config.max_model_len or model_limit, model_limit)
 
 
 def _max_model_len(config: EngineConfig, arch: ModelArch, num_blocks: int) -> int:

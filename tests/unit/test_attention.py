@@ -9,6 +9,7 @@ import torch
 from servelm.model.batch import SeqChunk, _split_by_length, build_step_batch
 from servelm.ops import cpu_kernels
 from servelm.ops.attention import CPUKernelPagedAttention, TorchPagedAttention, attention_context
+from servelm.ops.gpu.backend import TritonPagedAttention
 
 H, KV, D, BS = 6, 2, 8, 4
 
@@ -24,7 +25,7 @@ def dense_reference(q, k, v):
     return (scores.softmax(-1) @ vv).transpose(0, 1)
 
 
-BACKENDS = [TorchPagedAttention, CPUKernelPagedAttention]
+BACKENDS = [TorchPagedAttention, CPUKernelPagedAttention, TritonPagedAttention]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +52,7 @@ def test_paged_attention_matches_dense(backend, dtype):
         tables.append(table)
         full_k.append(k)
         full_v.append(v)
-    batch = build_step_batch(chunks, tables, BS, dtype, split_decodes=backend.pads_decodes)
+    batch = build_step_batch(chunks, tables, BS, dtype, backend.pads_decodes, backend.pages_prefills)
     q_rows, k_rows, v_rows, expected = [], [], [], []
     for b, i in enumerate(batch.order):
         cached, new = shapes[i]

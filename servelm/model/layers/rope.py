@@ -39,13 +39,14 @@ class RotaryEmbedding:
     """Precomputed cos/sin table; `lookup(positions)` once per step, `apply` per layer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
-                 scaling: dict[str, Any] | None, dtype: torch.dtype) -> None:
+                 scaling: dict[str, Any] | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        self.cos = emb.cos().to(device, dtype)
+        self.sin = emb.sin().to(device, dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for each token, shaped [T, 1, D] to broadcast over heads."""

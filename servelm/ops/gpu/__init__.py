@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA devices, imported lazily (only on a GPU or by tests)."""
