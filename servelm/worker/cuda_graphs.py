@@ -54,6 +54,11 @@ class EagerGraph:
         self.out = self.run()
 
 
+def graph_capture(device: torch.device) -> type[CudaGraph] | None:
+    """How decode graphs are made on `device`: captured on CUDA; none elsewhere."""
+    return CudaGraph if device.type == "cuda" else None
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, then every multiple of 8 up to max_num_seqs (at most
     256); padding wastes at most 7 rows and a graph costs little memory."""

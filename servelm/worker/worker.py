@@ -33,7 +33,7 @@ from servelm.speculative.proposer import Proposer
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
 from servelm.worker.cache_engine import CacheEngine
 from servelm.worker.cpu_memory import keep_freed_memory_in_heap
-from servelm.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from servelm.worker.cuda_graphs import DecodeGraphs, capture_sizes, graph_capture
 from servelm.worker.device import kv_blocks_for_memory, resolve_device, weights_to
 from servelm.worker.kv_cache import KVTensors, kv_bytes_per_token
 from servelm.worker.kv_payload import KVPayload, read_blocks, write_blocks
@@ -63,17 +63,16 @@ class Worker:
         # A draft model's cache shares the block tables, so each block also costs its bytes.
         draft_per_block = (config.block_size * kv_bytes_per_token(draft.arch, dtype, kv)
                            if draft else 0)
-        attention = (TritonPagedAttention() if device.type == "cuda"
-                     else select_backend(dtype, local.num_heads, local.num_kv_heads, local.head_dim, kv))
+        attention = self._attention(local, dtype)
         model = self._build_model(loaded, local, attention, dtype, _context_limit(config, arch), parallel)
         num_blocks = parallel.all_reduce_min(config.num_kv_blocks or self._fitting_blocks(
             model, attention, local, dtype, per_block + draft_per_block, parallel))
         max_model_len = _max_model_len(config, arch, num_blocks)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
-        graphs = device.type == "cuda" and not config.enforce_eager and parallel.pp_size == 1
+        capture = None if config.enforce_eager or parallel.pp_size > 1 else graph_capture(device)
         # With graphs, one block more than the engine gets: the padding rows' scratch space.
-        cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks + graphs,
+        cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks + (capture is not None),
                             num_swap, num_offload, config.compression, device)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.kv.layer(i)
@@ -84,9 +83,9 @@ class Worker:
         keep_freed_memory_in_heap()  # for the steps; loading gave its temporaries back to the OS
         self.runner = ModelRunner(model, attention, cache, proposer, config.block_size, dtype,
                                   config.compression, device)
-        if graphs:
+        if capture is not None:
             self.runner.graphs = DecodeGraphs(model, capture_sizes(config.max_num_seqs), max_model_len,
-                                              config.block_size, num_blocks, device)
+                                              config.block_size, num_blocks, device, capture)
         total = parallel.all_reduce_sum  # the figures of all ranks together
         self.info = WorkerInfo(
             arch=arch, model_source=loaded.source,
@@ -106,6 +105,12 @@ class Worker:
 
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(step)
+
+    def _attention(self, arch: ModelArch, dtype: torch.dtype) -> AttentionBackend:
+        """The attention kernels for this device: Triton on CUDA; C or plain torch on CPU."""
+        if self.device.type == "cuda":
+            return TritonPagedAttention()
+        return select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype)
 
     def _fitting_blocks(self, model: LlamaForCausalLM, attention: AttentionBackend, arch: ModelArch,
                         dtype: torch.dtype, block_bytes: int, parallel: ParallelContext) -> int:
@@ -148,8 +153,7 @@ class Worker:
             return ModelDrafter(forward, target.compute_logits, bs, dtype, branching, True,
                                 attention.pads_decodes, attention.pages_prefills, self.device)
         arch = draft.arch
-        backend = (TritonPagedAttention() if self.device.type == "cuda" else
-                   select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype))
+        backend = self._attention(arch, dtype)
         # A draft model runs whole on every rank: small, and identical on each.
         model = self._build_model(draft, arch, backend, dtype, max_model_len)
         cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype, device=self.device)
