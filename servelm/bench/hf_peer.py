@@ -100,9 +100,12 @@ def generate_batch(model: Any, batch: list[BenchRequest]) -> BatchResult:
         mask[i, width - n:] = 1
     n_new = max(r.output_len for r in batch)
     gen_cfg = greedy_config(model, n_new)
+    ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     elapsed = time.perf_counter() - start
     new = out[:, width:]
     useful = [new[i, : r.output_len].tolist() for i, r in enumerate(batch)]

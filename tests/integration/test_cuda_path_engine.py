@@ -66,3 +66,22 @@ def test_same_outputs_as_the_cpu_backend(tiny_model_dir, make_llm, monkeypatch, 
     monkeypatch.setattr(worker_module, "graph_capture", lambda device: EagerGraph)
     triton = make_llm(path, max_num_seqs=4, **options).generate(prompts, params, use_tqdm=False)
     same(tokens_and_logprobs(triton), tokens_and_logprobs(cpu))
+
+
+def test_gpu_check_script_runs_on_a_cpu(tmp_path):
+    """The GPU check's own code, on a tiny shape on the CPU: it reaches its table, and the
+    parity it reports holds."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, "-m", "servelm.bench.gpu_check", "--device", "cpu",
+                           "--shape", "tiny", "--num-prompts", "8", "--output-len", "8",
+                           "--hf-batch-sizes", "8", "--result-file", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| throughput, output tok/s |" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["parity"]["identical"] == result["parity"]["prompts"] == 8
+    assert result["servelm"]["decode_tok_s"] > 0 and result["transformers"]["throughput_tok_s"] > 0
