@@ -68,6 +68,7 @@ class Worker:
         num_blocks = parallel.all_reduce_min(config.num_kv_blocks or self._fitting_blocks(
             model, attention, local, dtype, per_block + draft_per_block, parallel))
         max_model_len = _max_model_len(config, arch, num_blocks)
+        model.rope.truncate(max_model_len)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
         capture = None if config.enforce_eager or parallel.pp_size > 1 else graph_capture(device)

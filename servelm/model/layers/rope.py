@@ -48,6 +48,10 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(device, dtype)
         self.sin = emb.sin().to(device, dtype)
 
+    def truncate(self, max_positions: int) -> None:
+        """Keep the first `max_positions` rows only (the context the KV cache can hold)."""
+        self.cos, self.sin = self.cos[:max_positions].clone(), self.sin[:max_positions].clone()
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for each token, shaped [T, 1, D] to broadcast over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
