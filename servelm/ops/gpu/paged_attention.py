@@ -36,6 +36,27 @@ def _load_kv_tile(cache, scales, table_row, pos, valid, kv_head, offs_d, d_mask,
 
 
 @triton.jit
+def _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row, pos, valid,
+                 allowed, kv_head, offs_d, d_mask, scale, s_slot, s_head, sc_slot, sc_head,
+                 BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of context positions folded into the online softmax of the query rows `qv`:
+    (running max, denominator, weighted sum of V) updated. `allowed` [rows, TILE] masks
+    scores out (past the context, or causally)."""
+    k = _load_kv_tile(k_cache, k_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
+                      s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
+    v = _load_kv_tile(v_cache, v_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
+                      s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
+    s = tl.where(allowed, tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that may see nothing yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_partition(q, k_cache, v_cache, k_scales, v_scales, tables, lens, part_m, part_l, part_o,
                       scale, s_qt, s_qh, s_slot, s_head, sc_slot, sc_head, s_table, num_heads,
                       num_parts,
@@ -58,18 +79,9 @@ def _decode_partition(q, k_cache, v_cache, k_scales, v_scales, tables, lens, par
     for start in range(part * PART, end, TILE_N):
         pos = start + tl.arange(0, TILE_N)
         valid = pos < end
-        k = _load_kv_tile(k_cache, k_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
-                          s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
-        v = _load_kv_tile(v_cache, v_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
-                          s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
-        s = tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        m, denom, acc = _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row,
+                                     pos, valid, valid[None, :], kv_head, offs_d, d_mask, scale, s_slot,
+                                     s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION)
     out = (row * num_heads + heads) * num_parts + part  # [rows, heads, parts]
     tl.store(part_m + out, m, mask=g_mask)
     tl.store(part_l + out, denom, mask=g_mask)
@@ -165,19 +177,10 @@ def _extend(q, k_cache, v_cache, k_scales, v_scales, tables, q_starts, q_lens, c
     for start in range(0, end, TILE_N):
         pos = start + tl.arange(0, TILE_N)
         valid = pos < end
-        k = _load_kv_tile(k_cache, k_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
-                          s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
-        v = _load_kv_tile(v_cache, v_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
-                          s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
-        s = tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(valid[None, :] & (pos[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows past the chunk see nothing
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m = m_new
+        causal = valid[None, :] & (pos[None, :] <= qpos[:, None])
+        m, denom, acc = _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row,
+                                     pos, valid, causal, kv_head, offs_d, d_mask, scale, s_slot, s_head,
+                                     sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION)
     acc = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out + rows[:, None] * s_ot + head * s_oh + offs_d[None, :],
              acc.to(out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
