@@ -147,18 +147,26 @@ def _paged(slices: list[PrefillSlice], tables: list[list[int]]) -> PagedPrefills
 
 
 def _to_device(batch: StepBatch, device: torch.device | str) -> StepBatch:
-    """Every tensor of the batch copied to `device`."""
-    def to(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
-
+    """Every tensor of the batch moved to `device`: the integer ones in one copy (each copy
+    from host memory costs a round of driver work, and a step has a dozen such tensors),
+    the masks one each."""
     meta = batch.attn
+    ints = [(batch, "input_ids"), (batch, "positions"), (meta, "slot_mapping")]
+    masks = []
     for g in meta.decodes:
-        g.block_index, g.context_lens, g.mask = to(g.block_index), to(g.context_lens), to(g.mask)
+        ints += [(g, "block_index"), (g, "context_lens")]
+        masks.append((g, "mask"))
     for p in meta.prefills:
-        p.block_index, p.mask = to(p.block_index), to(p.mask)
-    if (pp := meta.paged_prefills) is not None:
-        pp.block_tables, pp.q_starts = to(pp.block_tables), to(pp.q_starts)
-        pp.q_lens, pp.context_lens = to(pp.q_lens), to(pp.context_lens)
-    meta.slot_mapping = to(meta.slot_mapping)
-    batch.input_ids, batch.positions = to(batch.input_ids), to(batch.positions)
+        ints.append((p, "block_index"))
+        masks.append((p, "mask"))
+    if meta.paged_prefills is not None:
+        ints += [(meta.paged_prefills, f) for f in ("block_tables", "q_starts", "q_lens", "context_lens")]
+    ints = [(o, f) for o, f in ints if getattr(o, f) is not None]
+    host = [getattr(o, f) for o, f in ints]
+    flat = torch.cat([t.reshape(-1) for t in host]).to(device, non_blocking=True)
+    for (o, f), t, part in zip(ints, host, flat.split([t.numel() for t in host])):
+        setattr(o, f, part.view(t.shape))
+    for o, f in masks:
+        if getattr(o, f) is not None:
+            setattr(o, f, getattr(o, f).to(device, non_blocking=True))
     return batch
