@@ -3,7 +3,7 @@
 #   1. the Triton kernel tests, compiled for the GPU (CI runs them in Triton's interpreter);
 #   2. greedy parity with transformers, throughput against transformers `generate`, and
 #      batch-1 decode against the GPU's memory bandwidth: one table (servelm/bench/gpu_check.py).
-# Usage: scripts/gpu_check.sh [--shape 1b|8b] [--gguf FILE] [--result-file FILE]
+# Usage: scripts/gpu_check.sh [--shape 1b|8b] [--parity-model PATH] [--result-file FILE]
 # Needs `make setup` first (on a GPU machine the pinned torch is PyPI's CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."

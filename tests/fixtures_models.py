@@ -81,10 +81,19 @@ def build_tokenizer(vocab_size: int = 400) -> Any:
 
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     """A transformers config for `family` with test-sized dimensions; kwargs override."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-               "qwen3": Qwen3Config}
+               "qwen3": Qwen3Config, "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig,
+               "qwen3_moe": Qwen3MoeConfig}
     if family not in classes:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(classes)}")
     kw: dict[str, Any] = dict(
@@ -93,10 +102,16 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.2, tie_word_embeddings=False,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
     )
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kw["sliding_window"] = None
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         kw["use_sliding_window"] = False
+    if family == "mixtral":  # experts as wide as intermediate_size
+        kw |= dict(num_local_experts=4, num_experts_per_tok=2)
+    if family in ("qwen2_moe", "qwen3_moe"):
+        kw |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "qwen2_moe":  # a shared expert, and the middle layer dense
+        kw |= dict(shared_expert_intermediate_size=96, mlp_only_layers=[1])
     kw.update(overrides)
     return classes[family](**kw)
 

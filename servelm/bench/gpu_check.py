@@ -2,7 +2,8 @@
 table (scripts/gpu_check.sh runs the native kernel tests first).
 
 - Parity: greedy tokens and their logprobs, servelm against transformers, both in float32
-  on the GPU, on a random-weight Llama (and on the default model's GGUF when it is cached).
+  on the GPU, on a random-weight Llama, and on a real model given by `--parity-model` (an
+  HF folder or a GGUF file, e.g. the cached default model).
 - Throughput: 256 requests of 128-512 prompt and 128 output tokens, servelm's continuous
   batching against transformers `generate` in padded batches (its best batch size of
   those tried), both bfloat16 on the GPU. Goal: >= 20x.
@@ -65,10 +66,10 @@ def save_random_llama(folder: Path, shape: str, dtype: torch.dtype, device: str)
     return folder
 
 
-def _prompts(n: int, low: int, high: int, seed: int) -> list[list[int]]:
+def _prompts(n: int, low: int, high: int, seed: int, vocab: int = VOCAB) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(low, high + 1, (n,), generator=g).tolist()
-    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in lens]
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens]
 
 
 def _free() -> None:
@@ -112,9 +113,9 @@ def check_parity(path: str, device: str, gguf: str | None = None, n: int = 8,
     tokens."""
     from servelm import LLM, SamplingParams
 
-    prompts = _prompts(n, 8, 200, seed=1)
     llm = LLM(str(Path(path) / gguf) if gguf else path, device=device, dtype="float32",
               quantization="none")
+    prompts = _prompts(n, 8, 200, seed=1, vocab=llm.engine.arch.vocab_size)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, logprobs=0)
     outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                 use_tqdm=False)]
@@ -194,10 +195,10 @@ def report(result: dict[str, Any]) -> str:
         ("batch-1 decode, share of HBM bandwidth", f"{mbu:.0%}", "", "", ">= 70%", mbu >= 0.7),
         ("batch-1 TTFT, ms", f"{s['ttft_s'] * 1e3:.1f}", f"{h['ttft_s'] * 1e3:.1f}", "", "", None),
     ]
-    if "parity_gguf" in result:
-        g = result["parity_gguf"]
-        rows.insert(1, ("greedy parity, default GGUF, float32", f"{g['identical']}/{g['prompts']}", "", "",
-                        "all", g["identical"] == g["prompts"]))
+    if "parity_model" in result:
+        g = result["parity_model"]
+        rows.insert(1, ("greedy parity, --parity-model, float32", f"{g['identical']}/{g['prompts']}",
+                        "", "", "all", g["identical"] == g["prompts"]))
     lines = [f"{result['gpu']}, {result['shape']} random-weight Llama, HBM copy {bw / 1e9:.0f} GB/s",
              "| figure | servelm | transformers | ratio | goal | met |", "|---|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {e} | {'' if ok is None else 'yes' if ok else 'NO'} |"
@@ -213,7 +214,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--gguf", default=None, help="a cached GGUF to check parity on as well")
+    ap.add_argument("--parity-model", default=None, metavar="PATH",
+                    help="an HF folder or .gguf file to check parity on as well")
     ap.add_argument("--result-file", default=None)
     args = ap.parse_args()
     dev = args.device
@@ -225,9 +227,10 @@ def main() -> None:
         parity = save_random_llama(Path(tmp) / "parity", "tiny" if args.shape == "tiny" else "parity",
                                    torch.float32, dev)
         result["parity"] = check_parity(str(parity), dev)
-        if args.gguf:
-            gguf = Path(args.gguf)
-            result["parity_gguf"] = check_parity(str(gguf.parent), dev, gguf.name)
+        if args.parity_model:
+            real = Path(args.parity_model)
+            result["parity_model"] = (check_parity(str(real.parent), dev, real.name) if real.is_file()
+                                      else check_parity(str(real), dev))
         folder = str(save_random_llama(Path(tmp) / args.shape, args.shape, torch.bfloat16, dev))
         prompts = _prompts(args.num_prompts, 128, 512, seed=0)
         requests = [BenchRequest(p, args.output_len) for p in prompts]

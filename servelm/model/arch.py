@@ -15,14 +15,18 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_MODEL_TYPES = set(SUPPORTED_ARCHITECTURES.values())
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
 
 
 @dataclass(frozen=True)
 class ModelArch:
-    family: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    family: str  # a value of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,12 +38,23 @@ class ModelArch:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2
-    qk_norm: bool  # Qwen3
+    qkv_bias: bool  # Qwen2, Qwen2-MoE
+    qk_norm: bool  # Qwen3, Qwen3-MoE
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", ...}
     sliding_window: int | None = None  # attention window; servelm caps the context at it
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Mixture of experts (0 experts: a dense model). Each token of a sparse layer runs
+    # through the `num_experts_per_tok` experts its router scores highest.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one more expert every token runs
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a plain MLP
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
@@ -69,21 +84,49 @@ class ModelArch:
                 rope_theta=float(_rope_theta(cfg)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-                qk_norm=family == "qwen3",
+                qkv_bias=family in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
+                qk_norm=family in ("qwen3", "qwen3_moe"),
                 rope_scaling=_rope_scaling(cfg),
                 sliding_window=_sliding_window(cfg),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
+                **_moe_fields(family, cfg),
             )
         except KeyError as e:
             raise ValueError(f"model config is missing required field {e.args[0]!r}") from None
+        if arch.num_experts and not 1 <= arch.num_experts_per_tok <= arch.num_experts:
+            raise ValueError(f"num_experts_per_tok ({arch.num_experts_per_tok}) must be between 1 "
+                             f"and the number of experts ({arch.num_experts})")
         if arch.num_heads % arch.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({arch.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({arch.num_kv_heads})"
             )
         return arch
+
+
+def _moe_fields(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config ({} for a dense family).
+    Mixtral's experts are as wide as its `intermediate_size` and always renormalized; the
+    Qwen MoEs say so in `moe_intermediate_size` and `norm_topk_prob`, and may keep some
+    layers dense (`mlp_only_layers`, or all but every `decoder_sparse_step`-th)."""
+    if family not in MOE_FAMILIES:
+        return {}
+    if family == "mixtral":
+        return dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True)
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    layers = int(cfg["num_hidden_layers"])
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))  # transformers 5 renamed it
+    if experts is None:
+        raise KeyError("num_experts")
+    return dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+                if family == "qwen2_moe" else 0,
+                dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
 
 
 def _as_tuple(v: Any) -> tuple[int, ...]:

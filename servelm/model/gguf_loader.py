@@ -100,6 +100,9 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: GGUF metadata field {name}.{key!r} is missing")
         return value
 
+    if _field(reader, f"{name}.expert_count"):
+        raise ValueError(f"{path}: mixture-of-experts GGUF files are not supported yet "
+                         f"({name}.expert_count is set); load the model's HF folder instead")
     heads = int(need("attention.head_count"))
     kv_heads = _field(reader, f"{name}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # some converters store one count per layer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,22 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters save that the engine recomputes itself.
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MIXTRAL_MOE = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.(gate|experts\.\d+\.w[123])\.weight")
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def canonical_name(name: str) -> str:
+    """Mixtral's MoE tensors under the names the Qwen MoEs use (`mlp.gate`,
+    `mlp.experts.E.gate_proj/up_proj/down_proj`), so one set of names serves sharding, shape
+    checks and the model."""
+    m = _MIXTRAL_MOE.fullmatch(name)
+    if m is None:
+        return name
+    layer, part = m.groups()
+    if part == "gate":
+        return f"{layer}mlp.gate.weight"
+    _, expert, w = part.split(".")
+    return f"{layer}mlp.experts.{expert}.{_MIXTRAL_EXPERT[w]}.weight"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -91,7 +108,8 @@ def load_hf_weights(folder: Path, dtype: torch.dtype,
                 for name in f.keys():
                     if name.endswith(_DROPPED_SUFFIXES):
                         continue
-                    picked = (name, None) if select is None else select(name)
+                    canonical = canonical_name(name)
+                    picked = (canonical, None) if select is None else select(canonical)
                     if picked is None:
                         continue
                     local, index = picked

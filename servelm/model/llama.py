@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) in plain PyTorch.
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, and the mixtures of experts
+Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse MLPs are model/layers/moe.py) in plain PyTorch.
 
 Takes one flat batch of tokens from many requests (no padding, no batch dimension);
 attention reads per-step metadata from `ops.attention`. Q/K/V and gate/up projections are
@@ -19,6 +20,7 @@ from torch import nn
 
 from servelm.distributed.parallel import SINGLE, ParallelContext
 from servelm.model.arch import ModelArch
+from servelm.model.layers.moe import SparseMoE
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
 from servelm.model.sharding import vocab_range
 from servelm.ops.attention import AttentionBackend, AttentionMetadata, current_attention_metadata
@@ -99,10 +101,13 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm: torch.Tensor
         self.gate_up_weight: torch.Tensor
         self.down_weight: torch.Tensor
+        self.moe: SparseMoE | None = None  # in place of the two above in a sparse layer
         self.intermediate = arch.intermediate_size
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, residual=x)
+        if self.moe is not None:
+            return x + self.parallel.all_reduce(self.moe.forward(rms_norm(x, self.post_attn_norm, self.eps)))
         h = linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
         gate, up = h.split(self.intermediate, dim=-1)
         return _row_parallel(F.silu(gate) * up, self.down_weight, x, self.parallel)
@@ -161,8 +166,8 @@ class LlamaForCausalLM(nn.Module):
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
         hook = getattr(self.parallel.shm_allreduce, "c_hook", None)
-        if self._fused is None and self.device.type != "cpu":
-            self._fused = False  # a C kernel
+        if self._fused is None and (self.device.type != "cpu" or self.arch.num_experts):
+            self._fused = False  # a C kernel, of dense layers
         if self._fused is None and self.parallel.tp_size > 1 and hook is None:
             self._fused = False  # its all-reduces must be callable from C: the shared-memory one
         if self._fused is None:
@@ -196,6 +201,9 @@ class LlamaForCausalLM(nn.Module):
             a = layer.attn
             a.qkv_weight = quantize(a.qkv_weight, method, group_size, self.dtype)
             a.o_weight = quantize(a.o_weight, method, group_size, self.dtype)
+            if layer.moe is not None:
+                layer.moe.quantize(method, group_size, self.dtype)
+                continue
             layer.gate_up_weight = quantize(layer.gate_up_weight, method, group_size, self.dtype)
             layer.down_weight = quantize(layer.down_weight, method, group_size, self.dtype)
         tied = self.lm_head is not None and self.lm_head is self.embed
@@ -226,7 +234,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             a = layer.attn
             out += [a.qkv_weight, a.qkv_bias, a.o_weight, a.q_norm, a.k_norm, layer.input_norm,
-                    layer.post_attn_norm, layer.gate_up_weight, layer.down_weight]
+                    layer.post_attn_norm]
+            out += layer.moe.weights() if layer.moe is not None else [layer.gate_up_weight, layer.down_weight]
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -249,6 +258,9 @@ class LlamaForCausalLM(nn.Module):
                 a.k_norm = w.pop(p + "self_attn.k_norm.weight")
             layer.input_norm = w.pop(p + "input_layernorm.weight")
             layer.post_attn_norm = w.pop(p + "post_attention_layernorm.weight")
+            if self.arch.is_moe_layer(i):
+                layer.moe = SparseMoE(self.arch, w, p + "mlp.", self.dtype)
+                continue
             layer.gate_up_weight = cat_rows([w.pop(p + "mlp.gate_proj.weight"),
                                              w.pop(p + "mlp.up_proj.weight")], self.dtype)
             layer.down_weight = w.pop(p + "mlp.down_proj.weight")

@@ -25,6 +25,7 @@ from servelm.model.gguf_loader import (
     open_gguf,
 )
 from servelm.model.hf_loader import load_hf_arch, load_hf_tokenizer, load_hf_weights
+from servelm.model.layers.moe import mlp_weight_shapes
 from servelm.model.sharding import Shard, index_shape
 
 if TYPE_CHECKING:
@@ -201,9 +202,7 @@ def _whole_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv, h),
             p + "self_attn.v_proj.weight": (kv, h),
             p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
-            p + "mlp.up_proj.weight": (arch.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, arch.intermediate_size),
+            **mlp_weight_shapes(arch, i),
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         }

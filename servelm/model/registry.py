@@ -1,4 +1,5 @@
-"""Architecture family -> model class. One class covers the whole Llama family today."""
+"""Architecture family -> model class. One class covers the whole Llama family today, its
+mixtures of experts included."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ MODEL_CLASSES = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "mixtral": LlamaForCausalLM,  # sparse MLPs: model/layers/moe.py
+    "qwen2_moe": LlamaForCausalLM,
+    "qwen3_moe": LlamaForCausalLM,
 }
 
 

@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from servelm.model.arch import ModelArch
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"experts\.\d+\.")
+# An MoE's experts and shared expert split like a dense MLP (experts' names without their
+# number); its router and the shared expert's gate are kept whole on every rank.
 _COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-                    "mlp.up_proj")
-_ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+                    "mlp.up_proj", "mlp.experts.gate_proj", "mlp.experts.up_proj",
+                    "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+_ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj", "mlp.experts.down_proj", "mlp.shared_expert.down_proj")
 Index = tuple[slice, ...]  # () is the whole tensor
 
 
@@ -59,9 +63,9 @@ class Shard:
         if arch.num_kv_heads % t and t % arch.num_kv_heads:
             raise ValueError(f"tensor_parallel_size ({t}) must divide num_key_value_heads "
                              f"({arch.num_kv_heads}) or be a multiple of it")
-        if arch.intermediate_size % t:
-            raise ValueError(f"tensor_parallel_size ({t}) must divide intermediate_size "
-                             f"({arch.intermediate_size})")
+        for field in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(arch, field) % t:
+                raise ValueError(f"tensor_parallel_size ({t}) must divide {field} ({getattr(arch, field)})")
         if self.pp_size > arch.num_layers:
             raise ValueError(f"pipeline_parallel_size ({self.pp_size}) must be at most the "
                              f"model's {arch.num_layers} layers")
@@ -80,11 +84,15 @@ class Shard:
     def local_arch(self, arch: ModelArch) -> ModelArch:
         """The shape of this rank's part: its heads, its MLP columns and its layers (the
         vocabulary stays the model's: logits are gathered whole)."""
+        layers = self.layers(arch)
         return dataclasses.replace(
             arch, num_heads=arch.num_heads // self.tp_size,
             num_kv_heads=len(self.kv_heads(arch)),
             intermediate_size=arch.intermediate_size // self.tp_size,
-            num_layers=len(self.layers(arch)))
+            moe_intermediate_size=arch.moe_intermediate_size // self.tp_size,
+            shared_expert_intermediate_size=arch.shared_expert_intermediate_size // self.tp_size,
+            num_layers=len(layers),
+            dense_layers=tuple(i - layers.start for i in arch.dense_layers if i in layers))
 
     def select(self, name: str, arch: ModelArch) -> tuple[str, Index] | None:
         """(local name, index into the stored tensor) of HF weight `name`, or None when this
@@ -97,7 +105,7 @@ class Shard:
         if i not in layers:
             return None
         local = f"model.layers.{i - layers.start}.{rest}"
-        module = rest.rsplit(".", 1)[0]
+        module = _EXPERT.sub("experts.", rest.rsplit(".", 1)[0])
         if self.tp_size == 1 or module not in _COLUMN_PARALLEL + _ROW_PARALLEL:
             return local, ()
         d, t, r = arch.head_dim, self.tp_size, self.tp_rank
@@ -108,7 +116,7 @@ class Shard:
             heads = self.kv_heads(arch)
             rows = slice(heads.start * d, heads.stop * d)
         else:
-            per = (arch.intermediate_size if module.startswith("mlp") else arch.num_heads * d) // t
+            per = _inner_size(module, arch) // t
             rows = slice(r * per, (r + 1) * per)
         return local, ((rows,) if module in _COLUMN_PARALLEL else (slice(None), rows))
 
@@ -128,6 +136,15 @@ class Shard:
             return name, ()
         rows = vocab_range(arch.vocab_size, self.tp_size, self.tp_rank)
         return name, (slice(rows.start, rows.stop),)
+
+
+def _inner_size(module: str, arch: ModelArch) -> int:
+    """The width a split MLP or o_proj weight is cut along, whole."""
+    if module.startswith("mlp.experts."):
+        return arch.moe_intermediate_size
+    if module.startswith("mlp.shared_expert."):
+        return arch.shared_expert_intermediate_size
+    return arch.intermediate_size if module.startswith("mlp.") else arch.num_heads * arch.head_dim
 
 
 def index_shape(shape: tuple[int, ...], index: Index) -> tuple[int, ...]:

@@ -71,7 +71,9 @@ class Worker:
         model.rope.truncate(max_model_len)
         num_swap = int(config.swap_space_gb * 2**30) // per_block if config.preemption_mode == "swap" else 0
         num_offload = int(config.cpu_offload_gb * 2**30) // per_block if config.enable_prefix_caching else 0
-        capture = None if config.enforce_eager or parallel.pp_size > 1 else graph_capture(device)
+        # MoE layers count tokens per expert on the host: no graph can hold that.
+        eager = config.enforce_eager or parallel.pp_size > 1 or arch.num_experts > 0
+        capture = None if eager else graph_capture(device)
         # With graphs, one block more than the engine gets: the padding rows' scratch space.
         cache = CacheEngine(local, config.block_size, dtype, kv, num_blocks + (capture is not None),
                             num_swap, num_offload, config.compression, device)
