@@ -118,6 +118,9 @@ class EngineConfig:
     pipeline_parallel_size: int = option(
         1, "worker processes (stages) that each hold a range of the layers, with up to this "
         "many micro-batches in flight", minimum=1)
+    enable_expert_parallel: bool = option(
+        False, "mixture-of-experts models with tensor_parallel_size T: each rank holds "
+        "num_experts / T whole experts instead of a 1/T slice of every expert")
     allreduce: str = option(
         "shm", "tensor parallelism's all-reduce: shm (through memory the ranks share, one "
         "machine; microseconds) or gloo (torch.distributed over loopback TCP; about a "

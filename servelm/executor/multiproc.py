@@ -45,7 +45,7 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-        Shard(tp, 0, pp, 0).check(load_arch(config.model))  # a bad split fails here, not in T x P logs
+        Shard(tp, 0, pp, 0, config.enable_expert_parallel).check(load_arch(config.model))  # a bad split fails here, not in T x P logs
         self.world_size = tp * pp
         self.output_rank = (pp - 1) * tp  # tp rank 0 of the last stage
         # The cores shared out: more threads than cores would make the ranks preempt each other.

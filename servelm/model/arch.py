@@ -52,6 +52,8 @@ class ModelArch:
     norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one more expert every token runs
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a plain MLP
+    # Expert parallelism: the experts this rank holds, whole (model/sharding.py); () is all.
+    held_experts: tuple[int, ...] = ()
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers

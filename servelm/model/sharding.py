@@ -2,7 +2,8 @@
 
 Megatron-style: q/k/v and gate/up are split by output rows (column-parallel; whole heads),
 o_proj and down_proj by input columns (row-parallel: each rank's partial sum is all-reduced),
-the embedding and LM head by vocabulary rows. When there are fewer KV heads than ranks,
+the embedding and LM head by vocabulary rows. An MoE's experts split like dense MLPs, or
+with `expert_parallel` each rank holds num_experts / T whole experts. When there are fewer KV heads than ranks,
 each rank keeps the one KV head its query heads read (replication). Pipeline stages keep
 a contiguous range of layers; the first stage the embedding, the last the final norm and
 LM head. Loaders ask `select` for each tensor before reading it, so a rank reads only its
@@ -49,6 +50,7 @@ class Shard:
     tp_rank: int = 0
     pp_size: int = 1
     pp_rank: int = 0
+    expert_parallel: bool = False
 
     @property
     def is_whole(self) -> bool:
@@ -63,7 +65,13 @@ class Shard:
         if arch.num_kv_heads % t and t % arch.num_kv_heads:
             raise ValueError(f"tensor_parallel_size ({t}) must divide num_key_value_heads "
                              f"({arch.num_kv_heads}) or be a multiple of it")
-        for field in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        fields = ["intermediate_size", "shared_expert_intermediate_size"]
+        if self.expert_parallel and arch.num_experts % t:
+            raise ValueError(f"with enable_expert_parallel, tensor_parallel_size ({t}) must divide "
+                             f"the number of experts ({arch.num_experts})")
+        if not self.expert_parallel:
+            fields.append("moe_intermediate_size")
+        for field in fields:
             if getattr(arch, field) % t:
                 raise ValueError(f"tensor_parallel_size ({t}) must divide {field} ({getattr(arch, field)})")
         if self.pp_size > arch.num_layers:
@@ -89,10 +97,16 @@ class Shard:
             arch, num_heads=arch.num_heads // self.tp_size,
             num_kv_heads=len(self.kv_heads(arch)),
             intermediate_size=arch.intermediate_size // self.tp_size,
-            moe_intermediate_size=arch.moe_intermediate_size // self.tp_size,
+            moe_intermediate_size=arch.moe_intermediate_size // (1 if self.expert_parallel else self.tp_size),
+            held_experts=tuple(self.experts(arch)) if self.expert_parallel and self.tp_size > 1 else (),
             shared_expert_intermediate_size=arch.shared_expert_intermediate_size // self.tp_size,
             num_layers=len(layers),
             dense_layers=tuple(i - layers.start for i in arch.dense_layers if i in layers))
+
+    def experts(self, arch: ModelArch) -> range:
+        """Expert parallelism: the experts this rank holds whole."""
+        per = arch.num_experts // self.tp_size
+        return range(self.tp_rank * per, (self.tp_rank + 1) * per)
 
     def select(self, name: str, arch: ModelArch) -> tuple[str, Index] | None:
         """(local name, index into the stored tensor) of HF weight `name`, or None when this
@@ -106,6 +120,9 @@ class Shard:
             return None
         local = f"model.layers.{i - layers.start}.{rest}"
         module = _EXPERT.sub("experts.", rest.rsplit(".", 1)[0])
+        if self.expert_parallel and module.startswith("mlp.experts.") and self.tp_size > 1:
+            expert = int(rest.split(".")[2])
+            return (local, ()) if expert in self.experts(arch) else None
         if self.tp_size == 1 or module not in _COLUMN_PARALLEL + _ROW_PARALLEL:
             return local, ()
         d, t, r = arch.head_dim, self.tp_size, self.tp_rank

@@ -49,7 +49,8 @@ class Worker:
         self.device = device = resolve_device(config.device, parallel.rank)
         dtype = compute_dtype(config.dtype, config.model, config.quantization, device.type)
         self.kv_dtype = kv = kv_storage(config.kv_cache_dtype, dtype, config.model, config.quantization)
-        shard = Shard(parallel.tp_size, parallel.tp_rank, parallel.pp_size, parallel.pp_rank)
+        shard = Shard(parallel.tp_size, parallel.tp_rank, parallel.pp_size, parallel.pp_rank,
+                      config.enable_expert_parallel)
         # The tokenizer is the engine's: the worker sees token ids only.
         loaded = load_model(config.model, dtype, keep_blocks=config.quantization != "none",
                             with_tokenizer=False, shard=shard)

@@ -1,7 +1,8 @@
 """Mixtures of experts against transformers on tiny random configs: greedy tokens and
 logprobs through batching, chunked prefill and preemption, for Mixtral (renormalized top-2),
 Qwen2-MoE (a shared expert, a dense layer between sparse ones, with and without
-renormalization) and Qwen3-MoE (q/k norms); and split over two tensor-parallel ranks."""
+renormalization) and Qwen3-MoE (q/k norms); and split over two tensor-parallel ranks, by columns or by whole
+experts."""
 
 from __future__ import annotations
 
@@ -51,11 +52,14 @@ def test_quantized_experts_stay_blocks_and_stay_close(method, cls, bound, tiny_m
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("family,pp", [("mixtral", 1), ("qwen2_moe", 2)])
-def test_experts_split_over_ranks_match_transformers(family, pp, tiny_model_dir, make_llm):
-    """Every expert's columns split over 2 ranks (the shared expert's too), the router whole
-    on both; with pp=2 the dense middle layer of qwen2_moe falls on a stage boundary."""
+@pytest.mark.parametrize("family,pp,ep", [("mixtral", 1, False), ("qwen2_moe", 2, False),
+                                          ("mixtral", 1, True), ("qwen2_moe", 1, True)])
+def test_experts_split_over_ranks_match_transformers(family, pp, ep, tiny_model_dir, make_llm):
+    """Every expert's columns split over 2 ranks (the shared expert's too), or with expert
+    parallelism two whole experts on each rank; the router whole on both. With pp=2 the
+    dense middle layer of qwen2_moe falls on a stage boundary."""
     path = tiny_model_dir(family)
     prompts = random_prompts(400, [7, 30])
-    llm = make_llm(path, tensor_parallel_size=2, pipeline_parallel_size=pp, dtype="float32")
+    llm = make_llm(path, tensor_parallel_size=2, pipeline_parallel_size=pp, dtype="float32",
+                   enable_expert_parallel=ep)
     check_against(llm.generate(prompts, PARAMS, use_tqdm=False), hf_reference(path, prompts, 12), 1e-3)

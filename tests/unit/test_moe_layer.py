@@ -64,3 +64,22 @@ def test_router_picks_from_every_expert_and_takes_every_weight():
     layer = SparseMoE(arch, w, "model.layers.0.mlp.", torch.float32)
     assert not w  # every MoE tensor was taken
     assert layer.forward(torch.zeros(0, 16)).shape == (0, 16)  # an empty batch
+
+
+def test_expert_parallel_parts_sum_to_the_whole():
+    """Two ranks holding two whole experts each: their partial outputs add up to the layer's."""
+    from servelm.model.sharding import Shard
+
+    arch = small_arch(hidden_size=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=0)
+    w = _weights(arch, torch.Generator().manual_seed(2))
+    x = torch.randn(9, 32, generator=torch.Generator().manual_seed(3))
+    whole = SparseMoE(arch, dict(w), "model.layers.0.mlp.", torch.float32).forward(x)
+    parts = []
+    for rank in range(2):
+        shard = Shard(2, rank, expert_parallel=True)
+        mine = {shard.select(n, arch)[0]: t for n, t in w.items() if shard.select(n, arch) is not None}
+        local = shard.local_arch(arch)
+        assert local.held_experts == (2 * rank, 2 * rank + 1)
+        parts.append(SparseMoE(local, mine, "model.layers.0.mlp.", torch.float32).forward(x))
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,10 @@ are stacked ([experts, out, in]) as loaded; quantized, they become one block wei
 expert (ops/quant.py), so int8/int4 and GGUF blocks stay blocks.
 
 Under tensor parallelism every expert's intermediate columns are split across the ranks,
-like a dense MLP's; the layer's output is then a partial sum, which the decoder layer
-all-reduces once.
+like a dense MLP's; or, with expert parallelism, each rank holds some experts whole and
+runs only the tokens routed to them. Either way every rank has every token (activations are
+replicated under TP) and routes them alike, so dispatching needs no communication; the
+layer's output is a partial sum, which the decoder layer all-reduces once to combine.
 """
 
 from __future__ import annotations
@@ -59,13 +61,16 @@ class SparseMoE:
         """Take layer `prefix`'s MoE tensors (HF names) out of `weights`."""
         w = weights
         self.top_k, self.renormalize = arch.num_experts_per_tok, arch.norm_topk_prob
+        self.num_experts = arch.num_experts
+        held = arch.held_experts or tuple(range(arch.num_experts))  # a contiguous range
+        self.first_expert = held[0]
         self.router = w.pop(prefix + "gate.weight")
 
         def pair(p: str) -> tuple[Weight, Weight]:
             gate_up = cat_rows([w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight")], dtype)
             return gate_up, w.pop(p + "down_proj.weight")
 
-        experts = [pair(f"{prefix}experts.{e}.") for e in range(arch.num_experts)]
+        experts = [pair(f"{prefix}experts.{e}.") for e in held]
         if all(isinstance(g, torch.Tensor) for g, _ in experts):
             self.gate_up: torch.Tensor | list[Weight] = torch.stack([g for g, _ in experts])
             self.down: torch.Tensor | list[Weight] = torch.stack([d for _, d in experts])
@@ -87,12 +92,14 @@ class SparseMoE:
         order = flat.argsort(stable=True)  # assignments grouped by expert
         tokens = order // self.top_k
         grouped = x.index_select(0, tokens)
-        out = torch.empty_like(grouped)
+        held = len(self.gate_up) < self.num_experts  # expert parallelism: others' rows stay 0
+        out = torch.zeros_like(grouped) if held else torch.empty_like(grouped)
         start = 0
-        for e, n in enumerate(torch.bincount(flat, minlength=len(self.gate_up)).tolist()):
-            if n:
-                out[start:start + n] = _gated(grouped[start:start + n], self.gate_up[e], self.down[e])
-                start += n
+        for e, n in enumerate(torch.bincount(flat, minlength=self.num_experts).tolist()):
+            local = e - self.first_expert
+            if n and 0 <= local < len(self.gate_up):
+                out[start:start + n] = _gated(grouped[start:start + n], self.gate_up[local], self.down[local])
+            start += n
         out.mul_(weights.flatten()[order].to(x.dtype).unsqueeze(1))
         y = torch.zeros_like(x).index_add_(0, tokens, out)
         if self.shared is not None:
