@@ -111,7 +111,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     if family in ("qwen2_moe", "qwen3_moe"):
         kw |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
     if family == "qwen2_moe":  # a shared expert, and the middle layer dense
-        kw |= dict(shared_expert_intermediate_size=96, mlp_only_layers=[1])
+        kw |= dict(shared_expert_intermediate_size=128, mlp_only_layers=[1])
     kw.update(overrides)
     return classes[family](**kw)
 
@@ -163,8 +163,12 @@ _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
 }
+_GGUF_EXPERTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -177,23 +181,55 @@ def gguf_tensor_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
 
 
+def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF MoE tensors (Mixtral's names too) with each projection's experts stacked in one
+    [experts, out, in] tensor under its GGUF name, as llama.cpp's converter writes them."""
+    import re
+
+    from servelm.model.hf_loader import canonical_name
+
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in state.items():
+        name = canonical_name(name)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", name)
+        if m is None:
+            out[name] = t
+        else:
+            stacks.setdefault(f"blk.{m.group(1)}.{_GGUF_EXPERTS[m.group(3)]}.weight", {})[int(m.group(2))] = t
+    for name, experts in stacks.items():
+        out[name] = torch.stack([experts[e] for e in sorted(experts)])
+    return out
+
+
 def write_tiny_llama_gguf(hf_dir: Path, out_path: Path, tokenizer: Any,
                           matrix_types: list[Any] | None = None, arch: str = "llama") -> Path:
-    """Convert a tiny HF llama folder to GGUF the way llama.cpp would.
+    """Convert a tiny HF llama folder to GGUF the way llama.cpp would: also a Mixtral (as
+    "llama" with experts) or a Qwen2/3-MoE (`arch` "qwen2moe"/"qwen3moe"), experts stacked.
 
-    2-D tensors cycle through `matrix_types` (default: every type servelm dequantizes), so one
-    file checks each decoder; 1-D tensors (norms) stay F32 as llama.cpp keeps them. `arch`
-    only changes the general.architecture label, to test refusal of foreign files.
+    2-D and 3-D tensors cycle through `matrix_types` (default: every type servelm
+    dequantizes), so one file checks each decoder; 1-D tensors (norms) stay F32 as llama.cpp
+    keeps them. For a dense model `arch` only changes the general.architecture label, to test
+    refusal of foreign files.
     """
     import gguf
     from safetensors.torch import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    state = load_file(str(hf_dir / "model.safetensors"))
+    state = _stack_experts(load_file(str(hf_dir / "model.safetensors")))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     Q = gguf.GGMLQuantizationType
     cycle = matrix_types or [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.F16, Q.BF16, Q.Q4_1, Q.Q4_0, Q.F32]
     w = gguf.GGUFWriter(str(out_path), arch)
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch != "llama" and experts:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     w.add_name("tiny llama")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -218,14 +254,18 @@ def write_tiny_llama_gguf(hf_dir: Path, out_path: Path, tokenizer: Any,
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
     for i, (name, t) in enumerate(sorted(state.items())):
-        if ".q_proj." in name:
+        if arch == "llama" and ".q_proj." in name:
             t = _llama_cpp_permute(t, heads)
-        elif ".k_proj." in name:
+        elif arch == "llama" and ".k_proj." in name:
             t = _llama_cpp_permute(t, kv_heads)
+        if name.endswith("shared_expert_gate.weight"):
+            t = t.reshape(-1)  # llama.cpp keeps it as a vector
         arr = t.float().numpy()
-        qtype = cycle[i % len(cycle)] if arr.ndim == 2 else Q.F32
+        router = ".mlp.gate." in name or "shared_expert_gate" in name  # llama.cpp keeps it F32
+        qtype = cycle[i % len(cycle)] if arr.ndim >= 2 and not router else Q.F32
         data = arr if qtype == Q.F32 else gguf.quants.quantize(arr, qtype)
-        w.add_tensor(gguf_tensor_name(name), np.ascontiguousarray(data), raw_dtype=qtype)
+        w.add_tensor(name if name.startswith("blk.") else gguf_tensor_name(name),
+                     np.ascontiguousarray(data), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -18,18 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from servelm.model.arch import ModelArch
 from servelm.model.default_model import cache_root
+from servelm.model.gguf_moe import MOE_ARCHITECTURES, MOE_LAYER_NAMES, moe_config, split_experts
 from servelm.model.sharding import Index, Shard, index_shape
 from servelm.ops.quant import BlockBF16, BlockQ4, BlockQ8, QuantWeight, map_rows
 
 logger = logging.getLogger(__name__)
 
 # general.architecture -> HF class. A GGUF "llama" may be a Mistral; its math is the same.
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# A "llama" with experts is a Mixtral (gguf_moe.py).
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  **MOE_ARCHITECTURES}
 _T = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
 _BLOCK_TYPES = (_T.Q8_0, _T.Q4_0, _T.Q4_1)
@@ -46,6 +49,7 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    **MOE_LAYER_NAMES,
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"  # llama3-style per-dimension rope divisors, not a weight
@@ -100,9 +104,6 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: GGUF metadata field {name}.{key!r} is missing")
         return value
 
-    if _field(reader, f"{name}.expert_count"):
-        raise ValueError(f"{path}: mixture-of-experts GGUF files are not supported yet "
-                         f"({name}.expert_count is set); load the model's HF folder instead")
     heads = int(need("attention.head_count"))
     kv_heads = _field(reader, f"{name}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # some converters store one count per layer
@@ -136,6 +137,7 @@ def gguf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
         "eos_token_id": list(dict.fromkeys(int(e) for e in eos if e is not None)),
     }
     cfg["rope_scaling"] = _rope_scaling(reader, name, cfg, tensors.get(_ROPE_FREQS), path)
+    cfg |= moe_config(partial(_field, reader), name, list(tensors))
     return cfg
 
 
@@ -250,18 +252,18 @@ def has_blocks(path: Path) -> bool:
     return answer
 
 
-def _read_slice(t: Any, shape: tuple[int, ...], index: Index, path: Path) -> np.ndarray:
-    """`index` (rows, or all rows and a range of columns) of a tensor's stored data, read
-    from the memory map without the rest. A stored row is `shape[-1]` columns in whole
-    blocks, so a column range must start and end on block boundaries."""
-    data = t.data
+def _read_slice(t: Any, data: np.ndarray, shape: tuple[int, ...], index: Index, path: Path) -> np.ndarray:
+    """`index` (rows, or all rows and a range of columns) of a matrix's stored `data` (of
+    tensor `t`), read from the memory map without the rest. A stored row is `shape[-1]`
+    columns in whole blocks, so a column range must start and end on block boundaries."""
     if not index:
         return data
     if len(index) == 1:
         return data[index[0]]
     cols, units = index[1], data.shape[-1]
     lo, hi = cols.start * units, cols.stop * units
-    if lo % shape[-1] or hi % shape[-1]:
+    block_cols = GGML_QUANT_SIZES[t.tensor_type][0]
+    if cols.start % block_cols or cols.stop % block_cols:
         raise ValueError(f"{path}: cannot split {t.name!r} ({t.tensor_type.name}, {shape[-1]} columns) "
                          f"at columns {cols.start}-{cols.stop}: not on its block boundaries; "
                          "choose another tensor_parallel_size")
@@ -290,33 +292,39 @@ def load_gguf_weights(reader: GGUFReader, arch: ModelArch, dtype: torch.dtype, p
             )
         # GGUF lists dims fastest-first (ne[0] = columns); torch wants them slowest-first.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        index: Index = ()
-        if shard is not None and not shard.is_whole:
-            picked = shard.select(hf, arch)
-            if picked is None:
-                continue
-            hf, index = picked
-        stored = _read_slice(t, shape, index, path)
-        shape = index_shape(shape, index)
-        permute = arch.family in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name)
-        heads = shape[0] // arch.head_dim  # whole heads: a shard's rows hold some of them
-        if keep_blocks and t.tensor_type in _BLOCK_TYPES and len(shape) == 2:
-            blocks = _blocks(stored, t.tensor_type, shape)
-            weights[hf] = map_rows(blocks, partial(_reverse_llama_permute, n_heads=heads)) if permute else blocks
-            continue
-        if keep_blocks and t.tensor_type == _T.BF16 and len(shape) == 2 and dtype != torch.bfloat16:
-            rows = torch.from_numpy(np.array(stored).view(np.int16).reshape(shape)).view(torch.bfloat16)
-            weights[hf] = BlockBF16(_reverse_llama_permute(rows, heads) if permute else rows)
-            continue
-        try:
-            data = dequantize(stored, t.tensor_type)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot decode tensor {t.name!r}: {e}") from None
-        if not data.flags.writeable:  # F32 comes back as a read-only view of the file
-            data = data.copy()
-        tensor = torch.from_numpy(np.ascontiguousarray(data).reshape(shape)).to(dtype)
-        weights[hf] = _reverse_llama_permute(tensor, heads) if permute else tensor
+        permute = arch.family in ("llama", "mistral", "mixtral") and (".attn_q." in t.name or ".attn_k." in t.name)
+        for name, data, part in split_experts(hf, t.data, shape):  # an MoE's stacks per expert
+            index: Index = ()
+            if shard is not None and not shard.is_whole:
+                picked = shard.select(name, arch)
+                if picked is None:
+                    continue
+                name, index = picked
+            stored = _read_slice(t, data, part, index, path)
+            weights[name] = _convert(t, stored, index_shape(part, index), dtype, keep_blocks, permute,
+                                     arch.head_dim, path)
     return weights
+
+
+def _convert(t: Any, stored: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype, keep_blocks: bool,
+             permute: bool, head_dim: int, path: Path) -> torch.Tensor | QuantWeight:
+    """One matrix or vector of tensor `t` as servelm holds it: blocks kept (`keep_blocks`),
+    or dequantized and cast to `dtype`; llama q/k rows un-permuted."""
+    heads = shape[0] // head_dim  # whole heads: a shard's rows hold some of them
+    if keep_blocks and t.tensor_type in _BLOCK_TYPES and len(shape) == 2:
+        blocks = _blocks(stored, t.tensor_type, shape)
+        return map_rows(blocks, partial(_reverse_llama_permute, n_heads=heads)) if permute else blocks
+    if keep_blocks and t.tensor_type == _T.BF16 and len(shape) == 2 and dtype != torch.bfloat16:
+        rows = torch.from_numpy(np.array(stored).view(np.int16).reshape(shape)).view(torch.bfloat16)
+        return BlockBF16(_reverse_llama_permute(rows, heads) if permute else rows)
+    try:
+        data = dequantize(stored, t.tensor_type)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode tensor {t.name!r}: {e}") from None
+    if not data.flags.writeable:  # F32 comes back as a read-only view of the file
+        data = data.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(data).reshape(shape)).to(dtype)
+    return _reverse_llama_permute(tensor, heads) if permute else tensor
 
 
 def _tokenizer_cache_key(path: Path) -> str:

@@ -63,3 +63,42 @@ def test_experts_split_over_ranks_match_transformers(family, pp, ep, tiny_model_
     llm = make_llm(path, tensor_parallel_size=2, pipeline_parallel_size=pp, dtype="float32",
                    enable_expert_parallel=ep)
     check_against(llm.generate(prompts, PARAMS, use_tqdm=False), hf_reference(path, prompts, 12), 1e-3)
+
+
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+
+
+def _gguf(family, tiny_model_dir, tiny_tokenizer, tmp_path, qtype):
+    import gguf
+    from fixtures_models import write_tiny_llama_gguf
+
+    types = [getattr(gguf.GGMLQuantizationType, qtype)]
+    return write_tiny_llama_gguf(tiny_model_dir(family), tmp_path / f"{family}-{qtype}.gguf", tiny_tokenizer,
+                                 matrix_types=types, arch=GGUF_ARCH[family])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_gguf_export_loads_to_the_same_model(family, tiny_model_dir, tiny_tokenizer, make_llm, tmp_path):
+    """A float32 GGUF written as llama.cpp's converter does (experts stacked per projection,
+    Mixtral as "llama" with q/k permuted, the shared expert's gate a vector) gives
+    transformers' tokens on the original folder; a Q8_0 one keeps every expert's blocks."""
+    path = tiny_model_dir(family)
+    llm = make_llm(_gguf(family, tiny_model_dir, tiny_tokenizer, tmp_path, "F32"), dtype="float32")
+    assert llm.engine.arch.family == family and llm.engine.arch.num_experts == 4
+    prompts = random_prompts(llm.engine.arch.vocab_size, [5, 23])
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+    check_against(outputs, hf_reference(path, prompts, 12), lp_tol=1e-4)
+    blocks = make_llm(_gguf(family, tiny_model_dir, tiny_tokenizer, tmp_path, "Q8_0"))
+    moe = blocks.engine.executor.worker.runner.model.layers[0].moe
+    assert all(isinstance(w, BlockQ8) for w in [*moe.gate_up, *moe.down])
+    assert len(blocks.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)) == 2
+
+
+@pytest.mark.multiprocess
+def test_gguf_blocks_split_over_ranks(tiny_model_dir, tiny_tokenizer, make_llm, tmp_path):
+    """Q8_0 expert blocks read as per-rank slices of the stacked tensors: one process's tokens."""
+    file = _gguf("qwen2_moe", tiny_model_dir, tiny_tokenizer, tmp_path, "Q8_0")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(400, [7, 30])]
+    one = make_llm(file).generate(prompts, PARAMS, use_tqdm=False)
+    two = make_llm(file, tensor_parallel_size=2).generate(prompts, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in one] == [o.outputs[0].token_ids for o in two]

@@ -49,6 +49,12 @@ def mlp_weight_shapes(arch: ModelArch, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _float(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """A router or gate in float, as llama.cpp keeps it: a rounding there changes which
+    experts run."""
+    return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+
 def _gated(x: torch.Tensor, gate_up: Weight, down: Weight) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
@@ -64,7 +70,7 @@ class SparseMoE:
         self.num_experts = arch.num_experts
         held = arch.held_experts or tuple(range(arch.num_experts))  # a contiguous range
         self.first_expert = held[0]
-        self.router = w.pop(prefix + "gate.weight")
+        self.router = _float(w.pop(prefix + "gate.weight"), dtype)
 
         def pair(p: str) -> tuple[Weight, Weight]:
             gate_up = cat_rows([w.pop(p + "gate_proj.weight"), w.pop(p + "up_proj.weight")], dtype)
@@ -80,7 +86,7 @@ class SparseMoE:
         self.shared_gate: torch.Tensor | None = None
         if arch.shared_expert_intermediate_size:
             self.shared = pair(prefix + "shared_expert.")
-            self.shared_gate = w.pop(prefix + "shared_expert_gate.weight")
+            self.shared_gate = _float(w.pop(prefix + "shared_expert_gate.weight"), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> the MoE output [T, hidden] (this rank's part under TP)."""
