@@ -85,6 +85,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
@@ -93,7 +94,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
 
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
                "qwen3": Qwen3Config, "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig,
-               "qwen3_moe": Qwen3MoeConfig}
+               "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config}
     if family not in classes:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(classes)}")
     kw: dict[str, Any] = dict(

@@ -18,10 +18,11 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",  # q/k/v and gate/up fused in the file (split at load), LongRoPE
 }
 SUPPORTED_MODEL_TYPES = set(SUPPORTED_ARCHITECTURES.values())
 MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class ModelArch:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2, Qwen2-MoE
     qk_norm: bool  # Qwen3, Qwen3-MoE
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", ...}
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3"|"longrope", ...}
+    rotary_dim: int = 0  # dims of each head that RoPE rotates (Phi's partial_rotary_factor); 0: all
     sliding_window: int | None = None  # attention window; servelm caps the context at it
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -89,6 +91,7 @@ class ModelArch:
                 qkv_bias=family in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
                 qk_norm=family in ("qwen3", "qwen3_moe"),
                 rope_scaling=_rope_scaling(cfg),
+                rotary_dim=_rotary_dim(cfg, int(cfg.get("head_dim") or hidden // num_heads)),
                 sliding_window=_sliding_window(cfg),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
@@ -150,13 +153,25 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
     return params.get("rope_theta", cfg.get("rope_theta", 10000.0))
 
 
+def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> int:
+    """Phi models may rotate only a leading share of each head (`partial_rotary_factor`,
+    top-level or, in transformers 5, inside `rope_parameters`); 0 means all of it."""
+    params = cfg.get("rope_parameters") or {}
+    factor = cfg.get("partial_rotary_factor") or params.get("partial_rotary_factor") or 1.0
+    return 0 if factor == 1.0 else int(head_dim * factor)
+
+
 def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Transformers 4.x calls it `rope_scaling`, 5.x `rope_parameters`; accept both."""
+    """Transformers 4.x calls it `rope_scaling`, 5.x `rope_parameters`; accept both. LongRoPE
+    (Phi-3) also needs the trained context and the configured one, which may sit at the top."""
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if not scaling:
         return None
     scaling = dict(scaling)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "longrope":
+        scaling.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        scaling.setdefault("max_position_embeddings", cfg.get("max_position_embeddings"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"unsupported rope_scaling type {rope_type!r}; allowed: {sorted(SUPPORTED_ROPE_TYPES)}"

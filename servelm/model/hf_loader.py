@@ -95,12 +95,27 @@ def weight_files(folder: Path) -> list[Path]:
     raise ValueError(f"{folder} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
+def fused_parts(name: str, arch: ModelArch) -> list[tuple[str, slice]] | None:
+    """Phi-3 keeps q, k and v in one `qkv_proj` and gate and up in one `gate_up_proj`: each
+    part's name and rows, so the rest of servelm sees the Llama layout."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        base = name.removesuffix("qkv_proj.weight")
+        q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        return [(base + "q_proj.weight", slice(0, q)), (base + "k_proj.weight", slice(q, q + kv)),
+                (base + "v_proj.weight", slice(q + kv, q + 2 * kv))]
+    if name.endswith("mlp.gate_up_proj.weight"):
+        base, inner = name.removesuffix("gate_up_proj.weight"), arch.intermediate_size
+        return [(base + "gate_proj.weight", slice(0, inner)), (base + "up_proj.weight", slice(inner, 2 * inner))]
+    return None
+
+
 def load_hf_weights(folder: Path, dtype: torch.dtype,
                     select: Callable[[str], tuple[str, tuple[slice, ...]] | None] | None = None,
-                    ) -> dict[str, torch.Tensor]:
+                    arch: ModelArch | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor from the folder's safetensors file(s), cast to `dtype`. `select`
     (a parallel rank's, model/sharding.py): name -> (name to keep it under, slice to read),
-    or None to skip it; a slice is read from the file without the rest of the tensor."""
+    or None to skip it; a slice is read from the file without the rest of the tensor.
+    With `arch`, fused tensors (`fused_parts`) are read whole and cut into their parts."""
     weights: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         try:
@@ -109,6 +124,10 @@ def load_hf_weights(folder: Path, dtype: torch.dtype,
                     if name.endswith(_DROPPED_SUFFIXES):
                         continue
                     canonical = canonical_name(name)
+                    parts = None if arch is None else fused_parts(canonical, arch)
+                    if parts is not None:
+                        _put_parts(weights, f.get_tensor(name), parts, select, dtype)
+                        continue
                     picked = (canonical, None) if select is None else select(canonical)
                     if picked is None:
                         continue
@@ -122,6 +141,18 @@ def load_hf_weights(folder: Path, dtype: torch.dtype,
         except Exception as e:  # safetensors raises its own error type for damaged files
             raise ValueError(f"cannot read safetensors file {path}: {e}") from None
     return weights
+
+
+def _put_parts(weights: dict[str, torch.Tensor], whole: torch.Tensor, parts: list[tuple[str, slice]],
+               select: Callable[[str], tuple[str, tuple[slice, ...]] | None] | None,
+               dtype: torch.dtype) -> None:
+    for part, rows in parts:
+        picked = (part, ()) if select is None else select(part)
+        if picked is None:
+            continue
+        local, index = picked
+        t = whole[rows]
+        weights[local] = (t[index] if index else t).to(dtype).clone()  # not a view of `whole`
 
 
 def load_hf_tokenizer(folder: Path) -> Any:

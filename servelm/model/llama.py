@@ -124,8 +124,8 @@ class LlamaForCausalLM(nn.Module):
         self.vocab = vocab_range(arch.vocab_size, parallel.tp_size, parallel.tp_rank)
         self.layers = nn.ModuleList(DecoderLayer(arch, backend, parallel) for _ in range(arch.num_layers))
         self.dtype, self.device = dtype, torch.device(device)
-        self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype,
-                                    device)
+        self.rope = RotaryEmbedding(arch.rotary_dim or arch.head_dim, max_positions, arch.rope_theta,
+                                    arch.rope_scaling, dtype, device)
         self.embed: torch.Tensor
         self.final_norm: torch.Tensor
         self.lm_head: torch.Tensor
@@ -166,8 +166,8 @@ class LlamaForCausalLM(nn.Module):
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
         hook = getattr(self.parallel.shm_allreduce, "c_hook", None)
-        if self._fused is None and (self.device.type != "cpu" or self.arch.num_experts):
-            self._fused = False  # a C kernel, of dense layers
+        if self._fused is None and (self.device.type != "cpu" or self.arch.num_experts or self.arch.rotary_dim):
+            self._fused = False  # a C kernel, of dense layers rotating whole heads
         if self._fused is None and self.parallel.tp_size > 1 and hook is None:
             self._fused = False  # its all-reduces must be callable from C: the shared-memory one
         if self._fused is None:

@@ -74,7 +74,7 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32,
         arch = load_hf_arch(path)
         if shard is not None:
             shard.check(arch)
-        weights = load_hf_weights(path, dtype, _selector(arch, shard))
+        weights = load_hf_weights(path, dtype, _selector(arch, shard), arch)
         tokenizer = load_hf_tokenizer(path) if with_tokenizer else None
         source = path
     if arch.tie_word_embeddings:

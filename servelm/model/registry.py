@@ -18,6 +18,7 @@ MODEL_CLASSES = {
     "mixtral": LlamaForCausalLM,  # sparse MLPs: model/layers/moe.py
     "qwen2_moe": LlamaForCausalLM,
     "qwen3_moe": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,  # its fused tensors are split at load (model/hf_loader.py)
 }
 
 
