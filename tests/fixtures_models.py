@@ -82,6 +82,7 @@ def build_tokenizer(vocab_size: int = 400) -> Any:
 def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
     """A transformers config for `family` with test-sized dimensions; kwargs override."""
     from transformers import (
+        Gemma2Config,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -94,7 +95,7 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
 
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
                "qwen3": Qwen3Config, "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig,
-               "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config}
+               "qwen3_moe": Qwen3MoeConfig, "phi3": Phi3Config, "gemma2": Gemma2Config}
     if family not in classes:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(classes)}")
     kw: dict[str, Any] = dict(
@@ -111,6 +112,9 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         kw |= dict(num_local_experts=4, num_experts_per_tok=2)
     if family in ("qwen2_moe", "qwen3_moe"):
         kw |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    if family == "gemma2":  # caps that bite at this size, a query scale other than head_dim's
+        kw |= dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+                   tie_word_embeddings=True)
     if family == "qwen2_moe":  # a shared expert, and the middle layer dense
         kw |= dict(shared_expert_intermediate_size=128, mlp_only_layers=[1])
     kw.update(overrides)

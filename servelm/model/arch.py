@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",  # q/k/v and gate/up fused in the file (split at load), LongRoPE
+    "Gemma2ForCausalLM": "gemma2",  # see GEMMA below
 }
 SUPPORTED_MODEL_TYPES = set(SUPPORTED_ARCHITECTURES.values())
 MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
@@ -56,6 +57,17 @@ class ModelArch:
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a plain MLP
     # Expert parallelism: the experts this rank holds, whole (model/sharding.py); () is all.
     held_experts: tuple[int, ...] = ()
+    # Gemma 2's departures from Llama: a GELU-gated MLP, norms also after attention and
+    # after the MLP, norm weights stored as w - 1, embeddings scaled by sqrt(hidden),
+    # attention scaled by query_pre_attn_scalar^-0.5, and tanh soft-capping of attention
+    # scores and of the logits (cap * tanh(x / cap)).
+    hidden_act: str = "silu"  # or "gelu_tanh"
+    sandwich_norms: bool = False
+    norm_weight_offset: float = 0.0
+    embedding_multiplier: float = 1.0
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and i not in self.dense_layers
@@ -87,7 +99,7 @@ class ModelArch:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(_rope_theta(cfg)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "gemma2")),
                 qkv_bias=family in ("qwen2", "qwen2_moe") or bool(cfg.get("attention_bias", False)),
                 qk_norm=family in ("qwen3", "qwen3_moe"),
                 rope_scaling=_rope_scaling(cfg),
@@ -96,6 +108,7 @@ class ModelArch:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
                 **_moe_fields(family, cfg),
+                **_gemma_fields(family, cfg),
             )
         except KeyError as e:
             raise ValueError(f"model config is missing required field {e.args[0]!r}") from None
@@ -151,6 +164,19 @@ def _sliding_window(cfg: dict[str, Any]) -> int | None:
 def _rope_theta(cfg: dict[str, Any]) -> float:
     params = cfg.get("rope_parameters") or {}
     return params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+
+
+def _gemma_fields(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if family != "gemma2":
+        return {}
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"unsupported hidden_activation {act!r} for gemma2; allowed: gelu_pytorch_tanh")
+    return dict(hidden_act="gelu_tanh", sandwich_norms=True, norm_weight_offset=1.0,
+                embedding_multiplier=float(cfg["hidden_size"]) ** 0.5,
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 0) or None,
+                attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+                final_logit_softcap=cfg.get("final_logit_softcapping"))
 
 
 def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> int:

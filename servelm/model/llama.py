@@ -1,5 +1,6 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, and the mixtures of experts
-Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse MLPs are model/layers/moe.py) in plain PyTorch.
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, and the
+mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse MLPs are
+model/layers/moe.py) in plain PyTorch; where a family departs from Llama, ModelArch says how.
 
 Takes one flat batch of tokens from many requests (no padding, no batch dimension);
 attention reads per-step metadata from `ops.attention`. Q/K/V and gate/up projections are
@@ -13,6 +14,8 @@ residual stream instead of token ids and normalized hidden states.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +62,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = (arch.query_pre_attn_scalar or self.head_dim) ** -0.5
         self.eps = arch.rms_norm_eps
         self.qkv_weight: torch.Tensor
         self.qkv_bias: torch.Tensor | None = None
@@ -71,8 +74,9 @@ class Attention(nn.Module):
         self.scores: torch.Tensor | None = None  # [num_slots, KV]: H2O/SnapKV attention, bound by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                residual: torch.Tensor) -> torch.Tensor:
-        """residual + attention(x): a quantized o_proj adds into `residual` in place."""
+                residual: torch.Tensor | None) -> torch.Tensor:
+        """residual + attention(x): a quantized o_proj adds into `residual` in place; with
+        no residual, attention(x) alone."""
         t = x.shape[0]
         qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -88,6 +92,8 @@ class Attention(nn.Module):
         o = self.backend.forward(q, k, v.contiguous(), self.kv_cache, meta, self.scale)
         if meta.scored and self.scores is not None:
             accumulate_attention(q, self.kv_cache, self.scores, meta, self.scale)
+        if residual is None:
+            return self.parallel.all_reduce(linear(o.reshape(t, self.q_size), self.o_weight))
         return _row_parallel(o.reshape(t, self.q_size), self.o_weight, residual, self.parallel)
 
 
@@ -102,15 +108,30 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight: torch.Tensor
         self.down_weight: torch.Tensor
         self.moe: SparseMoE | None = None  # in place of the two above in a sparse layer
+        # Gemma 2 normalizes each block's output before adding it to the residual stream.
+        self.attn_out_norm: torch.Tensor | None = None
+        self.mlp_out_norm: torch.Tensor | None = None
         self.intermediate = arch.intermediate_size
+        self.act = F.silu if arch.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.attn_out_norm is not None:
+            h = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, residual=None)
+            x = x + rms_norm(h, self.attn_out_norm, self.eps)
+            h = self._mlp(rms_norm(x, self.post_attn_norm, self.eps), None)
+            return x + rms_norm(h, self.mlp_out_norm, self.eps)
         x = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, residual=x)
+        return self._mlp(rms_norm(x, self.post_attn_norm, self.eps), x)
+
+    def _mlp(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """residual + MLP(h), or with no residual the MLP's output alone (summed over ranks)."""
         if self.moe is not None:
-            return x + self.parallel.all_reduce(self.moe.forward(rms_norm(x, self.post_attn_norm, self.eps)))
-        h = linear(rms_norm(x, self.post_attn_norm, self.eps), self.gate_up_weight)
-        gate, up = h.split(self.intermediate, dim=-1)
-        return _row_parallel(F.silu(gate) * up, self.down_weight, x, self.parallel)
+            out = self.parallel.all_reduce(self.moe.forward(h))
+            return out if residual is None else residual + out
+        gate, up = linear(h, self.gate_up_weight).split(self.intermediate, dim=-1)
+        if residual is None:
+            return self.parallel.all_reduce(linear(self.act(gate) * up, self.down_weight))
+        return _row_parallel(self.act(gate) * up, self.down_weight, residual, self.parallel)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -153,21 +174,28 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding rows; with the vocabulary split, each rank fills the rows of its ids
-        and leaves zeros, and the all-reduce sums them into whole rows."""
+        """Embedding rows (Gemma: times sqrt(hidden), rounded to the dtype as transformers
+        does); with the vocabulary split, each rank fills the rows of its ids and leaves
+        zeros, and the all-reduce sums them into whole rows."""
         if self.parallel.tp_size == 1:
-            return embedding(ids, self.embed, self.dtype)
-        ours = (ids >= self.vocab.start) & (ids < self.vocab.stop)
-        x = embedding((ids - self.vocab.start) * ours, self.embed, self.dtype)
-        return self.parallel.all_reduce(x.masked_fill_(~ours[:, None], 0.0))
+            x = embedding(ids, self.embed, self.dtype)
+        else:
+            ours = (ids >= self.vocab.start) & (ids < self.vocab.stop)
+            x = embedding((ids - self.vocab.start) * ours, self.embed, self.dtype)
+            x = self.parallel.all_reduce(x.masked_fill_(~ours[:, None], 0.0))
+        if self.arch.embedding_multiplier != 1.0:
+            x = x * torch.tensor(self.arch.embedding_multiplier, dtype=x.dtype)
+        return x
 
     def _fused_decoder(self, block_size: int) -> FusedDecoder | None:
         """The one-call decode step (ops/fused_decoder.py) when this model's weights and cache
         are in the form it runs, built on first use (the runner binds the caches after
         construction); None otherwise."""
         hook = getattr(self.parallel.shm_allreduce, "c_hook", None)
-        if self._fused is None and (self.device.type != "cpu" or self.arch.num_experts or self.arch.rotary_dim):
-            self._fused = False  # a C kernel, of dense layers rotating whole heads
+        a = self.arch
+        if self._fused is None and (self.device.type != "cpu" or a.num_experts or a.rotary_dim
+                                    or a.sandwich_norms or a.query_pre_attn_scalar):
+            self._fused = False  # a C kernel of Llama's layers: dense, whole-head RoPE
         if self._fused is None and self.parallel.tp_size > 1 and hook is None:
             self._fused = False  # its all-reduces must be callable from C: the shared-memory one
         if self._fused is None:
@@ -187,11 +215,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (each rank's range gathered, on every rank)."""
         logits = linear(hidden, self.lm_head).float()
-        if self.parallel.tp_size == 1:
-            return logits
-        per = -(-self.arch.vocab_size // self.parallel.tp_size)  # the last range may be short
-        logits = F.pad(logits, (0, per - logits.shape[-1]))
-        return self.parallel.all_gather_columns(logits)[:, : self.arch.vocab_size]
+        if self.parallel.tp_size > 1:
+            per = -(-self.arch.vocab_size // self.parallel.tp_size)  # the last range may be short
+            logits = F.pad(logits, (0, per - logits.shape[-1]))
+            logits = self.parallel.all_gather_columns(logits)[:, : self.arch.vocab_size]
+        cap = self.arch.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def quantize(self, method: str, group_size: int) -> None:
         """Quantize every matmul weight and the embedding table (8-bit rows: a lookup
@@ -234,7 +263,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             a = layer.attn
             out += [a.qkv_weight, a.qkv_bias, a.o_weight, a.q_norm, a.k_norm, layer.input_norm,
-                    layer.post_attn_norm]
+                    layer.post_attn_norm, layer.attn_out_norm, layer.mlp_out_norm]
             out += layer.moe.weights() if layer.moe is not None else [layer.gate_up_weight, layer.down_weight]
         return out
 
@@ -243,8 +272,13 @@ class LlamaForCausalLM(nn.Module):
         stage has the embedding (first; last when tied), final norm and LM head (last) only
         where it runs them."""
         w = weights
+        off = self.arch.norm_weight_offset  # Gemma stores norm weights as w - 1
+
+        def norm(name: str) -> torch.Tensor:
+            return w.pop(name) + off if off else w.pop(name)
+
         self.embed = w.pop("model.embed_tokens.weight", None)
-        self.final_norm = w.pop("model.norm.weight", None)
+        self.final_norm = norm("model.norm.weight") if "model.norm.weight" in w else None
         self.lm_head = self.embed if self.arch.tie_word_embeddings else w.pop("lm_head.weight", None)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
@@ -256,8 +290,13 @@ class LlamaForCausalLM(nn.Module):
             if self.arch.qk_norm:
                 a.q_norm = w.pop(p + "self_attn.q_norm.weight")
                 a.k_norm = w.pop(p + "self_attn.k_norm.weight")
-            layer.input_norm = w.pop(p + "input_layernorm.weight")
-            layer.post_attn_norm = w.pop(p + "post_attention_layernorm.weight")
+            layer.input_norm = norm(p + "input_layernorm.weight")
+            if self.arch.sandwich_norms:  # Gemma's post_attention norm is on the attention's output
+                layer.attn_out_norm = norm(p + "post_attention_layernorm.weight")
+                layer.post_attn_norm = norm(p + "pre_feedforward_layernorm.weight")
+                layer.mlp_out_norm = norm(p + "post_feedforward_layernorm.weight")
+            else:
+                layer.post_attn_norm = norm(p + "post_attention_layernorm.weight")
             if self.arch.is_moe_layer(i):
                 layer.moe = SparseMoE(self.arch, w, p + "mlp.", self.dtype)
                 continue

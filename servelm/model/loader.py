@@ -212,6 +212,9 @@ def _whole_weight_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         if arch.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (arch.head_dim,),
                        p + "self_attn.k_norm.weight": (arch.head_dim,)}
+        if arch.sandwich_norms:
+            shapes |= {p + "pre_feedforward_layernorm.weight": (h,),
+                       p + "post_feedforward_layernorm.weight": (h,)}
     return shapes
 
 

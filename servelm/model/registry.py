@@ -19,6 +19,7 @@ MODEL_CLASSES = {
     "qwen2_moe": LlamaForCausalLM,
     "qwen3_moe": LlamaForCausalLM,
     "phi3": LlamaForCausalLM,  # its fused tensors are split at load (model/hf_loader.py)
+    "gemma2": LlamaForCausalLM,
 }
 
 

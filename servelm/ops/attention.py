@@ -125,7 +125,10 @@ class TorchPagedAttention:
     pads_decodes = True  # decode groups are padded to their longest context
     pages_prefills = False  # reads prefill chunks' metadata from `prefills`, not `paged_prefills`
 
-    def __init__(self) -> None:
+    def __init__(self, softcap: float | None = None) -> None:
+        """`softcap`: scores become softcap * tanh(scores / softcap) before the softmax
+        (Gemma 2), computed here since SDPA has no such option."""
+        self.softcap = softcap
         self._k_ws = torch.empty(0)
         self._v_ws = torch.empty(0)
 
@@ -181,12 +184,11 @@ class TorchPagedAttention:
                 scale: float) -> torch.Tensor:
         kd, vd = self._gather(kv_cache, g.block_index, block_size, q.dtype)
         num_kv, head_dim = kd.shape[1], kd.shape[2]
-        o = F.scaled_dot_product_attention(
+        o = self._sdpa(
             q.view(g.num, num_kv, -1, head_dim),
             kd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
             vd.view(g.num, -1, num_kv, head_dim).transpose(1, 2),
-            attn_mask=g.mask,
-            scale=scale,
+            g.mask, False, scale,
         )
         return o.reshape(q.shape)
 
@@ -202,16 +204,31 @@ class TorchPagedAttention:
         else:
             mask = _offset_causal_mask(p.num_new, p.context_len, p.context_len - p.num_new, q.device)
             causal = False
-        o = F.scaled_dot_product_attention(
+        o = self._sdpa(
             q.transpose(0, 1).unsqueeze(0),  # [1, H, n, D]
             k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=causal,
-            scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
+            mask, causal, scale,
         )
         return o.squeeze(0).transpose(0, 1)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool, scale: float) -> torch.Tensor:
+        """SDPA over [B, H, n, D] queries and [B, KV, L, D] keys and values (KV dividing H);
+        `mask` bool (True: attend) or additive; `causal` aligns the queries to the last keys."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if causal:
+            n, length = s.shape[-2:]
+            mask = torch.ones(n, length, dtype=torch.bool, device=s.device).tril(length - n)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return s.softmax(-1).to(q.dtype) @ v
 
 
 class CPUKernelPagedAttention(TorchPagedAttention):
@@ -231,9 +248,12 @@ class CPUKernelPagedAttention(TorchPagedAttention):
 
 
 def select_backend(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                   kv_cache_dtype: str = "auto") -> AttentionBackend:
+                   kv_cache_dtype: str = "auto", softcap: float | None = None) -> AttentionBackend:
     """The CPU backend; kv_cache_dtype as resolved by the worker (float32, bfloat16, int8,
-    fp8, or auto for the compute dtype). CUDA's is ops/gpu/backend.py."""
+    fp8, or auto for the compute dtype). The C kernel has no score soft-capping. CUDA's
+    backend is ops/gpu/backend.py."""
+    if softcap is not None:
+        return TorchPagedAttention(softcap)
     store = storage_dtype(kv_cache_dtype, dtype)
     if cpu_kernels.supports(dtype, num_heads, num_kv_heads, head_dim, None if store == dtype else store):
         return CPUKernelPagedAttention()

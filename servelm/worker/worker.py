@@ -113,8 +113,9 @@ class Worker:
     def _attention(self, arch: ModelArch, dtype: torch.dtype) -> AttentionBackend:
         """The attention kernels for this device: Triton on CUDA; C or plain torch on CPU."""
         if self.device.type == "cuda":
-            return TritonPagedAttention()
-        return select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype)
+            return TritonPagedAttention(arch.attn_logit_softcap)
+        return select_backend(dtype, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.kv_dtype,
+                              arch.attn_logit_softcap)
 
     def _fitting_blocks(self, model: LlamaForCausalLM, attention: AttentionBackend, arch: ModelArch,
                         dtype: torch.dtype, block_bytes: int, parallel: ParallelContext) -> int:

@@ -34,14 +34,17 @@ def _tables(lengths, block_size, num_blocks, gen):
     return table
 
 
-def _reference(q, seen_k, seen_v, table, block_size, positions, ctx, scale):
-    """Rows of q attending to context positions 0..positions[i] of one sequence."""
+def _reference(q, seen_k, seen_v, table, block_size, positions, ctx, scale, softcap=0.0):
+    """Rows of q attending to context positions 0..positions[i] of one sequence (scores
+    soft-capped when `softcap`)."""
     pos = torch.arange(ctx)
     slots = table[pos // block_size] * block_size + pos % block_size
     k, v = seen_k[slots], seen_v[slots]  # [ctx, KV, D]
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = torch.einsum("thd,chd->htc", q.float(), k) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(pos[None, None, :] > torch.tensor(positions)[None, :, None], float("-inf"))
     return torch.einsum("htc,chd->thd", s.softmax(-1), v)
 
@@ -110,3 +113,27 @@ def test_bfloat16_queries_give_bfloat16_rows():
     assert out.dtype == torch.bfloat16
     want = _reference(q, seen_k, seen_v, table[0], 16, [39], 40, 0.25)
     torch.testing.assert_close(out.cpu().float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_soft_capped_scores(kv_dtype):
+    """Gemma 2's cap (softcap * tanh(s / softcap)) in both kernels, at a cap the scores pass."""
+    gen = torch.Generator().manual_seed(3)
+    k, v, ks, vs, (seen_k, seen_v) = _cache(12, 8, 2, 32, kv_dtype, gen)
+    table = torch.tensor([[4, 1, 7, 9], [0, 2, 3, 5]])
+    lens = [30, 17]
+    q = 3 * torch.randn(2, 4, 32, generator=gen)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out = paged_attention.paged_decode(to(q), to(k), to(v), to(table), to(torch.tensor(lens)), 8, 0.5,
+                                       max_len=32, k_scales=to(ks), v_scales=to(vs), softcap=1.5).cpu()
+    for row, n in enumerate(lens):
+        want = _reference(q[row : row + 1], seen_k, seen_v, table[row], 8, [n - 1], n, 0.5, 1.5)
+        torch.testing.assert_close(out[row : row + 1], want, rtol=1e-4, atol=1e-4)
+        uncapped = _reference(q[row : row + 1], seen_k, seen_v, table[row], 8, [n - 1], n, 0.5)
+        assert (uncapped - want).abs().max() > 1e-2  # the cap changed something
+    rows = 3 * torch.randn(4, 4, 32, generator=gen)  # the last 4 of 30 positions, causal
+    ext = paged_attention.paged_extend(to(rows), to(k), to(v), to(table[:1]), to(torch.tensor([0])),
+                                       to(torch.tensor([4])), to(torch.tensor([30])), 8, 0.5, 4,
+                                       k_scales=to(ks), v_scales=to(vs), softcap=1.5).cpu()
+    want = _reference(rows, seen_k, seen_v, table[0], 8, [26, 27, 28, 29], 30, 0.5, 1.5)
+    torch.testing.assert_close(ext, want, rtol=1e-4, atol=1e-4)

@@ -18,8 +18,10 @@ class TritonPagedAttention:
     pads_decodes = False  # the kernel reads each row's own length
     pages_prefills = True  # chunks arrive as `meta.paged_prefills`
 
-    def __init__(self) -> None:
-        self._masked = TorchPagedAttention()
+    def __init__(self, softcap: float | None = None) -> None:
+        """`softcap`: Gemma 2's cap on attention scores (softcap * tanh(s / softcap))."""
+        self.softcap = softcap or 0.0
+        self._masked = TorchPagedAttention(softcap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | QuantizedKV, meta: AttentionMetadata,
@@ -37,11 +39,11 @@ class TritonPagedAttention:
         for g in meta.decodes:
             rows = slice(g.start, g.start + g.num)
             out[rows] = ops.paged_decode(q[rows], kc, vc, g.block_index.view(g.num, -1),
-                                         g.context_lens, bs, scale, g.max_len, ks, vs)
+                                         g.context_lens, bs, scale, g.max_len, ks, vs, self.softcap)
         p = meta.paged_prefills
         if p is not None:
             ops.paged_extend(q, kc, vc, p.block_tables, p.q_starts, p.q_lens, p.context_lens, bs,
-                             scale, p.max_q_len, ks, vs, out)
+                             scale, p.max_q_len, ks, vs, out, self.softcap)
         for s in meta.prefills:
             if s.mask is not None:  # K/V are in the cache already: read them from there
                 rows = slice(s.start, s.start + s.num_new)

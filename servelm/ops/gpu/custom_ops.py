@@ -19,16 +19,16 @@ from servelm.ops.quant import KERNELS, BlockBF16, BlockQ4, BlockQ8
 @torch.library.custom_op("servelm::paged_decode", mutates_args=())
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                  context_lens: Tensor, block_size: int, scale: float, max_len: int,
-                 k_scales: Optional[Tensor], v_scales: Optional[Tensor]) -> Tensor:
+                 k_scales: Optional[Tensor], v_scales: Optional[Tensor], softcap: float) -> Tensor:
     from servelm.ops.gpu import paged_attention
 
     return paged_attention.paged_decode(q, k_cache, v_cache, block_tables, context_lens,
-                                        block_size, scale, max_len, k_scales, v_scales)
+                                        block_size, scale, max_len, k_scales, v_scales, softcap)
 
 
 @paged_decode.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, max_len, k_scales,
-      v_scales):
+      v_scales, softcap):
     return torch.empty_like(q)
 
 
@@ -36,16 +36,16 @@ def _(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, max_le
 def paged_extend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                  q_starts: Tensor, q_lens: Tensor, context_lens: Tensor, block_size: int,
                  scale: float, max_q_len: int, k_scales: Optional[Tensor],
-                 v_scales: Optional[Tensor], out: Tensor) -> None:
+                 v_scales: Optional[Tensor], out: Tensor, softcap: float) -> None:
     from servelm.ops.gpu import paged_attention
 
     paged_attention.paged_extend(q, k_cache, v_cache, block_tables, q_starts, q_lens, context_lens,
-                                 block_size, scale, max_q_len, k_scales, v_scales, out)
+                                 block_size, scale, max_q_len, k_scales, v_scales, out, softcap)
 
 
 @paged_extend.register_fake
 def _(q, k_cache, v_cache, block_tables, q_starts, q_lens, context_lens, block_size, scale,
-      max_q_len, k_scales, v_scales, out):
+      max_q_len, k_scales, v_scales, out, softcap):
     return None
 
 

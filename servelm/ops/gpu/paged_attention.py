@@ -37,16 +37,22 @@ def _load_kv_tile(cache, scales, table_row, pos, valid, kv_head, offs_d, d_mask,
 
 @triton.jit
 def _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row, pos, valid,
-                 allowed, kv_head, offs_d, d_mask, scale, s_slot, s_head, sc_slot, sc_head,
-                 BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr):
+                 allowed, kv_head, offs_d, d_mask, scale, softcap, s_slot, s_head, sc_slot, sc_head,
+                 BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     """One tile of context positions folded into the online softmax of the query rows `qv`:
     (running max, denominator, weighted sum of V) updated. `allowed` [rows, TILE] masks
-    scores out (past the context, or causally)."""
+    scores out (past the context, or causally); SOFTCAP: scores become
+    softcap * tanh(scores / softcap) first (Gemma 2)."""
     k = _load_kv_tile(k_cache, k_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
                       s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
     v = _load_kv_tile(v_cache, v_scales, table_row, pos, valid, kv_head, offs_d, d_mask,
                       s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT)
-    s = tl.where(allowed, tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+    s = tl.dot(qv, tl.trans(k), input_precision=PRECISION) * scale
+    if SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(s / softcap))
+        s = softcap * tl.where(s >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+    s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that may see nothing yet
     p = tl.exp(s - m_safe[:, None])
@@ -58,11 +64,12 @@ def _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_
 
 @triton.jit
 def _decode_partition(q, k_cache, v_cache, k_scales, v_scales, tables, lens, part_m, part_l, part_o,
-                      scale, s_qt, s_qh, s_slot, s_head, sc_slot, sc_head, s_table, num_heads,
+                      scale, softcap, s_qt, s_qh, s_slot, s_head, sc_slot, sc_head, s_table, num_heads,
                       num_parts,
                       GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                       D_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr,
-                      PART: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr):
+                      PART: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     row, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens + row)
     offs_g = tl.arange(0, GROUP_P)
@@ -80,8 +87,9 @@ def _decode_partition(q, k_cache, v_cache, k_scales, v_scales, tables, lens, par
         pos = start + tl.arange(0, TILE_N)
         valid = pos < end
         m, denom, acc = _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row,
-                                     pos, valid, valid[None, :], kv_head, offs_d, d_mask, scale, s_slot,
-                                     s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION)
+                                     pos, valid, valid[None, :], kv_head, offs_d, d_mask, scale, softcap,
+                                     s_slot, s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION,
+                                     SOFTCAP)
     out = (row * num_heads + heads) * num_parts + part  # [rows, heads, parts]
     tl.store(part_m + out, m, mask=g_mask)
     tl.store(part_l + out, denom, mask=g_mask)
@@ -126,10 +134,11 @@ def _cache_args(k_cache: torch.Tensor, k_scales: torch.Tensor | None) -> tuple:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                  scale: float, max_len: int, k_scales: torch.Tensor | None = None,
-                 v_scales: torch.Tensor | None = None) -> torch.Tensor:
+                 v_scales: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """One new token per row. q [B, H, D]; k_cache, v_cache [slots, KV, D]; block_tables
     [B, max_blocks]; context_lens [B] (each >= 1, <= max_len); k/v_scales [slots, KV]
-    float32 for an 8-bit cache. Returns [B, H, D] in q's dtype."""
+    float32 for an 8-bit cache; softcap > 0 caps scores (Gemma 2). Returns [B, H, D] in q's
+    dtype."""
     rows, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
     parts = triton.cdiv(max_len, PARTITION)
@@ -140,10 +149,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     quant = k_scales is not None
     _decode_partition[(rows, num_kv, parts)](
         q, k_cache, v_cache, k_scales if quant else k_cache, v_scales if quant else v_cache,
-        block_tables, context_lens, part_m, part_l, part_o, scale, q.stride(0), q.stride(1),
+        block_tables, context_lens, part_m, part_l, part_o, scale, softcap, q.stride(0), q.stride(1),
         *_cache_args(k_cache, k_scales), block_tables.stride(0), num_heads, parts,
         GROUP=group, GROUP_P=_pow2(group), HEAD_DIM=head_dim, D_P=_pow2(head_dim),
-        BLOCK_SIZE=block_size, QUANT=quant, PART=PARTITION, TILE_N=TILE, PRECISION=_precision(q))
+        BLOCK_SIZE=block_size, QUANT=quant, PART=PARTITION, TILE_N=TILE, PRECISION=_precision(q),
+        SOFTCAP=softcap > 0)
     out = torch.empty_like(q)
     _decode_merge[(rows, num_heads)](part_m, part_l, part_o, out, out.stride(0), out.stride(1),
                                      num_heads, parts, HEAD_DIM=head_dim, D_P=_pow2(head_dim),
@@ -153,10 +163,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 @triton.jit
 def _extend(q, k_cache, v_cache, k_scales, v_scales, tables, q_starts, q_lens, ctx_lens, out,
-            scale, s_qt, s_qh, s_slot, s_head, sc_slot, sc_head, s_table, s_ot, s_oh,
+            scale, softcap, s_qt, s_qh, s_slot, s_head, sc_slot, sc_head, s_table, s_ot, s_oh,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, TILE_M: tl.constexpr,
-            TILE_N: tl.constexpr, PRECISION: tl.constexpr):
+            TILE_N: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     seq, head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_new = tl.load(q_lens + seq)
     ctx = tl.load(ctx_lens + seq)
@@ -179,8 +189,8 @@ def _extend(q, k_cache, v_cache, k_scales, v_scales, tables, q_starts, q_lens, c
         valid = pos < end
         causal = valid[None, :] & (pos[None, :] <= qpos[:, None])
         m, denom, acc = _attend_tile(qv, m, denom, acc, k_cache, v_cache, k_scales, v_scales, table_row,
-                                     pos, valid, causal, kv_head, offs_d, d_mask, scale, s_slot, s_head,
-                                     sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION)
+                                     pos, valid, causal, kv_head, offs_d, d_mask, scale, softcap, s_slot,
+                                     s_head, sc_slot, sc_head, BLOCK_SIZE, QUANT, PRECISION, SOFTCAP)
     acc = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out + rows[:, None] * s_ot + head * s_oh + offs_d[None, :],
              acc.to(out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -190,7 +200,7 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                  context_lens: torch.Tensor, block_size: int, scale: float, max_q_len: int,
                  k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention for chunks of new tokens whose K/V are already in the cache.
     q [T, H, D]; chunk s is rows q_starts[s] .. + q_lens[s], at the last q_lens[s] of its
     context_lens[s] positions, read through block_tables[s]. Writes its rows of `out`
@@ -201,9 +211,9 @@ def paged_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     tile_m = 16 if max_q_len <= 16 else 32
     grid = (len(q_lens), num_heads, triton.cdiv(max_q_len, tile_m))
     _extend[grid](q, k_cache, v_cache, k_scales if quant else k_cache, v_scales if quant else v_cache,
-                  block_tables, q_starts, q_lens, context_lens, out, scale, q.stride(0), q.stride(1),
+                  block_tables, q_starts, q_lens, context_lens, out, scale, softcap, q.stride(0), q.stride(1),
                   *_cache_args(k_cache, k_scales), block_tables.stride(0), out.stride(0),
                   out.stride(1), GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim,
                   D_P=_pow2(head_dim), BLOCK_SIZE=block_size, QUANT=quant, TILE_M=tile_m,
-                  TILE_N=TILE, PRECISION=_precision(q))
+                  TILE_N=TILE, PRECISION=_precision(q), SOFTCAP=softcap > 0)
     return out
