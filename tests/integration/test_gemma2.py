@@ -3,7 +3,7 @@ attention and after the MLP with weights stored as w - 1, tied embeddings scaled
 sqrt(hidden), a query scale other than head_dim's, tanh soft-capping of attention scores
 and of logits (caps set low enough here to bite), sliding-window layers (the context is
 capped at the window, within which they equal full attention), through the CPU backends
-and the Triton kernels (in Triton's interpreter), and over two tensor-parallel ranks."""
+and the Triton kernels (in Triton's interpreter). Split over ranks: test_parallel_parity.py."""
 
 from __future__ import annotations
 
@@ -38,10 +38,3 @@ def test_triton_kernels_cap_scores_like_transformers(tiny_model_dir, make_llm, m
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
     check_against(outputs, hf_reference(path, prompts, 10), lp_tol=1e-4)
 
-
-@pytest.mark.multiprocess
-def test_split_over_ranks_matches_transformers(tiny_model_dir, make_llm):
-    path = tiny_model_dir("gemma2")
-    prompts = random_prompts(400, [7, 30])
-    llm = make_llm(path, tensor_parallel_size=2, dtype="float32")
-    check_against(llm.generate(prompts, PARAMS, use_tqdm=False), hf_reference(path, prompts, 10), 1e-3)

@@ -35,6 +35,8 @@ def test_greedy_matches_transformers(tp, pp, tiny_model_dir, make_llm):
     # head, on the last
     ("qwen2", {"tie_word_embeddings": True}, 2, 2),
     ("qwen3", {"num_key_value_heads": 1}, 2, 1),  # q/k norms, one KV head for both ranks
+    ("phi3", {}, 2, 1),  # fused q/k/v and gate/up: each rank's slice taken after the cut
+    ("gemma2", {}, 2, 2),  # sandwich norms, soft caps; a tied, scaled table on both stages
 ])
 def test_split_heads_match_transformers(family, overrides, tp, pp, tiny_model_dir, make_llm):
     path = tiny_model_dir(family, **overrides)

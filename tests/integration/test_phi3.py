@@ -1,7 +1,7 @@
 """Phi-3 against transformers on tiny random configs: fused q/k/v and gate/up tensors cut at
 load, LongRoPE with its short factors inside the trained context and its long ones beyond
-it (cos/sin scaled by the attention factor), partial rotary embeddings (Phi-4-mini), and the
-fused tensors split over two tensor-parallel ranks."""
+it (cos/sin scaled by the attention factor), partial rotary embeddings (Phi-4-mini).
+Split over ranks: test_parallel_parity.py."""
 
 from __future__ import annotations
 
@@ -30,10 +30,3 @@ def test_greedy_matches_transformers(overrides, max_model_len, lens, tiny_model_
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
     check_against(outputs, hf_reference(path, prompts, 10), lp_tol=1e-4)
 
-
-@pytest.mark.multiprocess
-def test_fused_tensors_split_over_ranks(tiny_model_dir, make_llm):
-    path = tiny_model_dir("phi3")
-    prompts = random_prompts(400, [7, 30])
-    llm = make_llm(path, tensor_parallel_size=2, dtype="float32")
-    check_against(llm.generate(prompts, PARAMS, use_tqdm=False), hf_reference(path, prompts, 10), 1e-3)
