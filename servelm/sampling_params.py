@@ -20,6 +20,9 @@ MAX_TEMPERATURE = 2.0
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_SPECULATIVE_TOKENS = 64
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_GRAMMAR_CHARS = 100_000  # a schema, regex, grammar or the choices together
+MAX_CHOICES = 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -61,6 +64,31 @@ def _optional_count(name: str, value: Any, hi: int) -> int | None:
     return value
 
 
+def _check_structured(spec: Any) -> dict[str, Any] | None:
+    """One kind of constraint, of the right type, within the size limits."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in STRUCTURED_KINDS:
+        raise ValueError(f"structured_outputs must be an object with exactly one of the keys "
+                         f"{list(STRUCTURED_KINDS)}, got {spec!r:.200}")
+    (kind, value), = spec.items()
+    name = f"structured_outputs.{kind}"
+    if kind == "json_object" and value is not True:
+        raise ValueError(f"{name} must be true, got {value!r:.100}")
+    if kind == "json" and not isinstance(value, (dict, str)):
+        raise ValueError(f"{name} must be a JSON schema (an object, or its JSON text), got {value!r:.100}")
+    if kind in ("regex", "grammar") and (not isinstance(value, str) or not value):
+        raise ValueError(f"{name} must be a non-empty string, got {value!r:.100}")
+    if kind == "choice":
+        if (not isinstance(value, list) or not value or len(value) > MAX_CHOICES
+                or not all(isinstance(c, str) and c for c in value)):
+            raise ValueError(f"{name} must be a list of 1 to {MAX_CHOICES} non-empty strings")
+    size = len(value if isinstance(value, str) else repr(value))
+    if size > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"{name} is {size} characters; the limit is {MAX_GRAMMAR_CHARS}")
+    return dict(spec)
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop, for one request (all ``n`` children share it)."""
@@ -84,6 +112,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     num_speculative_tokens: int | None = None  # draft tokens per step (0: opt out; None: engine's)
+    # Constrain the output (engine/structured.py): one of {"json": schema (dict or JSON
+    # text)}, {"json_object": True}, {"regex": str}, {"choice": [str, ...]}, {"grammar": EBNF}.
+    structured_outputs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -135,6 +166,7 @@ class SamplingParams:
         )
         self.num_speculative_tokens = _optional_count(
             "num_speculative_tokens", self.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
+        self.structured_outputs = _check_structured(self.structured_outputs)
         self.skip_special_tokens = _as_bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _as_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output

@@ -11,6 +11,7 @@ returns one `ModelRunnerOutput`, and no engine object ever crosses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from servelm.model.arch import ModelArch
 from servelm.outputs import PositionLogprobs
@@ -67,6 +68,11 @@ class SchedulerOutput:
     offload: list[BlockCopy] = field(default_factory=list)  # (cache block, CPU-tier slot)
     swap_in: list[BlockCopy] = field(default_factory=list)  # (swap block, cache block)
     restore: list[BlockCopy] = field(default_factory=list)  # (CPU-tier slot, cache block)
+    # Structured outputs (engine/structured.py): the requests that sample under a grammar
+    # this step, and their rows of allowed tokens (numpy int32 [rows, ceil(vocab / 32)],
+    # bit j of word w allows token 32 w + j).
+    grammar_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: Any = None
 
     @property
     def moves_kv(self) -> bool:

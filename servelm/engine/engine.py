@@ -22,6 +22,7 @@ from servelm.engine.output_processor import OutputProcessor, RequestGroup
 from servelm.engine.policies import Policy
 from servelm.engine.request import Request, RequestStatus
 from servelm.engine.scheduler import Scheduler
+from servelm.engine.structured import StructuredOutputs
 from servelm.executor import Executor, make_executor
 from servelm.kv.manager import KVCacheManager, cdiv
 from servelm.model.loader import load_tokenizer
@@ -46,6 +47,7 @@ class LLMEngine:
         self.arch, self.model_source, self.max_model_len = info.arch, info.model_source, info.max_model_len
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = info.arch.eos_token_ids or (() if eos is None else (int(eos),))
+        self.structured = StructuredOutputs(self.tokenizer, info.arch.vocab_size, self.eos_token_ids)
         kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                             info.num_swap_blocks, info.num_offload_blocks)
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
@@ -117,6 +119,11 @@ class LLMEngine:
         params = params or SamplingParams()
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids)
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured.compile(params.structured_outputs)
+            if self.config.spec is not None:  # drafts are not checked against the grammar
+                params = params.clone(num_speculative_tokens=0)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -126,6 +133,8 @@ class LLMEngine:
                           self.max_model_len, arrival, seed)
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
             req.priority, req.sample_index = priority, i
+            if grammar is not None:
+                req.grammar = self.structured.matcher(grammar)
             if seqs and self.config.enable_prefix_caching:
                 req.wait_for = seqs[0]  # reuse the first sample's prompt blocks
             seqs.append(req)
@@ -165,6 +174,8 @@ class LLMEngine:
             step = self.scheduler.schedule()
             if step.is_empty:
                 break
+            if self.structured.used:
+                self.structured.fill(step, self.scheduler.requests)
             self.executor.submit(step)
             self._in_flight.append(step)
             if not step.scheduled:

@@ -169,6 +169,12 @@ def import_request(engine: Any, h: RequestHandoff, stream: bool = True) -> bool:
         req.logprobs, req.cumulative_logprob = list(h.logprobs), h.cumulative_logprob
     req.detokenizer = IncrementalDetokenizer(engine.tokenizer, req.prompt_token_ids, h.params)
     req.detokenizer.resume(h.output_token_ids, h.text_sent)
+    if h.params.structured_outputs is not None:  # the grammar's state: replay what was generated
+        req.grammar = engine.structured.matcher(engine.structured.compile(h.params.structured_outputs))
+        for token in h.output_token_ids:
+            if not req.grammar.accept_token(token):
+                raise ValueError(f"request {h.request_id!r}: its output does not follow its "
+                                 "structured_outputs grammar")
     req.first_scheduled_time = req.first_token_time = time.monotonic()  # counted where it ran
     took_kv = _take_kv(engine, req, h)
     engine.outputs.add(RequestGroup(h.request_id, h.prompt, [req], stream))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from servelm.engine.detokenizer import IncrementalDetokenizer
@@ -48,7 +48,7 @@ class Request:
                  'predicted_output_len', 'spec_proposed', 'spec_accepted', 'spec_drafts',
                  'stop_reason', 'arrival_time', 'first_scheduled_time', 'finished_time',
                  'num_preemptions', 'seed', 'generator_state', 'error', 'logprobs',
-                 'cumulative_logprob', 'prompt_logprobs')
+                 'cumulative_logprob', 'prompt_logprobs', 'grammar')
 
     def __init__(
         self,
@@ -98,6 +98,7 @@ class Request:
             [None] if params.prompt_logprobs is not None else None
         )
         self.detokenizer: IncrementalDetokenizer | None = None
+        self.grammar: Any = None  # structured outputs: an xgrammar matcher (engine/structured.py)
         self.stop_token_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(eos_token_ids)
         )

@@ -106,6 +106,14 @@ def _token_counts(ids: list[list[int]], vocab_size: int, device: torch.device) -
     return counts[:, :vocab_size]
 
 
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor) -> None:
+    """Structured outputs: logits of tokens a row's bitmask (int32 [rows, ceil(vocab / 32)];
+    bit j of word w is token 32 w + j) leaves out become -inf, in place."""
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, device=bitmask.device, dtype=torch.int32)) & 1
+    allowed = bits.view(bitmask.shape[0], -1)[:, : logits.shape[-1]].bool()
+    logits.masked_fill_(~allowed, float("-inf"))
+
+
 def apply_min_tokens(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     """Forbid end-of-sequence ids for rows that have not yet produced ``min_tokens``."""
     if meta.min_tokens_mask is None:

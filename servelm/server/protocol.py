@@ -30,6 +30,36 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, or vLLM's guided_* fields.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs(self) -> dict[str, Any] | None:
+        """The one constraint asked for, as SamplingParams.structured_outputs; ValueError
+        when it is malformed or there are several."""
+        given = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                   ("choice", self.guided_choice), ("grammar", self.guided_grammar))
+                 if v is not None}
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                given["json_object"] = True
+            elif kind == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, (dict, str)):
+                    raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+                given["json"] = schema
+            elif kind != "text":
+                raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', "
+                                 f"got {kind!r}")
+        if len(given) > 1:
+            raise ValueError(f"give one of response_format and guided_json/regex/choice/grammar, got "
+                             f"{sorted(given)}")
+        return given or None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         given = {k: v for k, v in {
@@ -40,7 +70,8 @@ class _Request(BaseModel):
             "num_speculative_tokens": self.num_speculative_tokens,
         }.items() if v is not None}
         return SamplingParams(n=self.n, stop=self.stop, seed=self.seed, ignore_eos=self.ignore_eos,
-                              max_tokens=max_tokens, logprobs=logprobs, **given)
+                              max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=self.structured_outputs(), **given)
 
     @property
     def include_usage(self) -> bool:

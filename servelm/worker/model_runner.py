@@ -19,7 +19,7 @@ from servelm.kv.compression import CompressionConfig
 from servelm.model.batch import SeqChunk, StepBatch, build_step_batch
 from servelm.model.llama import LlamaForCausalLM
 from servelm.ops.attention import AttentionBackend, ScoredRows, attention_context
-from servelm.ops.sampler import Sampler, SamplingMetadata
+from servelm.ops.sampler import Sampler, SamplingMetadata, apply_token_bitmask
 from servelm.speculative.proposer import Draft, DraftRequest, Proposer
 from servelm.speculative.verify import verify
 from servelm.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -56,6 +56,8 @@ class ModelRunner:
         self.states = RequestStates(device)
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), set by the worker
+        self._grammar: dict[str, int] = {}  # this step's structured requests -> bitmask row
+        self._bitmask: torch.Tensor | None = None
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -88,6 +90,9 @@ class ModelRunner:
                     (len(batch.input_ids), self.model.arch.hidden_size), self.dtype)
                 hidden = self.model(batch.input_ids, batch.positions, residual=residual)
         if parallel.is_last_stage:
+            self._grammar = dict(zip(step.grammar_req_ids, range(len(step.grammar_req_ids))))
+            self._bitmask = (None if step.grammar_bitmask is None
+                             else torch.from_numpy(step.grammar_bitmask).to(self.device))
             self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
         else:
             parallel.send_next(hidden)
@@ -178,6 +183,12 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, states: list[CachedRequestState], idx: list[int],
                 out: ModelRunnerOutput) -> None:
+        masked = [(row, self._grammar[st.req_id]) for row, st in enumerate(states) if st.req_id in self._grammar]
+        if masked:  # structured outputs: only the tokens the request's grammar allows
+            rows, mask_rows = zip(*masked)
+            sub = logits[list(rows)]
+            apply_token_bitmask(sub, self._bitmask[list(mask_rows)])
+            logits[list(rows)] = sub
         meta = SamplingMetadata.build(
             [st.params for st in states],
             [st.prompt_token_ids for st in states],

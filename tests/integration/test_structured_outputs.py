@@ -1,0 +1,90 @@
+"""Structured outputs through the engine: whatever a random tiny model samples under a JSON
+schema, a regex, a list of choices or a grammar, the text parses and matches (checked with
+Python's json and re, not with xgrammar); invalid specs fail the request alone with a
+ValueError naming the field; requests without a spec in the same batch are untouched."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from servelm import SamplingParams
+
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "count": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"}},
+          "required": ["color", "count", "ok"], "additionalProperties": False}
+
+
+def _texts(llm, spec, n=6, seed=0, max_tokens=64, **extra):
+    params = SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens, n=n,
+                            structured_outputs=spec, **extra)
+    out = llm.generate("Answer:", params, use_tqdm=False)[0]
+    return [(c.text, c.finish_reason) for c in out.outputs]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    from servelm import LLM
+
+    engine = LLM(str(tiny_model_dir("llama")), num_kv_blocks=64, block_size=8)
+    yield engine
+    engine.shutdown()
+
+
+def test_json_schema_always_parses_and_validates(llm):
+    for text, finish in _texts(llm, {"json": SCHEMA}, n=8, max_tokens=96):
+        assert finish == "stop", text
+        value = json.loads(text)
+        assert set(value) == {"color", "count", "ok"} and value["color"] in ("red", "green", "blue")
+        assert isinstance(value["count"], int) and 0 <= value["count"] <= 99 and isinstance(value["ok"], bool)
+
+
+def test_regex_choice_and_grammar(llm):
+    for text, finish in _texts(llm, {"regex": r"[0-9]{3}-[a-c]{2}"}):
+        assert finish == "stop" and re.fullmatch(r"[0-9]{3}-[a-c]{2}", text), text
+    for text, _ in _texts(llm, {"choice": ["yes", "no", "maybe so"]}):
+        assert text in ("yes", "no", "maybe so")
+    grammar = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
+    for text, finish in _texts(llm, {"grammar": grammar}, max_tokens=200):
+        assert finish == "stop" and re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", text), text
+
+
+def test_json_object_is_any_json_object(llm):
+    for text, finish in _texts(llm, {"json_object": True}, n=4, max_tokens=200):
+        if finish == "stop":  # an object can be long: one cut by max_tokens says "length"
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert finish == "length"
+
+
+def test_batch_mixes_constrained_and_free_requests(llm):
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate("Once upon", free, use_tqdm=False)[0].outputs[0].token_ids
+    choice = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["up", "down"]})
+    both = llm.generate(["Once upon", "Go"], [free, choice], use_tqdm=False)
+    assert both[0].outputs[0].token_ids == alone
+    assert both[1].outputs[0].text in ("up", "down")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"json": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}, "structured_outputs.json"),
+    ({"regex": "(unclosed"}, "structured_outputs.regex"),
+    ({"grammar": "root ::= undefined_rule"}, "structured_outputs.grammar"),
+    ({"json": {}, "regex": "a"}, "exactly one"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"regex": "a" * 100_001}, "the limit is 100000"),
+])
+def test_bad_specs_are_refused_naming_the_field(llm, spec, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("x", SamplingParams(structured_outputs=spec), use_tqdm=False)
+    assert llm.generate("x", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_constrained_requests_skip_drafts(tiny_model_dir, make_llm):
+    llm = make_llm(tiny_model_dir("llama"), speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": "(ab){1,20}"})
+    out = llm.generate("abababab", params, use_tqdm=False)[0]
+    assert re.fullmatch("(ab){1,20}", out.outputs[0].text) and out.spec_proposed_tokens == 0

@@ -1,0 +1,60 @@
+"""Structured outputs over HTTP with the official openai client: response_format json_object
+and json_schema on chat completions, vLLM's guided_* fields on completions, streamed and
+not; a bad schema or two constraints at once is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+          "required": ["city", "days"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_json_schema_streamed_and_not(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "plan"}], max_tokens=64, seed=4,
+              response_format=fmt)
+    full = client.chat.completions.create(**kw).choices[0]
+    assert full.finish_reason == "stop"
+    value = json.loads(full.message.content)
+    assert value["city"] in ("Paris", "Oslo") and 1 <= value["days"] <= 9
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == full.message.content
+
+
+def test_chat_json_object(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json"}],
+                                       max_tokens=128, seed=1, response_format={"type": "json_object"})
+    choice = r.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_completions_guided_fields(client):
+    r = client.completions.create(model="tiny", prompt="pick", max_tokens=16, n=3, seed=2,
+                                  extra_body={"guided_choice": ["alpha", "beta"]})
+    assert {c.text for c in r.choices} <= {"alpha", "beta"}
+    r = client.completions.create(model="tiny", prompt="code", max_tokens=16, seed=2,
+                                  extra_body={"guided_regex": "[A-Z]{2}[0-9]{2}"})
+    assert len(r.choices[0].text) == 4 and r.choices[0].text[:2].isupper()
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "bogus"}}}}, "structured_outputs.json"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "give one of"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+])
+def test_bad_constraints_are_400(client, extra, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=extra)
+    assert field in str(info.value)
