@@ -23,6 +23,7 @@ MAX_SPECULATIVE_TOKENS = 64
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex, grammar or the choices together
 MAX_CHOICES = 1024
+MAX_LOGIT_BIAS = 1024  # entries (OpenAI documents up to 300)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -62,6 +63,26 @@ def _optional_count(name: str, value: Any, hi: int) -> int | None:
     value = _as_int(name, value)
     _check_range(name, value, 0, hi)
     return value
+
+
+def _check_logit_bias(bias: Any) -> dict[int, float] | None:
+    """{token id: bias}: ids as ints or their decimal strings (JSON object keys), biases in
+    [-100, 100] as OpenAI allows; empty is None."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be an object mapping token ids to numbers, got {bias!r:.100}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(bias)} entries; the limit is {MAX_LOGIT_BIAS}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r:.50}")
+        value = _as_float(f"logit_bias[{token}]", value)
+        _check_range(f"logit_bias[{token}]", value, -100.0, 100.0)
+        out[token] = value
+    return out or None
 
 
 def _check_structured(spec: Any) -> dict[str, Any] | None:
@@ -115,6 +136,7 @@ class SamplingParams:
     # Constrain the output (engine/structured.py): one of {"json": schema (dict or JSON
     # text)}, {"json_object": True}, {"regex": str}, {"choice": [str, ...]}, {"grammar": EBNF}.
     structured_outputs: dict[str, Any] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -167,6 +189,7 @@ class SamplingParams:
         self.num_speculative_tokens = _optional_count(
             "num_speculative_tokens", self.num_speculative_tokens, MAX_SPECULATIVE_TOKENS)
         self.structured_outputs = _check_structured(self.structured_outputs)
+        self.logit_bias = _check_logit_bias(self.logit_bias)
         self.skip_special_tokens = _as_bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _as_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output

@@ -122,8 +122,11 @@ class LLMEngine:
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.structured.compile(params.structured_outputs)
-            if self.config.spec is not None:  # drafts are not checked against the grammar
-                params = params.clone(num_speculative_tokens=0)
+        if params.logit_bias and max(params.logit_bias) >= self.arch.vocab_size:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is out of the vocabulary "
+                             f"[0, {self.arch.vocab_size})")
+        if (grammar is not None or params.logit_bias) and self.config.spec is not None:
+            params = params.clone(num_speculative_tokens=0)  # drafts would be verified without them
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):

@@ -34,6 +34,7 @@ class SamplingMetadata:
     output_token_ids: list[list[int]] = field(default_factory=list)
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     min_tokens_mask: list[list[int]] | None = None  # per row: ids forbidden this step
+    logit_bias: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, token ids, biases)
     # Derived flags so the sampler can skip whole stages (greedy rows never set them).
     no_top_k: bool = True
     no_top_p: bool = True
@@ -67,6 +68,11 @@ class SamplingMetadata:
 
         forbid = [sorted(stops) if len(out) < p.min_tokens else []
                   for p, out, stops in zip(params, output_ids, stop_token_ids, strict=True)]
+        biased = [(row, t, b) for row, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        bias = None
+        if biased:
+            rows, ids, values = zip(*biased)
+            bias = (torch.tensor(rows, device=device), torch.tensor(ids, device=device), f32(list(values)))
 
         return cls(
             temperature=f32([p.temperature for p in params]),
@@ -86,6 +92,7 @@ class SamplingMetadata:
             output_token_ids=output_ids,
             prompt_token_ids=prompt_ids,
             min_tokens_mask=forbid if any(forbid) else None,
+            logit_bias=bias,
             no_top_k=all(k == 0 for k in top_k),
             max_top_k=max(top_k, default=0),
             no_top_p=all(p >= 1.0 for p in top_p),
@@ -213,6 +220,8 @@ class Sampler:
 
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         logits = logits.float()
+        if meta.logit_bias is not None:
+            logits = logits.index_put(meta.logit_bias[:2], meta.logit_bias[2], accumulate=True)
         logits = apply_min_tokens(logits, meta)
         logits = apply_penalties(logits, meta)
         if meta.all_greedy:

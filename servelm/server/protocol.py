@@ -36,6 +36,7 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None
 
     def structured_outputs(self) -> dict[str, Any] | None:
         """The one constraint asked for, as SamplingParams.structured_outputs; ValueError
@@ -70,7 +71,7 @@ class _Request(BaseModel):
             "num_speculative_tokens": self.num_speculative_tokens,
         }.items() if v is not None}
         return SamplingParams(n=self.n, stop=self.stop, seed=self.seed, ignore_eos=self.ignore_eos,
-                              max_tokens=max_tokens, logprobs=logprobs,
+                              max_tokens=max_tokens, logprobs=logprobs, logit_bias=self.logit_bias,
                               structured_outputs=self.structured_outputs(), **given)
 
     @property
@@ -83,6 +84,13 @@ class CompletionRequest(_Request):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if self.suffix:
+            raise ValueError("suffix is not supported: servelm does not fill in the middle "
+                             "(leave suffix out or empty)")
+        return super().sampling_params(max_tokens, logprobs)
 
     def prompts(self) -> list[str | dict]:
         p = self.prompt

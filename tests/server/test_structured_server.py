@@ -5,6 +5,7 @@ not; a bad schema or two constraints at once is a 400 naming the field."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import openai
 import pytest
@@ -58,3 +59,15 @@ def test_bad_constraints_are_400(client, extra, field):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body=extra)
     assert field in str(info.value)
+
+
+def test_logit_bias_and_suffix(client, server):
+    r = client.completions.create(model="tiny", prompt="a", max_tokens=4, temperature=0,
+                                  logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    body = json.dumps({"tokens": [42] * 4}).encode()
+    req = urllib.request.Request(server.url + "/detokenize", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert r.choices[0].text == json.loads(resp.read())["prompt"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="def f(", suffix="return x", max_tokens=4)
+    assert "suffix is not supported" in str(info.value)
