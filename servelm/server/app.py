@@ -21,6 +21,8 @@ from servelm.server.guards import ServerOptions, error, install_guards, overload
 from servelm.server.metrics import ServerMetrics
 from servelm.server.models import LocalModel, ServedModel
 from servelm.server.protocol import (
+    BASIC_ERRORS,
+    ERRORS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -108,7 +110,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest):
         model = find(body.model)
         if isinstance(model, JSONResponse):
@@ -117,7 +119,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                else model.tokenizer.encode(body.prompt or ""))
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest):
         model = find(body.model)
         if isinstance(model, JSONResponse):
@@ -143,13 +145,13 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=BASIC_ERRORS)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": m.name, "object": "model", "created": 0, "owned_by": "servelm",
             "max_model_len": m.max_model_len} for m in models]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         model = pick(body.model)
         if isinstance(model, JSONResponse):
@@ -175,7 +177,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                                 "finish_reason": c.finish_reason})
         return {**base, "choices": choices, "usage": usage(finals)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat(body: ChatCompletionRequest, request: Request):
         model = pick(body.model)
         if isinstance(model, JSONResponse):
@@ -197,6 +199,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                     "finish_reason": c.finish_reason} for c in out.outputs]
         return {**base, "choices": choices, "usage": usage([out])}
 
+    app.openapi = lambda: _openapi_without_422(app)
     return app
 
 
@@ -307,3 +310,17 @@ async def _stream_chat(stream, base: dict, body: ChatCompletionRequest):
         final = out
     if body.include_usage and final is not None:
         yield {**base, "choices": [], "usage": usage([final])}
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, less its 422 entries: this server answers invalid bodies with 400
+    (OpenAI's status), which every route documents."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -126,6 +126,34 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, as every error status of this server returns it."""
+
+    error: ErrorDetail
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+# The error statuses a route may return, for the published OpenAPI schema.
+ERRORS = {
+    400: _documented("Invalid parameters, prompt or constraint; the message names the field"),
+    401: _documented("Missing or wrong API key (when the server has one)"),
+    404: _documented("Unknown model"),
+    413: _documented("Request body over the server's size limit"),
+    503: _documented("Too many requests waiting, or the engine is down; see Retry-After"),
+}
+BASIC_ERRORS = {k: v for k, v in ERRORS.items() if k in (400, 401, 413, 503)}
+
+
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

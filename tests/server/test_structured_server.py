@@ -71,3 +71,14 @@ def test_logit_bias_and_suffix(client, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="def f(", suffix="return x", max_tokens=4)
     assert "suffix is not supported" in str(info.value)
+
+
+def test_openapi_documents_the_error_statuses(server):
+    with urllib.request.urlopen(server.url + "/openapi.json", timeout=10) as resp:
+        schema = json.loads(resp.read())
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "503"} <= set(responses) and "422" not in responses
+        ref = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
