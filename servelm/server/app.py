@@ -165,7 +165,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         base = {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return _sse(_stream_completions(streams, base, body, params.n))
+            return _sse(_stream_completions(streams, base, body, params.n, tok))
         finals = await _collect(streams)
         choices = []
         for pi, out in enumerate(finals):
@@ -192,7 +192,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body))
+            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body, tok, k))
         out = (await _collect(streams))[0]
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c, tok, k) if body.logprobs else None,
@@ -277,17 +277,22 @@ def _choice_deltas(out: RequestOutput, reported: set[int]) -> list[tuple[Complet
     return result
 
 
-async def _stream_completions(streams, base: dict, body: CompletionRequest, n: int):
+async def _stream_completions(streams, base: dict, body: CompletionRequest, n: int, tok):
     reported: dict[int, set[int]] = {}
     finals: dict[int, RequestOutput] = {}
     echoed: set[int] = set()
+    sent: dict[tuple[int, int], int] = {}  # tokens whose logprobs went out, per choice
     async for pi, out in _merge(streams):
         for c, finished in _choice_deltas(out, reported.setdefault(pi, set())):
             text = c.delta_text
             if body.echo and (pi, c.index) not in echoed:
                 echoed.add((pi, c.index))
                 text = out.prompt + text if out.prompt is not None else text
-            yield {**base, "choices": [{"index": pi * n + c.index, "text": text, "logprobs": None,
+            lps = None
+            if body.logprobs is not None:
+                lps = completion_logprobs(c, tok, body.logprobs, sent.get((pi, c.index), 0))
+                sent[(pi, c.index)] = len(c.token_ids)
+            yield {**base, "choices": [{"index": pi * n + c.index, "text": text, "logprobs": lps,
                                         "finish_reason": c.finish_reason if finished else None}]}
         if out.finished:
             finals[pi] = out
@@ -295,9 +300,10 @@ async def _stream_completions(streams, base: dict, body: CompletionRequest, n: i
         yield {**base, "choices": [], "usage": usage(list(finals.values()))}
 
 
-async def _stream_chat(stream, base: dict, body: ChatCompletionRequest):
+async def _stream_chat(stream, base: dict, body: ChatCompletionRequest, tok, k: int | None):
     reported: set[int] = set()
     started: set[int] = set()
+    sent: dict[int, int] = {}  # tokens whose logprobs went out, per choice
     final = None
     async for out in stream:
         for c, finished in _choice_deltas(out, reported):
@@ -305,7 +311,11 @@ async def _stream_chat(stream, base: dict, body: ChatCompletionRequest):
             if c.index not in started:
                 started.add(c.index)
                 delta = {"role": "assistant", **delta}
-            yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+            lps = None
+            if body.logprobs:
+                lps = chat_logprobs(c, tok, k, sent.get(c.index, 0))
+                sent[c.index] = len(c.token_ids)
+            yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
                                         "finish_reason": c.finish_reason if finished else None}]}
         final = out
     if body.include_usage and final is not None:

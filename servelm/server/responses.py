@@ -22,11 +22,12 @@ def _top(entry: PositionLogprobs, k: int) -> list[tuple[int, float]]:
     return [(t, v) for _, t, v in ranked]
 
 
-def completion_logprobs(c: CompletionOutput, tok, k: int) -> dict[str, Any]:
-    """The completions format: parallel lists, one item per generated token."""
+def completion_logprobs(c: CompletionOutput, tok, k: int, start: int = 0) -> dict[str, Any]:
+    """The completions format: parallel lists, one item per generated token from `start`
+    (a stream sends each chunk's own; offsets count from the chunk's text)."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = 0
-    for token_id, entry in zip(c.token_ids, c.logprobs or []):
+    for token_id, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
         text = tok.decode([token_id])
         tokens.append(text)
         token_lps.append(entry[token_id].logprob)
@@ -37,12 +38,13 @@ def completion_logprobs(c: CompletionOutput, tok, k: int) -> dict[str, Any]:
             "text_offset": offsets}
 
 
-def chat_logprobs(c: CompletionOutput, tok, k: int) -> dict[str, Any]:
-    """The chat format: one object per generated token with its top alternatives."""
+def chat_logprobs(c: CompletionOutput, tok, k: int, start: int = 0) -> dict[str, Any]:
+    """The chat format: one object per generated token from `start` with its top
+    alternatives."""
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         text = tok.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = [{**item(t, entry[t].logprob), "top_logprobs": [item(a, v) for a, v in _top(entry, k)]}
-               for t, entry in zip(c.token_ids, c.logprobs or [])]
+               for t, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:])]
     return {"content": content}

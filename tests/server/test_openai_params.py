@@ -1,6 +1,7 @@
-"""Structured outputs over HTTP with the official openai client: response_format json_object
-and json_schema on chat completions, vLLM's guided_* fields on completions, streamed and
-not; a bad schema or two constraints at once is a 400 naming the field."""
+"""The newer OpenAI parameters over HTTP with the official openai client: structured outputs
+(response_format json_object and json_schema, vLLM's guided_* fields; a bad schema or two
+constraints at once is a 400 naming the field), logit_bias, suffix refused, logprobs in
+streamed chunks, and the error statuses in the published OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -82,3 +83,20 @@ def test_openapi_documents_the_error_statuses(server):
         ref = responses["400"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.endswith("/ErrorResponse")
     assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+
+
+def test_streamed_logprobs_add_up_to_the_unstreamed(client):
+    kw = dict(model="tiny", prompt="Once", max_tokens=10, temperature=0, logprobs=2, n=2,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices and c.choices[0].index == 0]
+    # (batches of other shapes: float noise)
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == pytest.approx(full.token_logprobs, abs=1e-4)
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == full.tokens
+    msgs = [{"role": "user", "content": "hi"}]
+    ckw = dict(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ckw).choices[0].logprobs.content
+    parts = [item for c in client.chat.completions.create(stream=True, **ckw)
+             if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [p.token for p in parts] == [w.token for w in whole]
+    assert [p.logprob for p in parts] == pytest.approx([w.logprob for w in whole], abs=1e-4)
