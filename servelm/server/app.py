@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from servelm import __version__
 from servelm.engine.async_engine import AsyncLLM, EngineDeadError, EngineStepError
 from servelm.outputs import CompletionOutput, RequestOutput
+from servelm.server import tools as tools_module
 from servelm.server.admin import install_admin
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
@@ -102,12 +103,12 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
             return model
         return overloaded(model.num_waiting, options) or model
 
-    def chat_prompt_ids(model: ServedModel, messages) -> list[int]:
+    def chat_prompt_ids(model: ServedModel, messages, tools: list | None = None) -> list[int]:
         tok = model.tokenizer
         if not tok.chat_template:
             raise ValueError("messages: this model has no chat template")
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        msgs = [tools_module.template_message(m) for m in messages]
+        ids = tok.apply_chat_template(msgs, tools=tools or None, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     @app.post("/tokenize", responses=ERRORS)
@@ -183,20 +184,27 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         if isinstance(model, JSONResponse):
             return model
         tok = model.tokenizer
-        ids = chat_prompt_ids(model, body.messages)
+        mode = tools_module.check_tools(body.tools, body.tool_choice)
+        ids = chat_prompt_ids(model, body.messages, body.tools if mode != "none" else None)
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(body.max_completion_tokens or body.max_tokens, k)
+        if mode not in ("none", "auto"):  # a call is required: its JSON is constrained
+            if params.structured_outputs is not None:
+                raise ValueError("tool_choice 'required' or a named function cannot be combined "
+                                 "with response_format or guided_*")
+            params = params.clone(structured_outputs={"json": tools_module.forced_schema(body.tools, mode)})
         rid = model.new_request_id("chatcmpl")
         streams = [generate(model, rid, {"prompt_token_ids": ids}, params, body,
                             _session(body, request))]
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body, tok, k))
+            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body, tok, k,
+                                     mode))
         out = (await _collect(streams))[0]
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c, tok, k) if body.logprobs else None,
-                    "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = [{"index": c.index, **_chat_message(c, mode),
+                    "logprobs": chat_logprobs(c, tok, k) if body.logprobs else None}
+                   for c in out.outputs]
         return {**base, "choices": choices, "usage": usage([out])}
 
     app.openapi = lambda: _openapi_without_422(app)
@@ -300,14 +308,51 @@ async def _stream_completions(streams, base: dict, body: CompletionRequest, n: i
         yield {**base, "choices": [], "usage": usage(list(finals.values()))}
 
 
-async def _stream_chat(stream, base: dict, body: ChatCompletionRequest, tok, k: int | None):
+def _chat_message(c: CompletionOutput, mode: str) -> dict[str, Any]:
+    """A finished choice's message and finish reason, its tool calls parsed out."""
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    finish = c.finish_reason
+    if mode != "none" and c.finish_reason == "stop":
+        content, calls = tools_module.parse(c.text, mode)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            finish = "tool_calls"
+    return {"message": message, "finish_reason": finish}
+
+
+async def _stream_chat(stream, base: dict, body: ChatCompletionRequest, tok, k: int | None,
+                       mode: str = "none"):
+    """Content deltas as they come. With tools, text that is (or may begin) a tool call is
+    held back; when the choice finishes, the calls go out as `tool_calls` deltas (the rest
+    of the text as content if there were none)."""
     reported: set[int] = set()
     started: set[int] = set()
     sent: dict[int, int] = {}  # tokens whose logprobs went out, per choice
+    shown: dict[int, int] = {}  # characters of text sent as content, per choice (with tools)
     final = None
     async for out in stream:
         for c, finished in _choice_deltas(out, reported):
-            delta: dict[str, Any] = {"content": c.delta_text} if c.delta_text else {}
+            delta: dict[str, Any] = {}
+            finish = c.finish_reason if finished else None
+            text = c.delta_text
+            if mode != "none":
+                start, end = shown.get(c.index, 0), len(c.text)
+                calls = None
+                if finished:
+                    msg = _chat_message(c, mode)
+                    finish, calls = msg["finish_reason"], msg["message"].get("tool_calls")
+                    if calls:  # the text before the first call
+                        end = c.text.find(tools_module.OPEN_TAG) if mode == "auto" else 0
+                elif mode == "auto":
+                    end -= tools_module.held_back(c.text)
+                else:
+                    end = 0  # a required call: the output is its JSON
+                text = c.text[start:end] if end > start else ""
+                shown[c.index] = max(start, end)
+                if calls:
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            if text:
+                delta = {"content": text, **delta}
             if c.index not in started:
                 started.add(c.index)
                 delta = {"role": "assistant", **delta}
@@ -316,7 +361,7 @@ async def _stream_chat(stream, base: dict, body: ChatCompletionRequest, tok, k: 
                 lps = chat_logprobs(c, tok, k, sent.get(c.index, 0))
                 sent[c.index] = len(c.token_ids)
             yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
-                                        "finish_reason": c.finish_reason if finished else None}]}
+                                        "finish_reason": finish}]}
         final = out
     if body.include_usage and final is not None:
         yield {**base, "choices": [], "usage": usage([final])}
