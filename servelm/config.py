@@ -50,6 +50,12 @@ class EngineConfig:
     model: str | None = option(None, "HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
     device: str = option("auto", "where the model runs: cuda (Triton kernels, CUDA graphs), cpu, "
                          "or auto: cuda when torch sees a GPU", choices=DEVICES)
+    tokenizer: str | None = option(
+        None, "HF folder (or .gguf) to take the tokenizer and chat template from (default: the "
+        "model's)", metavar="PATH")
+    skip_tokenizer_init: bool = option(
+        False, "load no tokenizer: prompts must be token ids, outputs are token ids with empty "
+        "text (no stop strings, chat or structured outputs)")
     dtype: str = option(
         "auto", "compute dtype of activations and float weights; auto: bfloat16 on CUDA; on "
         "CPU float32 where the matmul weights stay block-quantized (a GGUF, or --quantization "

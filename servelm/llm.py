@@ -99,6 +99,8 @@ class LLM:
     def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True,
                             chat_template: str | None = None) -> list[int]:
         tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; this LLM was made with skip_tokenizer_init")
         if chat_template is None and not tok.chat_template:
             raise ValueError("this model has no chat template; pass chat_template=...")
         ids = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,

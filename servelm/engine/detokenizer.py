@@ -38,6 +38,8 @@ class IncrementalDetokenizer:
         self._sent = 0  # chars of output_text already handed out by get_delta()
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # skip_tokenizer_init: outputs are token ids only
+            return ""
         # Cleanup of tokenization spaces is not prefix-stable, so it must stay off here.
         return self.tokenizer.decode(
             ids,

@@ -42,10 +42,10 @@ class LLMEngine:
         self.executor = executor or make_executor(config)
         # After the weights: loaded first, the tokenizer left ~70 MB more resident on the
         # default model (glibc kept the heap pages the weights' load freed above it).
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or config.model)
         info = self.worker_info = self.executor.info
         self.arch, self.model_source, self.max_model_len = info.arch, info.model_source, info.max_model_len
-        eos = self.tokenizer.eos_token_id
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
         self.eos_token_ids = info.arch.eos_token_ids or (() if eos is None else (int(eos),))
         self.structured = StructuredOutputs(self.tokenizer, info.arch.vocab_size, self.eos_token_ids)
         kv = KVCacheManager(info.num_kv_blocks, config.block_size, config.enable_prefix_caching,
@@ -75,12 +75,15 @@ class LLMEngine:
         if self.config.length_predictor is None:
             return None
         predictor = LengthPredictor.load(self.config.length_predictor)
-        predictor.check_vocab(len(self.tokenizer))
+        predictor.check_vocab(self.arch.vocab_size if self.tokenizer is None else len(self.tokenizer))
         return predictor
 
     # ---- requests in -------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this engine has no tokenizer (skip_tokenizer_init); "
+                                 "send prompt_token_ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -119,6 +122,9 @@ class LLMEngine:
         params = params or SamplingParams()
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids)
+        if self.tokenizer is None and (params.stop or params.structured_outputs is not None):
+            raise ValueError("stop strings and structured_outputs need a tokenizer; this engine "
+                             "was started with skip_tokenizer_init")
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.structured.compile(params.structured_outputs)

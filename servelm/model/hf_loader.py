@@ -159,6 +159,11 @@ def load_hf_tokenizer(folder: Path) -> Any:
     """Load the folder's tokenizer with transformers (it also picks up the chat template)."""
     from transformers import AutoTokenizer
 
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / f).is_file() for f in files):
+        raise ValueError(f"{folder} has no tokenizer (none of {', '.join(files)}); give one with "
+                         "--tokenizer PATH (tokenizer=...), or run on token ids with "
+                         "--skip-tokenizer-init")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:

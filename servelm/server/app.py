@@ -103,8 +103,13 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
             return model
         return overloaded(model.num_waiting, options) or model
 
+    def tokenizer(model: ServedModel) -> Any:
+        if model.tokenizer is None:
+            raise ValueError("this server has no tokenizer (--skip-tokenizer-init): send token ids")
+        return model.tokenizer
+
     def chat_prompt_ids(model: ServedModel, messages, tools: list | None = None) -> list[int]:
-        tok = model.tokenizer
+        tok = tokenizer(model)
         if not tok.chat_template:
             raise ValueError("messages: this model has no chat template")
         msgs = [tools_module.template_message(m) for m in messages]
@@ -117,7 +122,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         if isinstance(model, JSONResponse):
             return model
         ids = (chat_prompt_ids(model, body.messages) if body.messages
-               else model.tokenizer.encode(body.prompt or ""))
+               else tokenizer(model).encode(body.prompt or ""))
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize", responses=ERRORS)
@@ -129,7 +134,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"tokens must be integers in [0, {vocab}), got {bad[0]}")
-        return {"prompt": model.tokenizer.decode(body.tokens)}
+        return {"prompt": tokenizer(model).decode(body.tokens)}
 
     @app.get("/health", response_model=None)
     async def health() -> dict[str, Any] | JSONResponse:
@@ -158,6 +163,9 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         if isinstance(model, JSONResponse):
             return model
         tok = model.tokenizer
+        if tok is None and (body.logprobs is not None or body.echo):
+            raise ValueError("logprobs and echo need a tokenizer; this server has none "
+                             "(--skip-tokenizer-init)")
         params = body.sampling_params(body.max_tokens, body.logprobs)
         rid = model.new_request_id("cmpl")
         session = _session(body, request)
