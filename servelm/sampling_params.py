@@ -24,6 +24,8 @@ STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex, grammar or the choices together
 MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 1024  # entries (OpenAI documents up to 300)
+MAX_STOP_STRINGS = 256  # OpenAI allows 4; every one is matched against each step's text
+MAX_STOP_STRING_CHARS = 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -202,12 +204,17 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, (list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r:.100}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
         for s in stop:
             if not isinstance(s, str):
                 raise ValueError(f"stop must contain only strings, got {s!r}")
             if not s:
                 raise ValueError("stop must not contain empty strings")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings may have at most {MAX_STOP_STRING_CHARS} characters, "
+                                 f"got one of {len(s)}")
         return list(stop)
 
     @staticmethod

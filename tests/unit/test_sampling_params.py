@@ -124,3 +124,14 @@ INVALID = [
 def test_invalid_values_name_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"stop": ["s"] * 257}, "stop has 257 strings; the limit is 256"),
+    ({"stop": "x" * 1025}, "at most 1024 characters"),
+    ({"logit_bias": {i: 0.0 for i in range(1025)}}, "logit_bias has 1025 entries; the limit is 1024"),
+    ({"structured_outputs": {"grammar": "r" * 100_001}}, "the limit is 100000"),
+])
+def test_absurd_sizes_are_refused_with_the_limit(changes, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**changes)
