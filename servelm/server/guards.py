@@ -46,6 +46,14 @@ def install_guards(app: FastAPI, options: ServerOptions) -> None:
         if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
             return error(413, f"request body of {length} bytes exceeds the limit of "
                               f"{options.max_body_bytes} bytes")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            # Chunked: no length up front, so count while reading, and stop at the limit.
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > options.max_body_bytes:
+                    return error(413, f"request body exceeds the limit of {options.max_body_bytes} bytes")
+            request._body = bytes(body)  # what the route then reads (Starlette's cached body)
         return await call_next(request)
 
 
