@@ -90,7 +90,7 @@ class ModelRunner:
                     (len(batch.input_ids), self.model.arch.hidden_size), self.dtype)
                 hidden = self.model(batch.input_ids, batch.positions, residual=residual)
         if parallel.is_last_stage:
-            self._grammar = dict(zip(step.grammar_req_ids, range(len(step.grammar_req_ids))))
+            self._grammar = {req_id: row for row, req_id in enumerate(step.grammar_req_ids)}
             self._bitmask = (None if step.grammar_bitmask is None
                              else torch.from_numpy(step.grammar_bitmask).to(self.device))
             self._sample_and_verify(hidden, batch, states, num_real, drafts, out)
@@ -183,7 +183,8 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, states: list[CachedRequestState], idx: list[int],
                 out: ModelRunnerOutput) -> None:
-        masked = [(row, self._grammar[st.req_id]) for row, st in enumerate(states) if st.req_id in self._grammar]
+        masked = [(row, self._grammar[st.req_id]) for row, st in enumerate(states)
+                  if st.req_id in self._grammar] if self._grammar else []  # (most steps: none)
         if masked:  # structured outputs: only the tokens the request's grammar allows
             rows, mask_rows = zip(*masked)
             sub = logits[list(rows)]
