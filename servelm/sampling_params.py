@@ -27,6 +27,7 @@ MAX_LOGIT_BIAS = 1024  # entries (OpenAI documents up to 300)
 MAX_STOP_STRINGS = 256  # OpenAI allows 4; every one is matched against each step's text
 MAX_STOP_STRING_CHARS = 1024
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MAX = 2**31 - 1
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -151,8 +152,8 @@ class SamplingParams:
         self.top_k = _as_int("top_k", self.top_k)
         if self.top_k == -1:
             self.top_k = 0
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 or -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.top_k <= _INT32_MAX:  # larger than the vocabulary means "all of it"
+            raise ValueError(f"top_k must be 0 or -1 (disabled) or in [1, 2**31 - 1], got {self.top_k}")
         self.min_p = _as_float("min_p", self.min_p)
         _check_range("min_p", self.min_p, 0.0, 1.0)
 

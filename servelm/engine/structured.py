@@ -16,6 +16,7 @@ xgrammar is imported when the first such request arrives (it takes seconds).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from servelm.engine.request import Request
@@ -58,7 +59,7 @@ class StructuredOutputs:
         try:
             return self._compile_spec(spec)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"structured_outputs.{key} cannot be compiled: {e}") from None
+            raise ValueError(f"structured_outputs.{key} cannot be compiled: {_reason(e)}") from None
 
     def matcher(self, compiled: Any) -> Any:
         return self._xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
@@ -74,3 +75,8 @@ class StructuredOutputs:
         for i, req_id in enumerate(rows):
             requests[req_id].grammar.fill_next_token_bitmask(bitmask, i)
         step.grammar_req_ids, step.grammar_bitmask = rows, bitmask.numpy()
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without its C++ log prefix ("[12:00:00] /project/cpp/x.cc:94: ")."""
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip())

@@ -13,10 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from servelm.server.guards import error
 from servelm.server.models import ServedModel
+from servelm.server.openapi import ADMIN_ERRORS
 
 
 class MigrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     request_id: str
     model: str | None = None
     to: str | None = None  # a replica's name (see /health); default: the least loaded other one
@@ -28,11 +29,11 @@ class MigrateRequest(BaseModel):
 
 def install_admin(app: FastAPI, models: list[ServedModel],
                   find: Callable[[str | None], ServedModel | JSONResponse]) -> None:
-    @app.get("/admin/requests")
+    @app.get("/admin/requests", responses=ADMIN_ERRORS)
     async def running() -> dict[str, Any]:
         return {"models": {m.name: m.running() for m in models if hasattr(m, "running")}}
 
-    @app.post("/admin/migrate")
+    @app.post("/admin/migrate", responses=ADMIN_ERRORS)
     async def migrate(body: MigrateRequest) -> Any:
         model = find(body.model)
         if isinstance(model, JSONResponse):

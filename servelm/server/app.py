@@ -4,32 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm import __version__
 from servelm.engine.async_engine import AsyncLLM, EngineDeadError, EngineStepError
-from servelm.outputs import CompletionOutput, RequestOutput
+from servelm.outputs import RequestOutput
 from servelm.server import tools as tools_module
 from servelm.server.admin import install_admin
 from servelm.server.guards import ServerOptions, error, install_guards, overloaded
 from servelm.server.metrics import ServerMetrics
 from servelm.server.models import LocalModel, ServedModel
-from servelm.server.protocol import (
-    BASIC_ERRORS,
+from servelm.server.openapi import (
     ERRORS,
+    PLAIN_TEXT,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    DetokenizeResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+    answers,
+    schema_without_422,
+)
+from servelm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
 from servelm.server.responses import chat_logprobs, completion_logprobs, usage
+from servelm.server.streaming import chat_message, collect, sse, stream_chat, stream_completions
 
 
 def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str | None = None,
@@ -63,7 +77,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         return metrics.observe(model.generate(request_id, prompt, params, body.priority,
                                               stream=body.stream, session=session))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=PLAIN_TEXT)
     async def prometheus() -> Response:
         await asyncio.gather(*(m.refresh_metrics() for m in models))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -73,6 +87,13 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (unreadable body, unknown path or method) in OpenAI's shape."""
+        kinds = {404: "not_found_error", 405: "invalid_request_error"}
+        return error(exc.status_code, str(exc.detail), err_type=kinds.get(exc.status_code, "invalid_request_error"),
+                     headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineStepError)
     async def _failed(_: Request, exc: EngineStepError) -> JSONResponse:
@@ -116,7 +137,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         ids = tok.apply_chat_template(msgs, tools=tools or None, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    @app.post("/tokenize", responses=ERRORS)
+    @app.post("/tokenize", responses=answers(TokenizeResponse))
     async def tokenize(body: TokenizeRequest):
         model = find(body.model)
         if isinstance(model, JSONResponse):
@@ -125,7 +146,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                else tokenizer(model).encode(body.prompt or ""))
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
-    @app.post("/detokenize", responses=ERRORS)
+    @app.post("/detokenize", responses=answers(DetokenizeResponse))
     async def detokenize(body: DetokenizeRequest):
         model = find(body.model)
         if isinstance(model, JSONResponse):
@@ -136,7 +157,8 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
             raise ValueError(f"tokens must be integers in [0, {vocab}), got {bad[0]}")
         return {"prompt": tokenizer(model).decode(body.tokens)}
 
-    @app.get("/health", response_model=None)
+    @app.get("/health", response_model=None, responses={
+        200: {"model": HealthResponse}, 503: {"model": HealthResponse, "description": "Unhealthy"}})
     async def health() -> dict[str, Any] | JSONResponse:
         reports = {m.name: m.health() for m in models}
         ok = all(good for good, _ in reports.values())
@@ -147,17 +169,17 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                     "models": {name: report for name, (_, report) in reports.items()}}
         return body if ok else JSONResponse(status_code=503, content=body)
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"model": VersionResponse}})
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models", responses=BASIC_ERRORS)
+    @app.get("/v1/models", responses=answers(ModelList, errors={401: ERRORS[401]}))
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": m.name, "object": "model", "created": 0, "owned_by": "servelm",
             "max_model_len": m.max_model_len} for m in models]}
 
-    @app.post("/v1/completions", responses=ERRORS)
+    @app.post("/v1/completions", responses=answers(CompletionResponse, CompletionChunk))
     async def completions(body: CompletionRequest, request: Request):
         model = pick(body.model)
         if isinstance(model, JSONResponse):
@@ -174,8 +196,8 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         base = {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return _sse(_stream_completions(streams, base, body, params.n, tok))
-        finals = await _collect(streams)
+            return sse(stream_completions(streams, base, body, params.n, tok))
+        finals = await collect(streams)
         choices = []
         for pi, out in enumerate(finals):
             prefix = _prompt_text(out, tok) if body.echo else ""
@@ -186,7 +208,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
                                 "finish_reason": c.finish_reason})
         return {**base, "choices": choices, "usage": usage(finals)}
 
-    @app.post("/v1/chat/completions", responses=ERRORS)
+    @app.post("/v1/chat/completions", responses=answers(ChatCompletionResponse, ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request):
         model = pick(body.model)
         if isinstance(model, JSONResponse):
@@ -207,15 +229,15 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return _sse(_stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body, tok, k,
+            return sse(stream_chat(streams[0], {**base, "object": "chat.completion.chunk"}, body, tok, k,
                                      mode))
-        out = (await _collect(streams))[0]
-        choices = [{"index": c.index, **_chat_message(c, mode),
+        out = (await collect(streams))[0]
+        choices = [{"index": c.index, **chat_message(c, mode),
                     "logprobs": chat_logprobs(c, tok, k) if body.logprobs else None}
                    for c in out.outputs]
         return {**base, "choices": choices, "usage": usage([out])}
 
-    app.openapi = lambda: _openapi_without_422(app)
+    app.openapi = lambda: schema_without_422(app)
     return app
 
 
@@ -226,164 +248,3 @@ def _session(body, request: Request) -> str | None:
 
 def _prompt_text(out: RequestOutput, tok) -> str:
     return out.prompt if out.prompt is not None else tok.decode(out.prompt_token_ids)
-
-
-async def _collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        final = None
-        async for out in stream:
-            final = out
-        return final
-
-    tasks = [asyncio.ensure_future(last(s)) for s in streams]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several request streams as their outputs arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        except Exception as exc:  # surface in the consumer
-            await queue.put((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item.finished:
-                remaining -= 1
-            yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except Exception as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-def _choice_deltas(out: RequestOutput, reported: set[int]) -> list[tuple[CompletionOutput, bool]]:
-    """Completions with new text or a new finish; marks finishes as reported."""
-    result = []
-    for c in out.outputs:
-        newly_finished = c.finished and c.index not in reported
-        if newly_finished:
-            reported.add(c.index)
-        if c.delta_text or newly_finished:
-            result.append((c, newly_finished))
-    return result
-
-
-async def _stream_completions(streams, base: dict, body: CompletionRequest, n: int, tok):
-    reported: dict[int, set[int]] = {}
-    finals: dict[int, RequestOutput] = {}
-    echoed: set[int] = set()
-    sent: dict[tuple[int, int], int] = {}  # tokens whose logprobs went out, per choice
-    async for pi, out in _merge(streams):
-        for c, finished in _choice_deltas(out, reported.setdefault(pi, set())):
-            text = c.delta_text
-            if body.echo and (pi, c.index) not in echoed:
-                echoed.add((pi, c.index))
-                text = out.prompt + text if out.prompt is not None else text
-            lps = None
-            if body.logprobs is not None:
-                lps = completion_logprobs(c, tok, body.logprobs, sent.get((pi, c.index), 0))
-                sent[(pi, c.index)] = len(c.token_ids)
-            yield {**base, "choices": [{"index": pi * n + c.index, "text": text, "logprobs": lps,
-                                        "finish_reason": c.finish_reason if finished else None}]}
-        if out.finished:
-            finals[pi] = out
-    if body.include_usage:
-        yield {**base, "choices": [], "usage": usage(list(finals.values()))}
-
-
-def _chat_message(c: CompletionOutput, mode: str) -> dict[str, Any]:
-    """A finished choice's message and finish reason, its tool calls parsed out."""
-    message: dict[str, Any] = {"role": "assistant", "content": c.text}
-    finish = c.finish_reason
-    if mode != "none" and c.finish_reason == "stop":
-        content, calls = tools_module.parse(c.text, mode)
-        if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": calls}
-            finish = "tool_calls"
-    return {"message": message, "finish_reason": finish}
-
-
-async def _stream_chat(stream, base: dict, body: ChatCompletionRequest, tok, k: int | None,
-                       mode: str = "none"):
-    """Content deltas as they come. With tools, text that is (or may begin) a tool call is
-    held back; when the choice finishes, the calls go out as `tool_calls` deltas (the rest
-    of the text as content if there were none)."""
-    reported: set[int] = set()
-    started: set[int] = set()
-    sent: dict[int, int] = {}  # tokens whose logprobs went out, per choice
-    shown: dict[int, int] = {}  # characters of text sent as content, per choice (with tools)
-    final = None
-    async for out in stream:
-        for c, finished in _choice_deltas(out, reported):
-            delta: dict[str, Any] = {}
-            finish = c.finish_reason if finished else None
-            text = c.delta_text
-            if mode != "none":
-                start, end = shown.get(c.index, 0), len(c.text)
-                calls = None
-                if finished:
-                    msg = _chat_message(c, mode)
-                    finish, calls = msg["finish_reason"], msg["message"].get("tool_calls")
-                    if calls:  # the text before the first call
-                        end = c.text.find(tools_module.OPEN_TAG) if mode == "auto" else 0
-                elif mode == "auto":
-                    end -= tools_module.held_back(c.text)
-                else:
-                    end = 0  # a required call: the output is its JSON
-                text = c.text[start:end] if end > start else ""
-                shown[c.index] = max(start, end)
-                if calls:
-                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-            if text:
-                delta = {"content": text, **delta}
-            if c.index not in started:
-                started.add(c.index)
-                delta = {"role": "assistant", **delta}
-            lps = None
-            if body.logprobs:
-                lps = chat_logprobs(c, tok, k, sent.get(c.index, 0))
-                sent[c.index] = len(c.token_ids)
-            yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
-                                        "finish_reason": finish}]}
-        final = out
-    if body.include_usage and final is not None:
-        yield {**base, "choices": [], "usage": usage([final])}
-
-
-def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, less its 422 entries: this server answers invalid bodies with 400
-    (OpenAI's status), which every route documents."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for op in path.values():
-                op.get("responses", {}).pop("422", None)
-        app.openapi_schema = schema
-    return app.openapi_schema

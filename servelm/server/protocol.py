@@ -1,5 +1,7 @@
 """OpenAI request bodies (pydantic). Unknown fields are ignored, as OpenAI clients expect;
-range checks live in SamplingParams so the HTTP layer and the offline API agree."""
+known ones must have their published type (strict: `"stream": 0` or `"n": "2"` is a 400,
+not a guess). Range checks live in SamplingParams so the HTTP layer and the offline API
+agree."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from servelm.sampling_params import SamplingParams
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     temperature: float | None = None
@@ -25,7 +27,7 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    priority: int = 0  # with --scheduling-policy priority: lower runs first (vLLM's field)
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)  # with --scheduling-policy priority: lower runs first (vLLM's field)
     num_speculative_tokens: int | None = None  # with --speculative-config: 0 opts out
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -80,6 +82,13 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Once upon a time", "max_tokens": 16},
+        {"prompt": ["The capital of France is", "Hello"], "max_tokens": 8, "n": 2, "stream": True,
+         "logprobs": 2, "temperature": 0.8, "seed": 1, "stream_options": {"include_usage": True}},
+        {"prompt": "The best color is", "max_tokens": 8, "guided_choice": ["red", "green", "blue"]},
+    ]})
+
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -94,6 +103,8 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | dict]:
         p = self.prompt
+        if not p and isinstance(p, list):
+            raise ValueError("prompt must not be an empty list")
         if isinstance(p, str):
             return [p]
         if p and all(isinstance(x, int) for x in p):
@@ -102,7 +113,7 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -121,7 +132,21 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
 class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Say hi."}], "max_tokens": 16},
+        {"messages": [{"role": "user", "content": "A cat as JSON"}], "stream": True, "max_tokens": 24,
+         "response_format": {"type": "json_object"}, "logprobs": True, "top_logprobs": 2,
+         "stream_options": {"include_usage": True}},
+        {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [_WEATHER],
+         "tool_choice": "required", "stream": True, "max_tokens": 32},
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -131,36 +156,8 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body, as every error status of this server returns it."""
-
-    error: ErrorDetail
-
-
-def _documented(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
-
-
-# The error statuses a route may return, for the published OpenAPI schema.
-ERRORS = {
-    400: _documented("Invalid parameters, prompt or constraint; the message names the field"),
-    401: _documented("Missing or wrong API key (when the server has one)"),
-    404: _documented("Unknown model"),
-    413: _documented("Request body over the server's size limit"),
-    503: _documented("Too many requests waiting, or the engine is down; see Retry-After"),
-}
-BASIC_ERRORS = {k: v for k, v in ERRORS.items() if k in (400, 401, 413, 503)}
-
-
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -168,7 +165,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     tokens: list[int]
