@@ -2,7 +2,7 @@
 VENV ?= .venv
 PROMPT ?= Once upon a time
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint browser
 
 setup: $(VENV)/.installed
 
@@ -26,5 +26,15 @@ lint: setup
 	$(VENV)/bin/ruff check servelm tests
 	$(VENV)/bin/lint-imports
 
-test: lint
+# The playground's tests drive Debian's chromium (playwright's own browser download needs the
+# internet); as root, install it when it is missing, else those tests are skipped.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends chromium >/dev/null || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	  else echo "no chromium and not root: the browser tests will be skipped"; fi; fi
+
+test: lint browser
 	$(VENV)/bin/pytest

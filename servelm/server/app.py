@@ -36,6 +36,7 @@ from servelm.server.openapi import (
     answers,
     schema_without_422,
 )
+from servelm.server.playground import install_playground
 from servelm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -116,6 +117,7 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
         return model
 
     install_admin(app, models, find)
+    install_playground(app)
 
     def pick(name: str | None) -> ServedModel | JSONResponse:
         """The model for a generation request, unless it is unknown or overloaded."""
