@@ -149,7 +149,12 @@ class AsyncLLM:
     async def _stream(self, item: tuple) -> AsyncIterator[RequestOutput]:
         if self.fatal_error is not None:
             raise EngineDeadError(f"the engine cannot run requests: {self.fatal_error}")
-        request_id = item[1]
+        kind, request_id, _, params, _ = item
+        if (kind == "add" and params is not None and params.structured_outputs is not None
+                and self.engine.tokenizer is not None):
+            # Compile here, off the engine's loop: a first use (seconds) or a large schema
+            # would stall every running stream; the engine's compile is then a cache hit.
+            await asyncio.to_thread(self.engine.structured.compile, params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._streams[request_id] = stream

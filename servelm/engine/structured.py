@@ -10,13 +10,17 @@ step as plain data; the worker masks those rows' logits before sampling, and the
 token advances the matcher when the engine appends it. Requests without a spec cost
 nothing, and one slow grammar never holds the others' rows back more than its own fill.
 
-xgrammar is imported when the first such request arrives (it takes seconds).
+xgrammar is imported when the first such request arrives (it takes seconds). AsyncLLM
+compiles each spec on a thread of its own before the request reaches the engine's loop, so
+neither that nor a large schema stalls the running streams; the engine's own compile then
+hits xgrammar's cache.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any
 
 from servelm.engine.request import Request
@@ -28,19 +32,24 @@ class StructuredOutputs:
         self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, list(stop_token_ids)
         self._compiler: Any = None
         self._xgr: Any = None
+        self._setup = threading.Lock()  # the first compiles may come from several threads
 
     @property
     def used(self) -> bool:
         return self._compiler is not None
 
-    def _compile_spec(self, spec: dict[str, Any]) -> Any:
-        if self._compiler is None:
-            import xgrammar
+    def _compiler_once(self) -> Any:
+        with self._setup:
+            if self._compiler is None:
+                import xgrammar
 
-            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                           stop_token_ids=self.stop_token_ids)
-            self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
-        c = self._compiler
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
+                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
+        return self._compiler
+
+    def _compile_spec(self, spec: dict[str, Any]) -> Any:
+        c = self._compiler_once()
         if "json" in spec:  # compact separators: no run of whitespace can pad it forever
             schema = spec["json"] if isinstance(spec["json"], str) else json.dumps(spec["json"])
             return c.compile_json_schema(schema, any_whitespace=False)

@@ -88,3 +88,52 @@ def test_constrained_requests_skip_drafts(tiny_model_dir, make_llm):
     params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": "(ab){1,20}"})
     out = llm.generate("abababab", params, use_tqdm=False)[0]
     assert re.fullmatch("(ab){1,20}", out.outputs[0].text) and out.spec_proposed_tokens == 0
+
+
+def test_compiling_a_grammar_does_not_stall_running_streams(tiny_model_dir, monkeypatch):
+    """AsyncLLM compiles a spec off the engine's loop: while a slow compile runs (1.5 s here),
+    a request already streaming keeps getting tokens; the compile happens once."""
+    import asyncio
+    import time
+
+    from servelm.config import EngineConfig
+    from servelm.engine.async_engine import AsyncLLM
+    from servelm.engine.structured import StructuredOutputs
+
+    compiled, real = [], StructuredOutputs._compile_spec
+
+    def slow_compile(self, spec):
+        if not compiled:
+            time.sleep(1.5)
+        compiled.append(spec)
+        return real(self, spec)
+
+    monkeypatch.setattr(StructuredOutputs, "_compile_spec", slow_compile)
+    llm = AsyncLLM(EngineConfig(model=str(tiny_model_dir("llama")), num_kv_blocks=128, block_size=8))
+
+    async def run():
+        free = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        stamps = []
+
+        async def stream():
+            async for _ in llm.generate("free", "Once upon a time", free):
+                stamps.append(time.monotonic())
+
+        task = asyncio.ensure_future(stream())
+        while len(stamps) < 3:
+            await asyncio.sleep(0.01)
+        asked = time.monotonic()
+        constrained = SamplingParams(max_tokens=8, structured_outputs={"regex": "[ab]{8}"})
+        async for out in llm.generate("constrained", "x", constrained):
+            pass
+        await task
+        return asked, stamps, out
+
+    try:
+        asked, stamps, out = asyncio.run(run())
+    finally:
+        llm.shutdown()
+    assert re.fullmatch("[ab]{8}", out.outputs[0].text)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > asked and a < asked + 1.5]
+    assert max(gaps) < 0.5, f"the running stream paused for {max(gaps):.2f} s"
+    assert len(compiled) == 2  # on its own thread, then the engine's cache hit (no second sleep)
