@@ -100,3 +100,25 @@ def test_streamed_logprobs_add_up_to_the_unstreamed(client):
              if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
     assert [p.token for p in parts] == [w.token for w in whole]
     assert [p.logprob for p in parts] == pytest.approx([w.logprob for w in whole], abs=1e-4)
+
+
+def test_n_streamed_assembles_to_the_unstreamed_choices(client):
+    """n > 1 with stream: the chunks of each index put together give that choice's text
+    and finish reason as the unstreamed call returns them (same seed)."""
+    kw = dict(model="tiny", max_tokens=12, n=3, temperature=1.0, seed=5)
+    whole = client.completions.create(prompt="Cats", **kw).choices
+    texts, finish = {}, {}
+    for c in client.completions.create(prompt="Cats", stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert [texts[i] for i in range(3)] == [c.text for c in whole]
+    assert [finish[i] for i in range(3)] == [c.finish_reason for c in whole]
+
+    msgs = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(messages=msgs, **kw).choices
+    texts = {}
+    for c in client.chat.completions.create(messages=msgs, stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole]
