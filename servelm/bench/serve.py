@@ -61,6 +61,7 @@ class ServeConfig:
     percentile_metrics: list[str] = field(default_factory=lambda: ["ttft", "tpot", "itl", "e2el"])
     metric_percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     ignore_eos: bool = False
+    extra_body: dict[str, Any] = field(default_factory=dict)  # e.g. a response_format for every request
     seed: int = 0
     kill_replica_at: float | None = None  # seconds into each run: SIGKILL the busiest replica
     launch: list[str] = field(default_factory=list)  # start these servers instead of base_url
@@ -219,7 +220,7 @@ def measure_target(cfg: ServeConfig, base_url: str, tokenizer: Any, convs: list[
     model = cfg.model or first_model_id(base_url, cfg.api_key)
     banned = tuple(getattr(tokenizer, "all_special_ids", None) or ()) if cfg.ignore_eos else ()
     target = Target(base_url, cfg.endpoint, model, cfg.api_key, cfg.ignore_eos,
-                    cfg.request_timeout_s, banned)
+                    cfg.request_timeout_s, banned, tuple(cfg.extra_body.items()))
     turns = _Turns(tokenizer, target.chat)
     asyncio.run(_check_endpoint(target, turns, convs[0]))
     if cfg.kill_replica_at is not None:
@@ -276,6 +277,7 @@ def run_serve(cfg: ServeConfig) -> dict[str, Any]:
         "num_turns": sum(len(c.user_turns) for c in convs),
         "burstiness": cfg.burstiness, "max_concurrency": cfg.max_concurrency,
         "max_duration_s": cfg.max_duration_s, "ignore_eos": cfg.ignore_eos,
+        "extra_body": cfg.extra_body,
     }
     systems: dict[str, list[dict[str, Any]]] = {}
     plots = []

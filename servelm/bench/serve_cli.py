@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -97,6 +98,8 @@ def add_serve_parser(bsub) -> None:
                         "(a servelm-replicas server on this machine); failures and retries "
                         "are reported")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                   help="fields added to every request, e.g. a response_format with a JSON schema")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("metrics and output")
     g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
@@ -139,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_duration_s=args.max_duration, request_timeout_s=args.request_timeout,
         goodput=parse_goodput(args.goodput), fluidity=parse_fluidity(args.fluidity),
         percentile_metrics=args.percentile_metrics,
-        metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, seed=args.seed,
+        metric_percentiles=args.metric_percentiles, ignore_eos=args.ignore_eos, extra_body=args.extra_body, seed=args.seed,
         kill_replica_at=args.kill_replica_at, launch=args.launch,
         launch_spec=LaunchSpec(model=args.launch_model, num_threads=args.launch_threads,
                                dtype=args.launch_dtype, max_model_len=args.launch_max_model_len,
@@ -162,3 +165,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value

@@ -30,6 +30,7 @@ class Target:
     ignore_eos: bool = False
     timeout_s: float = 600.0
     banned_token_ids: tuple[int, ...] = ()  # sent as logit_bias -100 along with ignore_eos
+    extra_body: tuple[tuple[str, Any], ...] = ()  # more fields for every request (--extra-body)
 
     @property
     def chat(self) -> bool:
@@ -55,6 +56,7 @@ def request_body(target: Target, prompt: str | list[dict[str, str]], max_tokens:
         body["ignore_eos"] = True
         if target.banned_token_ids:
             body["logit_bias"] = {str(i): -100 for i in target.banned_token_ids}
+    body.update(target.extra_body)
     return body
 
 

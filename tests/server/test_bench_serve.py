@@ -165,3 +165,22 @@ def test_random_sweep_draws_new_prompts_at_each_rate(server, tiny_model_dir, tmp
         sent.append([r["prompt_len"] for r in sorted(run["requests"], key=lambda r: r["session"])])
         assert sent[-1] == [len(tok.encode(c.user_turns[0])) for c in convs]
     assert sent[0] != sent[1]
+
+
+def test_extra_body_reaches_every_request(server, tiny_model_dir, tmp_path, capsys):
+    """--extra-body: a constraint for every request (here one of two words, so each answer
+    ends after a token or two); a bad one stops the run before its traffic, with the
+    server's reason."""
+    out = tmp_path / "c.json"
+    rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "4",
+               "--random-input-len", "8", "--random-output-len", "32", "--request-rate", "inf",
+               "--extra-body", '{"guided_choice": ["yes", "no"]}')
+    res = json.loads(out.read_text())
+    assert rc == 0 and res["completed"] == 4 and res["extra_body"] == {"guided_choice": ["yes", "no"]}
+    assert res["total_output_tokens"] <= 4 * 3
+    rc = bench(server, tiny_model_dir, out, "--dataset-name", "random", "--num-prompts", "2",
+               "--random-input-len", "8", "--random-output-len", "4", "--extra-body",
+               '{"temperature": 9}')
+    assert rc != 0 and "temperature must be in [0, 2]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench(server, tiny_model_dir, out, "--extra-body", "[1, 2]")

@@ -69,3 +69,11 @@ def test_an_error_event_in_the_stream_fails_the_request_with_its_message():
     assert not rec.success and text == "Hel" and rec.ttft > 0
     assert rec.error == ("error in stream: replica m-0 was lost after part of the output was "
                          "streamed")
+
+
+def test_extra_body_fields_go_into_every_body():
+    fmt = {"type": "json_object"}
+    t = Target("http://h", "/v1/chat/completions", "m",
+               extra_body=(("response_format", fmt), ("temperature", 0.5)))
+    body = request_body(t, [{"role": "user", "content": "x"}], 4)
+    assert body["response_format"] == fmt and body["temperature"] == 0.5 and body["stream"] is True
