@@ -35,6 +35,9 @@ class NewRequestData:
     # A request moved here from another engine: its generator's state there, so its seeded
     # samples continue the same stream (torch.Generator.get_state() bytes).
     generator_state: bytes | None = None
+    # A constrained request that may draft: its compiled grammar (xgrammar JSON), for the
+    # worker to check drafts against (worker/draft_grammar.py).
+    grammar: str | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +76,8 @@ class SchedulerOutput:
     # bit j of word w allows token 32 w + j).
     grammar_req_ids: list[str] = field(default_factory=list)
     grammar_bitmask: Any = None
+    # xgrammar's tokenizer info (JSON), once, with the first request that sends a grammar.
+    grammar_tokenizer_info: str | None = None
 
     @property
     def moves_kv(self) -> bool:

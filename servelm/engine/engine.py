@@ -55,6 +55,7 @@ class LLMEngine:
                                    Policy(config.scheduling_policy, predictor=self._predictor()),
                                    config.spec, self.max_model_len,
                                    num_micro_batches=config.pipeline_parallel_size)
+        self.scheduler.builder.grammar_info = self.structured.tokenizer_info
         self._in_flight: deque[SchedulerOutput] = deque()  # submitted, output not collected
         self.outputs = OutputProcessor()
         self.last_step: SchedulerOutput | None = None  # the step the last step() applied
@@ -131,8 +132,8 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= self.arch.vocab_size:
             raise ValueError(f"logit_bias token id {max(params.logit_bias)} is out of the vocabulary "
                              f"[0, {self.arch.vocab_size})")
-        if (grammar is not None or params.logit_bias) and self.config.spec is not None:
-            params = params.clone(num_speculative_tokens=0)  # drafts would be verified without them
+        if params.logit_bias and self.config.spec is not None:
+            params = params.clone(num_speculative_tokens=0)  # drafts would be verified without it
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -143,13 +144,17 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
             req.priority, req.sample_index = priority, i
             if grammar is not None:
-                req.grammar = self.structured.matcher(grammar)
+                self.structured.attach(req, grammar, self.may_draft(child))
             if seqs and self.config.enable_prefix_caching:
                 req.wait_for = seqs[0]  # reuse the first sample's prompt blocks
             seqs.append(req)
         self.outputs.add(RequestGroup(request_id, text, seqs, stream))
         for req in seqs:
             self.scheduler.add(req)
+
+    def may_draft(self, params: SamplingParams) -> bool:
+        """Whether a request with these settings may get speculative drafts."""
+        return self.config.spec is not None and params.num_speculative_tokens != 0
 
     def abort_request(self, request_id: str) -> None:
         group = self.outputs.pop(request_id)

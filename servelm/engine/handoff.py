@@ -170,7 +170,8 @@ def import_request(engine: Any, h: RequestHandoff, stream: bool = True) -> bool:
     req.detokenizer = IncrementalDetokenizer(engine.tokenizer, req.prompt_token_ids, h.params)
     req.detokenizer.resume(h.output_token_ids, h.text_sent)
     if h.params.structured_outputs is not None:  # the grammar's state: replay what was generated
-        req.grammar = engine.structured.matcher(engine.structured.compile(h.params.structured_outputs))
+        compiled = engine.structured.compile(h.params.structured_outputs)
+        engine.structured.attach(req, compiled, engine.may_draft(h.params))
         for token in h.output_token_ids:
             if not req.grammar.accept_token(token):
                 raise ValueError(f"request {h.request_id!r}: its output does not follow its "

@@ -48,7 +48,7 @@ class Request:
                  'predicted_output_len', 'spec_proposed', 'spec_accepted', 'spec_drafts',
                  'stop_reason', 'arrival_time', 'first_scheduled_time', 'finished_time',
                  'num_preemptions', 'seed', 'generator_state', 'error', 'logprobs',
-                 'cumulative_logprob', 'prompt_logprobs', 'grammar')
+                 'cumulative_logprob', 'prompt_logprobs', 'grammar', 'grammar_json')
 
     def __init__(
         self,
@@ -99,6 +99,7 @@ class Request:
         )
         self.detokenizer: IncrementalDetokenizer | None = None
         self.grammar: Any = None  # structured outputs: an xgrammar matcher (engine/structured.py)
+        self.grammar_json: str | None = None  # its compiled grammar, for a worker that drafts
         self.stop_token_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else frozenset(eos_token_ids)
         )

@@ -10,6 +10,7 @@ requests that finished, so the worker can forget them.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from servelm.engine.request import Request
 from servelm.kv.manager import KVCacheManager
@@ -22,6 +23,9 @@ class StepBuilder:
         self.out = SchedulerOutput()
         self.pending_finished: list[str] = []  # finished since the last step
         self.pending_verified: list[tuple[str, list[int]]] = []  # for earlier pipeline stages
+        # Structured outputs with drafts: xgrammar's tokenizer info, sent once (the engine sets it).
+        self.grammar_info: Callable[[], str] | None = None
+        self._grammar_info_sent = False
 
     def start(self) -> SchedulerOutput:
         """A new step's output, carrying the ids finished and the drafts verified since the
@@ -39,7 +43,10 @@ class StepBuilder:
         if req.num_synced_tokens == 0:
             self.out.new_requests.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, req.params, req.seed, sorted(req.stop_token_ids),
-                _draft_seed(req.seed), req.generator_state))
+                _draft_seed(req.seed), req.generator_state, req.grammar_json))
+            if req.grammar_json is not None and not self._grammar_info_sent:
+                self.out.grammar_tokenizer_info = self.grammar_info()
+                self._grammar_info_sent = True
             req.num_synced_tokens = req.num_prompt_tokens
         tokens, table, start = req.all_token_ids, self.kv.block_table(req.request_id), req.num_synced_blocks
         self.out.scheduled.append(ScheduledRequest(

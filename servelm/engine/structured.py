@@ -8,7 +8,9 @@ matcher. Every step, before the worker runs, the matchers of the requests that s
 fill one row each of a token bitmask (which tokens keep the output valid), sent with the
 step as plain data; the worker masks those rows' logits before sampling, and the sampled
 token advances the matcher when the engine appends it. Requests without a spec cost
-nothing, and one slow grammar never holds the others' rows back more than its own fill.
+nothing, and one slow grammar never holds the others' rows back more than its own fill. A
+request that may get speculative drafts also sends its compiled grammar to the worker,
+which checks the drafts against it (worker/draft_grammar.py).
 
 xgrammar is imported when the first such request arrives (it takes seconds). AsyncLLM
 compiles each spec on a thread of its own before the request reaches the engine's loop, so
@@ -32,6 +34,7 @@ class StructuredOutputs:
         self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, list(stop_token_ids)
         self._compiler: Any = None
         self._xgr: Any = None
+        self._info: Any = None
         self._setup = threading.Lock()  # the first compiles may come from several threads
 
     @property
@@ -45,7 +48,8 @@ class StructuredOutputs:
 
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
-                self._xgr, self._compiler = xgrammar, xgrammar.GrammarCompiler(info)
+                self._xgr, self._info = xgrammar, info
+                self._compiler = xgrammar.GrammarCompiler(info)
         return self._compiler
 
     def _compile_spec(self, spec: dict[str, Any]) -> Any:
@@ -72,6 +76,17 @@ class StructuredOutputs:
 
     def matcher(self, compiled: Any) -> Any:
         return self._xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
+
+    def attach(self, req: Request, compiled: Any, drafts: bool) -> None:
+        """Give a request its matcher; one that may draft also gets the compiled grammar
+        for the worker, which checks drafts against it (worker/draft_grammar.py)."""
+        req.grammar = self.matcher(compiled)
+        req.grammar_json = compiled.serialize_json() if drafts else None
+
+    def tokenizer_info(self) -> str:
+        """xgrammar's view of the vocabulary (JSON), which the worker's matchers need."""
+        self._compiler_once()
+        return self._info.serialize_json()
 
     def fill(self, step: SchedulerOutput, requests: dict[str, Request]) -> None:
         """The bitmask rows of the requests with a grammar that sample a token in `step`."""

@@ -25,6 +25,7 @@ from servelm.speculative.verify import verify
 from servelm.step_io import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from servelm.worker.cache_engine import CacheEngine
 from servelm.worker.cuda_graphs import DecodeGraphs
+from servelm.worker.draft_grammar import DraftGrammars
 from servelm.worker.logprobs import logprobs_for
 from servelm.worker.request_state import CachedRequestState, RequestStates
 
@@ -58,12 +59,14 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA), set by the worker
         self._grammar: dict[str, int] = {}  # this step's structured requests -> bitmask row
         self._bitmask: torch.Tensor | None = None
+        self.draft_grammars = DraftGrammars()  # drafts of structured requests checked here
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
         if step.verified_drafts and not self.model.parallel.is_last_stage:
             self._apply_verified(step)
         stale = self.states.update(step)
+        self.draft_grammars.admit(step, self.states)
         if self.proposer is not None:
             for req_id in stale:
                 self.proposer.reset(req_id)
@@ -162,6 +165,8 @@ class ModelRunner:
         offset = len(samplers)
         for i, _, count in spec_spans:
             st, draft, rows_i = states[i], drafts[i], logits[offset : offset + count]
+            if st.grammar is not None:  # only tokens the grammar allows, at every node
+                apply_token_bitmask(rows_i, self.draft_grammars.masks(st, draft).to(rows_i.device))
             tokens, path = verify(rows_i, draft.token_ids, st.params, st.generator, draft.tree, draft.probs)
             out.sampled_token_ids[i] = tokens
             out.num_draft_tokens[i], out.num_accepted_tokens[i] = len(draft.token_ids), len(path)

@@ -9,6 +9,7 @@ else: the request's random generator, and how many prompt logprobs it has sent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,10 @@ class CachedRequestState:
     draft_seed: int = 0
     device: torch.device = torch.device("cpu")  # where its generators draw
     _draft_generator: torch.Generator | None = None
+    # Structured outputs with drafts: an xgrammar matcher, and the output tokens fed to it
+    # (worker/draft_grammar.py).
+    grammar: Any = None
+    grammar_fed: int = 0
 
     def draft_generator(self) -> torch.Generator:
         """What a proposer draws sampled drafts from (made on first use)."""

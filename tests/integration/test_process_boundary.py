@@ -16,8 +16,10 @@ from servelm.engine.engine import LLMEngine
 from servelm.executor.in_process import InProcessExecutor
 from servelm.worker.worker import Worker
 
-# Everything a step may carry: the message types, sampling settings, logprobs, and builtins.
-PLAIN_MODULES = {"servelm.step_io", "servelm.sampling_params", "servelm.outputs", "builtins"}
+# Everything a step may carry: the message types, sampling settings, logprobs, builtins, and
+# numpy arrays (structured outputs' token bitmasks).
+PLAIN_MODULES = {"servelm.step_io", "servelm.sampling_params", "servelm.outputs", "builtins",
+                 "numpy", "numpy._core.multiarray"}
 
 
 class PlainUnpickler(pickle.Unpickler):
@@ -63,6 +65,9 @@ def test_a_pickled_step_stream_replays_on_a_fresh_worker(tiny_model_dir, setting
         (shared + [30], SamplingParams(max_tokens=10, temperature=0.9, seed=3, n=2)),
         ([40, 41, 42] * 5, SamplingParams(max_tokens=12, temperature=0, prompt_logprobs=1)),
         ([50, 51], SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9)),  # unseeded
+        # a grammar: with speculation its compiled form (and xgrammar's vocabulary) cross too
+        ([60, 61, 60, 61], SamplingParams(max_tokens=12, temperature=0,
+                                          structured_outputs={"regex": "[ab]{3,12}"})),
     ]
     for i, (ids, params) in enumerate(work):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
@@ -74,7 +79,7 @@ def test_a_pickled_step_stream_replays_on_a_fresh_worker(tiny_model_dir, setting
             finished[out.request_id] = [c.token_ids for c in out.outputs]
     assert_no_leaks(engine)
     steps = engine.executor.steps
-    assert len(steps) > 5 and set(finished) == {"r0", "r1", "r2"}
+    assert len(steps) > 5 and set(finished) == {"r0", "r1", "r2", "r4"}
 
     replay = Worker(config)
     sampled: dict[str, list[int]] = {}
@@ -94,6 +99,7 @@ def test_a_pickled_step_stream_replays_on_a_fresh_worker(tiny_model_dir, setting
             assert tokens and sampled[f"{group}#{i}"][:len(tokens)] == tokens
     if setting == "ngram speculation":
         assert any(sum(plain_load(o).num_draft_tokens) for _, o in steps)
+        assert sum(plain_load(s).grammar_tokenizer_info is not None for s, _ in steps) == 1
     if setting == "h2o compression":
         assert any(sum(plain_load(o).num_evicted_tokens) for _, o in steps)
     if setting == "swap and chunks":

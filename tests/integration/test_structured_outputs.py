@@ -83,11 +83,46 @@ def test_bad_specs_are_refused_naming_the_field(llm, spec, message):
     assert llm.generate("x", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_constrained_requests_skip_drafts(tiny_model_dir, make_llm):
-    llm = make_llm(tiny_model_dir("llama"), speculative_config={"method": "ngram", "num_speculative_tokens": 3})
-    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": "(ab){1,20}"})
-    out = llm.generate("abababab", params, use_tqdm=False)[0]
-    assert re.fullmatch("(ab){1,20}", out.outputs[0].text) and out.spec_proposed_tokens == 0
+SPECULATION = {
+    "ngram": lambda dirs: {"method": "ngram", "num_speculative_tokens": 3},
+    "draft_tree": lambda dirs: {"method": "draft_model", "model": str(dirs("llama")), "tree": [3, 2, 1]},
+    "layer_skip_tree": lambda dirs: {"method": "layer_skip", "num_layers": 1, "tree": [2, 2]},
+}
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(max_num_batched_tokens=24, num_kv_blocks=16, block_size=4),  # chunked, preempted
+], ids=["batch", "recompute"])
+@pytest.mark.parametrize("method", SPECULATION)
+def test_drafts_are_checked_against_the_grammar(tiny_model_dir, make_llm, method, options):
+    """Constrained requests speculate: the worker masks every draft node's logits with the
+    grammar, so greedy output is exactly the unspeculated constrained output, sampled
+    output stays valid, and drafts the grammar allows are accepted."""
+    path = tiny_model_dir("llama")
+    spec = make_llm(path, speculative_config=SPECULATION[method](tiny_model_dir), **options)
+    plain = make_llm(path, **options)
+    prompts = ["abababab", "Answer:", "x y z", "ababab", "Once upon a time"]
+    constraints = [{"regex": "(ab){1,20}"}, {"json": SCHEMA}, {"regex": "[a-c ]{4,40}"},
+                   {"choice": ["abab", "ababab", "ba"]}, {"regex": "[^#]{1,400}"}]
+    greedy = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=c) for c in constraints]
+
+    def run(llm, params):
+        return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert [c.token_ids for c in run(spec, greedy)] == [c.token_ids for c in run(plain, greedy)]
+    sampled = [p.clone(temperature=1.0, seed=3) for p in greedy]
+    outs = run(spec, sampled)
+    assert re.fullmatch("(ab){1,20}", outs[0].text) or outs[0].finish_reason == "length"
+    if outs[1].finish_reason == "stop":
+        assert set(json.loads(outs[1].text)) == {"color", "count", "ok"}
+    assert re.fullmatch("[a-c ]{4,40}", outs[2].text) or outs[2].finish_reason == "length"
+    assert outs[3].text in ("abab", "ababab", "ba")
+    assert "#" not in outs[4].text  # (most of what the model says: its drafts are accepted)
+    m = spec.get_metrics()
+    assert m["spec_proposed_tokens"] > 0 and m["spec_accepted_tokens"] > 0
+    if options:
+        assert m["num_preemptions"] > 0
 
 
 def test_compiling_a_grammar_does_not_stall_running_streams(tiny_model_dir, monkeypatch):
