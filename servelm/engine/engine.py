@@ -135,6 +135,8 @@ class LLMEngine:
         if params.logit_bias and self.config.spec is not None:
             params = params.clone(num_speculative_tokens=0)  # drafts would be verified without it
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        serialized = (self.structured.serialize(grammar)  # one copy for the n samples
+                      if grammar is not None and self.may_draft(params) else None)
         seqs = []
         for i in range(params.n):
             child = params if i == 0 else params.clone(prompt_logprobs=None)
@@ -144,7 +146,7 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child)
             req.priority, req.sample_index = priority, i
             if grammar is not None:
-                self.structured.attach(req, grammar, self.may_draft(child))
+                self.structured.attach(req, grammar, serialized)
             if seqs and self.config.enable_prefix_caching:
                 req.wait_for = seqs[0]  # reuse the first sample's prompt blocks
             seqs.append(req)

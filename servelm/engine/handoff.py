@@ -171,7 +171,8 @@ def import_request(engine: Any, h: RequestHandoff, stream: bool = True) -> bool:
     req.detokenizer.resume(h.output_token_ids, h.text_sent)
     if h.params.structured_outputs is not None:  # the grammar's state: replay what was generated
         compiled = engine.structured.compile(h.params.structured_outputs)
-        engine.structured.attach(req, compiled, engine.may_draft(h.params))
+        engine.structured.attach(req, compiled, engine.structured.serialize(compiled)
+                                 if engine.may_draft(h.params) else None)
         for token in h.output_token_ids:
             if not req.grammar.accept_token(token):
                 raise ValueError(f"request {h.request_id!r}: its output does not follow its "

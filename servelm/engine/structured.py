@@ -77,11 +77,15 @@ class StructuredOutputs:
     def matcher(self, compiled: Any) -> Any:
         return self._xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
 
-    def attach(self, req: Request, compiled: Any, drafts: bool) -> None:
-        """Give a request its matcher; one that may draft also gets the compiled grammar
-        for the worker, which checks drafts against it (worker/draft_grammar.py)."""
+    def attach(self, req: Request, compiled: Any, serialized: str | None) -> None:
+        """Give a request its matcher, and when it may draft the compiled grammar
+        `serialize`d, which the worker checks its drafts against (worker/draft_grammar.py)."""
         req.grammar = self.matcher(compiled)
-        req.grammar_json = compiled.serialize_json() if drafts else None
+        req.grammar_json = serialized
+
+    @staticmethod
+    def serialize(compiled: Any) -> str:
+        return compiled.serialize_json()
 
     def tokenizer_info(self) -> str:
         """xgrammar's view of the vocabulary (JSON), which the worker's matchers need."""

@@ -92,9 +92,8 @@ def build_app(models: AsyncLLM | Sequence[ServedModel], served_model_name: str |
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's own errors (unreadable body, unknown path or method) in OpenAI's shape."""
-        kinds = {404: "not_found_error", 405: "invalid_request_error"}
-        return error(exc.status_code, str(exc.detail), err_type=kinds.get(exc.status_code, "invalid_request_error"),
-                     headers=getattr(exc, "headers", None))
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), err_type=kind, headers=exc.headers)
 
     @app.exception_handler(EngineStepError)
     async def _failed(_: Request, exc: EngineStepError) -> JSONResponse:

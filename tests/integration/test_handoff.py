@@ -155,3 +155,23 @@ def test_tensor_parallel_engines_move_each_ranks_share(tiny_model_dir, no_worker
     finally:
         for e in engines:
             e.shutdown()
+
+
+def test_a_constrained_request_moves_into_an_engine_that_speculates(tiny_model_dir):
+    """Its grammar's state is rebuilt on the receiver from the output so far, and the
+    receiver's worker checks its drafts against it: the same text as one engine alone."""
+    params = SamplingParams(max_tokens=14, temperature=0.0, structured_outputs={"regex": "[a-z ]{10,40}"})
+    ref_tokens, ref_text = alone(tiny_model_dir, params)
+    a = engine(tiny_model_dir)
+    b = engine(tiny_model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                   "prompt_lookup_min": 1})
+    a.add_request("r", PROMPT, params, stream=True)
+    texts: list[str] = []
+    while not texts or len(a.outputs.groups["r"].seqs[0].output_token_ids) < 4:
+        texts += [o.outputs[0].delta_text for o in a.step()]
+    assert b.import_request(a.export_request("r"))
+    out = drain(b, texts)
+    assert out.outputs[0].token_ids == ref_tokens and "".join(texts) == ref_text
+    assert b.get_metrics()["spec_proposed_tokens"] > 0
+    assert_no_leaks(a)
+    assert_no_leaks(b)
