@@ -166,7 +166,7 @@ class ModelRunner:
         for i, _, count in spec_spans:
             st, draft, rows_i = states[i], drafts[i], logits[offset : offset + count]
             if st.grammar is not None:  # only tokens the grammar allows, at every node
-                apply_token_bitmask(rows_i, self.draft_grammars.masks(st, draft).to(rows_i.device))
+                apply_token_bitmask(rows_i, self.draft_grammars.masks(st, draft))
             tokens, path = verify(rows_i, draft.token_ids, st.params, st.generator, draft.tree, draft.probs)
             out.sampled_token_ids[i] = tokens
             out.num_draft_tokens[i], out.num_accepted_tokens[i] = len(draft.token_ids), len(path)
