@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_predictor_parser(sub, add_engine_args)
     add_eval_parser(sub, add_engine_args)
     from servelm.simulate.cli import add_simulate_parser
+    from servelm.train.cli import add_train_parser
 
     add_simulate_parser(sub, add_engine_args)
+    add_train_parser(sub, add_engine_args)
     return parser
 
 

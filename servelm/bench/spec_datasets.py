@@ -21,6 +21,7 @@ import gzip
 import importlib.util
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,21 @@ def _texts(name: str, dataset_path: str | None,
             for text in rows if len(text.strip()) >= min_chars], found
 
 
+def prompt_ids(name: str, tokenizer: Any, max_prompt_len: int, dataset_path: str | None = None,
+               min_chars: int = GROUNDED_MIN_CHARS) -> tuple[list[list[int]], Path]:
+    """Every prompt of `name` as token ids, in file order, within `max_prompt_len` tokens,
+    and the file read (FileNotFoundError when its package or file is missing)."""
+    texts, path = _texts(name, dataset_path, min_chars)
+    ids = [encode_prompt(tokenizer, t) if chat else list(tokenizer.encode(t)) for t, chat in texts]
+    return [p for p in ids if 0 < len(p) <= max_prompt_len], path
+
+
+def held_out(ids: list[int]) -> bool:
+    """A quarter of every dataset's prompts (by a hash of their ids) that `servelm
+    train-draft` never trains on, so trained drafts are measured on prompts they have not seen."""
+    return zlib.crc32(repr(ids).encode()) % 4 == 0
+
+
 def build_dataset(name: str, tokenizer: Any, num_prompts: int, max_prompt_len: int,
                   seed: int = 0, dataset_path: str | None = None,
                   min_chars: int = GROUNDED_MIN_CHARS) -> SpecDataset:
@@ -93,13 +109,11 @@ def build_dataset(name: str, tokenizer: Any, num_prompts: int, max_prompt_len: i
     if name not in SPEC_DATASETS:
         raise ValueError(f"dataset must be one of {SPEC_DATASETS}, got {name!r}")
     try:
-        texts, path = _texts(name, dataset_path, min_chars)
+        ids, path = prompt_ids(name, tokenizer, max_prompt_len, dataset_path, min_chars)
     except FileNotFoundError as e:
         if name == "grounded" and dataset_path:
             raise
         return SpecDataset(name, [], skipped=f"{name} skipped: {e}")
-    ids = [encode_prompt(tokenizer, t) if chat else list(tokenizer.encode(t)) for t, chat in texts]
-    ids = [p for p in ids if 0 < len(p) <= max_prompt_len]
     if not ids:
         why = (f"no input of at least {min_chars} characters" if name == "grounded" else "no rows")
         return SpecDataset(name, [], str(path),

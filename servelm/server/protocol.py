@@ -27,7 +27,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)  # with --scheduling-policy priority: lower runs first (vLLM's field)
+    # with --scheduling-policy priority: lower runs first (vLLM's field)
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
     num_speculative_tokens: int | None = None  # with --speculative-config: 0 opts out
     stream: bool = False
     stream_options: dict[str, Any] | None = None

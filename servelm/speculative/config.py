@@ -12,7 +12,7 @@ from typing import Any
 
 from servelm.dict_option import parse_dict_option
 
-METHODS = ("ngram", "draft_model", "layer_skip")
+METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
          "disable_by_batch_size", "model", "num_layers", "tree"}
 MAX_TREE_NODES = 64
@@ -28,7 +28,7 @@ class SpecConfig:
     # No drafts while more requests than this are decoding: a big batch is compute-bound,
     # and verifying drafts that get rejected only adds work to it.
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
-    model: str | None = None  # draft_model: path of the draft (same tokenizer as the target)
+    model: str | None = None  # draft_model: the draft's path (the target's tokenizer); medusa: the heads'
     num_layers: int | None = None  # layer_skip: how many of the target's layers draft
     # draft_model, layer_skip: children per node at each depth (SpecInfer token tree), e.g.
     # [3, 2, 1] drafts 3 + 6 + 6 nodes; None: a chain of num_speculative_tokens.
@@ -50,7 +50,7 @@ class SpecConfig:
         if tree is not None:
             if method == "ngram":
                 raise ValueError("speculative_config.tree needs a draft that scores candidates: "
-                                 "method 'draft_model' or 'layer_skip'")
+                                 "method 'draft_model', 'layer_skip' or 'medusa'")
             if (not isinstance(tree, (list, tuple)) or not tree
                     or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in tree)):
                 raise ValueError("speculative_config.tree must be a non-empty list of integers >= 1 "
@@ -75,9 +75,10 @@ class SpecConfig:
             if nodes > MAX_TREE_NODES:
                 raise ValueError(f"speculative_config.tree {list(tree)} has {nodes} nodes; "
                                  f"at most {MAX_TREE_NODES} are allowed")
-        if method == "draft_model" and not isinstance(cfg.model, str):
-            raise ValueError("speculative_config.model (the draft model's path) is required "
-                             f"for method 'draft_model', got {cfg.model!r}")
+        if method in ("draft_model", "medusa") and not isinstance(cfg.model, str):
+            what = "the draft model's" if method == "draft_model" else "the Medusa heads'"
+            raise ValueError(f"speculative_config.model ({what} path) is required for method "
+                             f"{method!r}, got {cfg.model!r}")
         if method == "layer_skip":
             _check_positive("num_layers", cfg.num_layers)
         return cfg

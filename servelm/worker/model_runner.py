@@ -13,6 +13,8 @@ sampling; the ranks after it receive it in place of the embedding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from servelm.kv.compression import CompressionConfig
@@ -60,6 +62,11 @@ class ModelRunner:
         self._grammar: dict[str, int] = {}  # this step's structured requests -> bitmask row
         self._bitmask: torch.Tensor | None = None
         self.draft_grammars = DraftGrammars()  # drafts of structured requests checked here
+        # Called with (request id, final hidden state) of every token sampled: a Medusa
+        # proposer drafts from it; `train-draft` records it.
+        self.hidden_observers: list[Callable[[str, torch.Tensor], None]] = []
+        if hasattr(proposer, "observe"):
+            self.hidden_observers.append(proposer.observe)
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> ModelRunnerOutput:
@@ -162,8 +169,9 @@ class ModelRunner:
         out.accepted_paths = [[] for _ in range(n)]
         if samplers:
             self._sample(logits[: len(samplers)], [states[i] for i in samplers], samplers, out)
+        sampled_rows = list(zip(samplers, sample_rows))  # (request, row of its sampled token)
         offset = len(samplers)
-        for i, _, count in spec_spans:
+        for i, start, count in spec_spans:
             st, draft, rows_i = states[i], drafts[i], logits[offset : offset + count]
             if st.grammar is not None:  # only tokens the grammar allows, at every node
                 apply_token_bitmask(rows_i, self.draft_grammars.masks(st, draft))
@@ -171,6 +179,7 @@ class ModelRunner:
             out.sampled_token_ids[i] = tokens
             out.num_draft_tokens[i], out.num_accepted_tokens[i] = len(draft.token_ids), len(path)
             out.accepted_paths[i] = path
+            sampled_rows.append((i, start + (path[-1] if path else 0)))
             self.proposer.accepted(st.req_id, path)
             if draft.tree is not None:
                 self.cache.compact_tree(st.block_table, st.num_computed_tokens, path)
@@ -178,6 +187,9 @@ class ModelRunner:
                 out.logprobs[i] = [logprobs_for(rows_i[r : r + 1], [t], st.params.logprobs)[0]
                                    for r, t in zip([0, *path], tokens)]
             offset += count
+        for observe in self.hidden_observers:
+            for i, row in sampled_rows:
+                observe(states[i].req_id, hidden[row])
         for i, _, count, first in plp_spans:
             st = states[i]
             out.prompt_logprobs[i] = logprobs_for(logits[offset : offset + count],

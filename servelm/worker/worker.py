@@ -28,6 +28,7 @@ from servelm.ops.gpu.backend import TritonPagedAttention
 from servelm.ops.quant import METHODS
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.draft import ModelDrafter, load_draft
+from servelm.speculative.medusa import MedusaProposer, load_heads
 from servelm.speculative.ngram import NgramProposer
 from servelm.speculative.proposer import Proposer
 from servelm.step_io import ModelRunnerOutput, SchedulerOutput, WorkerInfo
@@ -146,6 +147,12 @@ class Worker:
         if spec.method == "ngram":
             return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         branching = spec.tree or (1,) * spec.num_speculative_tokens
+        if spec.method == "medusa":
+            if not target.parallel.is_last_stage or not target.parallel.is_first_stage:
+                raise ValueError("speculative_config method 'medusa' reads the last stage's hidden "
+                                 "states; it does not run with pipeline_parallel_size > 1")
+            heads = load_heads(spec.model, target.arch.hidden_size, dtype, self.device)
+            return MedusaProposer(heads, target.compute_logits, branching)
         bs = self.config.block_size
         if spec.method == "layer_skip":
             if spec.num_layers >= len(target.layers):

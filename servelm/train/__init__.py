@@ -1,0 +1,1 @@
+"""`servelm train-draft`: drafts trained on the target model's own outputs."""

@@ -1,0 +1,133 @@
+"""Medusa heads (speculative/medusa.py) and `servelm train-draft --method medusa`: drafts from
+heads on the target's hidden state stay lossless (greedy output identical to decoding
+without them, in one batch and under preemption; sampled tokens follow transformers'
+exact distribution), training lowers the held-out loss, and heads trained on a target's
+own greedy output get most of their drafts accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_spec_distribution import PROMPT, SAMPLES, TEMPERATURE, VOCAB, chi_square, reference
+
+from servelm import SamplingParams
+from servelm.cli import main
+from servelm.speculative.config import SpecConfig
+from servelm.speculative.medusa import MedusaHeads, save_heads
+
+
+def random_heads(folder, hidden: int, num_heads: int = 3, seed: int = 0):
+    """Heads with random weights: drafts that are sometimes right, sometimes wrong."""
+    torch.manual_seed(seed)
+    heads = MedusaHeads(hidden, num_heads)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=1.0 / hidden ** 0.5)
+    save_heads(heads, folder, {"target": "test"})
+    return str(folder)
+
+
+def prompts(n: int) -> list[dict]:
+    return [{"prompt_token_ids": [1 + (7 * i + j) % 50 for j in range(5 + i % 4)]} for i in range(n)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(max_num_batched_tokens=24, num_kv_blocks=16, block_size=4),  # chunked, preempted
+], ids=["batch", "recompute"])
+@pytest.mark.parametrize("shape", [{"num_speculative_tokens": 3}, {"tree": [3, 2, 1]}],
+                         ids=["chain", "tree"])
+def test_greedy_output_is_the_target_s(tiny_model_dir, make_llm, tmp_path, shape, options):
+    path = tiny_model_dir("llama")
+    heads = random_heads(tmp_path / "heads", 64)
+    spec = make_llm(path, speculative_config={"method": "medusa", "model": heads, **shape}, **options)
+    plain = make_llm(path, **options)
+    params = [SamplingParams(max_tokens=20 + 3 * i, temperature=0, ignore_eos=True, logprobs=2)
+              for i in range(6)]
+    got = spec.generate(prompts(6), params, use_tqdm=False)
+    want = plain.generate(prompts(6), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    m = spec.get_metrics()
+    assert m["spec_proposed_tokens"] > 0
+    if options:
+        assert m["num_preemptions"] > 0
+
+
+def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, make_llm, tmp_path):
+    target = tiny_model_dir("llama", vocab_size=VOCAB)
+    heads = random_heads(tmp_path / "heads", 64, num_heads=2, seed=3)
+    llm = make_llm(target, speculative_config={"method": "medusa", "model": heads, "tree": [2, 1],
+                                               "disable_by_batch_size": 10_000})
+    params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=s, ignore_eos=True)
+              for s in range(SAMPLES)]
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * SAMPLES, params, use_tqdm=False)
+    m = llm.get_metrics()
+    assert 0 < m["spec_accepted_tokens"] < m["spec_proposed_tokens"]  # both outcomes happen
+    joint12, third = torch.zeros(VOCAB, VOCAB), torch.zeros(VOCAB)
+    for o in outs:
+        t1, t2, t3 = o.outputs[0].token_ids
+        joint12[t1, t2] += 1
+        third[t3] += 1
+    ref12, ref3 = reference(target)
+    for counts, probs in ((joint12, ref12), (third, ref3)):
+        stat, dof = chi_square(counts, probs)
+        critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
+        assert stat < critical, (stat, dof, critical)
+
+
+def test_trained_heads_learn_the_target_and_get_accepted(tiny_model_dir, make_llm, tmp_path):
+    """A tiny target over 8 tokens is deterministic (greedy) but chaotic: heads trained on
+    its outputs for 40 prompts learn them (the training loss falls to a fraction), and on
+    those prompts most of their drafts are accepted, far more than the untrained heads'
+    (each the LM head's own next-token guess). Output stays the target's."""
+    path = tiny_model_dir("llama", vocab_size=VOCAB)
+    rows = [[1 + (i * 3 + j * (i % 5 + 1)) % 7 for j in range(3 + i % 4)] for i in range(40)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt_token_ids": r}) + "\n"
+                                                    for r in rows))
+    out = tmp_path / "medusa"
+    rc = main(["train-draft", "--method", "medusa", "--model", str(path), "--output", str(out),
+               "--prompts-file", str(tmp_path / "prompts.jsonl"), "--max-tokens", "48",
+               "--ignore-eos", "--num-heads", "2", "--epochs", "20", "--batch-size", "64",
+               "--lr", "3e-2", "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    first, last = summary["per_epoch"][0], summary["per_epoch"][-1]
+    assert last["train_loss"] < 0.3 * first["train_loss"]
+    assert summary["output_tokens"] == 40 * 48 and len(last["head_accuracy"]) == 2
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "medusa_config.json").read_text())["num_heads"] == 2
+    save_heads(MedusaHeads(64, 2), tmp_path / "untrained", {"target": "test"})
+
+    prompts_ = [{"prompt_token_ids": r} for r in rows]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    want = make_llm(path).generate(prompts_, params, use_tqdm=False)
+    rates = {}
+    for name in ("medusa", "untrained"):
+        llm = make_llm(path, speculative_config={"method": "medusa", "num_speculative_tokens": 2,
+                                                 "model": str(tmp_path / name),
+                                                 "disable_by_batch_size": 64})
+        got = llm.generate(prompts_, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        m = llm.get_metrics()
+        rates[name] = m["spec_accepted_tokens"] / m["spec_proposed_tokens"]
+    assert rates["medusa"] > 0.8 and rates["medusa"] > rates["untrained"] + 0.1, rates
+
+
+def test_bad_medusa_configs_name_the_problem(tiny_model_dir, tmp_path):
+    from servelm import LLM
+
+    with pytest.raises(ValueError, match="speculative_config.model .*Medusa heads"):
+        SpecConfig.parse({"method": "medusa", "num_speculative_tokens": 2})
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="no medusa_config.json"):
+        LLM(str(path), speculative_config={"method": "medusa", "model": str(tmp_path),
+                                           "num_speculative_tokens": 2})
+    wrong = random_heads(tmp_path / "wrong", 32)
+    with pytest.raises(ValueError, match="hidden size 32, the target's is 64"):
+        LLM(str(path), speculative_config={"method": "medusa", "model": wrong,
+                                           "num_speculative_tokens": 2})
+    two = random_heads(tmp_path / "two", 64, num_heads=2)
+    with pytest.raises(ValueError, match="3 draft levels; the Medusa model has 2 heads"):
+        LLM(str(path), speculative_config={"method": "medusa", "model": two,
+                                           "num_speculative_tokens": 3})
