@@ -96,7 +96,8 @@ def prompt_ids(name: str, tokenizer: Any, max_prompt_len: int, dataset_path: str
 
 def held_out(ids: list[int]) -> bool:
     """A quarter of every dataset's prompts (by a hash of their ids) that `servelm
-    train-draft` never trains on, so trained drafts are measured on prompts they have not seen."""
+    train-draft` never trains on, so trained drafts can be measured on prompts they have
+    not seen."""
     return zlib.crc32(repr(ids).encode()) % 4 == 0
 
 

