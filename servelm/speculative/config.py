@@ -28,9 +28,10 @@ class SpecConfig:
     # No drafts while more requests than this are decoding: a big batch is compute-bound,
     # and verifying drafts that get rejected only adds work to it.
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
-    model: str | None = None  # draft_model: the draft's path (the target's tokenizer); medusa: the heads'
+    # draft_model: the draft's path (the target's tokenizer); medusa: the heads' folder
+    model: str | None = None
     num_layers: int | None = None  # layer_skip: how many of the target's layers draft
-    # draft_model, layer_skip: children per node at each depth (SpecInfer token tree), e.g.
+    # draft_model, layer_skip, medusa: children per node at each depth (SpecInfer token tree), e.g.
     # [3, 2, 1] drafts 3 + 6 + 6 nodes; None: a chain of num_speculative_tokens.
     tree: tuple[int, ...] | None = None
 
