@@ -202,8 +202,12 @@ def _add_spec(bsub: Any, add_engine_args: AddEngineArgs) -> None:
     g.add_argument("--draft-num-layers", type=int, default=None,
                    help="draft_model without --draft-model: a draft of the target's first L "
                         "layers, saved once under the servelm cache")
+    g.add_argument("--medusa-model", default=None, metavar="DIR",
+                   help="medusa: heads trained by `servelm train-draft --method medusa`")
     g.add_argument("--spec-tree", type=positive_ints, default=None,
-                   help="layer_skip, draft_model: token tree, children per depth (e.g. 3,2,1)")
+                   help="layer_skip, draft_model, medusa: token tree, children per depth (e.g. 3,2,1)")
+    g.add_argument("--held-out", action="store_true",
+                   help="only the prompts train-draft never trains on (a quarter of each dataset)")
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=names(SYSTEMS), default=list(SYSTEMS),
                    help="comma-separated, from " + ",".join(SYSTEMS))

@@ -94,7 +94,9 @@ class SpecBenchConfig:
     spec_num_layers: int | None = None  # layer_skip: target layers that draft
     draft_model: str | None = None  # draft_model: the draft's path ...
     draft_num_layers: int | None = None  # ... or the target's first layers, saved as one
-    spec_tree: list[int] | None = None  # layer_skip, draft_model: children per depth
+    medusa_model: str | None = None  # medusa: heads from `servelm train-draft`
+    spec_tree: list[int] | None = None  # layer_skip, draft_model, medusa: children per depth
+    held_out: bool = False  # only the prompts `train-draft` leaves out (spec_datasets.held_out)
     dataset_path: str | None = None  # self-instruct JSONL for `grounded`
     seed: int = 0
     result_file: str | None = None
@@ -118,12 +120,13 @@ class SpecBenchConfig:
         p = self.proposers
         for name, flag, proposer in (("spec_num_layers", "--spec-num-layers", "layer_skip"),
                                      ("draft_num_layers", "--draft-num-layers", "draft_model"),
-                                     ("draft_model", "--draft-model", "draft_model")):
+                                     ("draft_model", "--draft-model", "draft_model"),
+                                     ("medusa_model", "--medusa-model", "medusa")):
             value = getattr(self, name)
             if value is not None and proposer not in p:
                 raise ValueError(f"{name} ({flag}) applies to proposer {proposer}, which "
                                  f"proposers {p} does not list")
-            if value is not None and name != "draft_model":
+            if value is not None and name.endswith("num_layers"):
                 check_int(name, value)
         if "layer_skip" in p and self.spec_num_layers is None:
             raise ValueError("spec_num_layers (--spec-num-layers) is required with proposer "
@@ -132,12 +135,16 @@ class SpecBenchConfig:
             raise ValueError("proposer draft_model needs exactly one of draft_model "
                              "(--draft-model PATH) and draft_num_layers (--draft-num-layers L, "
                              "a draft cut from the target)")
-        if self.draft_model is not None and not isinstance(self.draft_model, str):
-            raise ValueError(f"draft_model must be a path, got {self.draft_model!r}")
+        if "medusa" in p and self.medusa_model is None:
+            raise ValueError("medusa_model (--medusa-model DIR, from servelm train-draft) is "
+                             "required with proposer medusa")
+        for name in ("draft_model", "medusa_model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a path, got {getattr(self, name)!r}")
         if self.spec_tree is not None:
-            if not {"layer_skip", "draft_model"} & set(p):
-                raise ValueError("spec_tree (--spec-tree) applies to proposers layer_skip and "
-                                 f"draft_model, which proposers {p} does not list")
+            if not {"layer_skip", "draft_model", "medusa"} & set(p):
+                raise ValueError("spec_tree (--spec-tree) applies to proposers layer_skip, "
+                                 f"draft_model and medusa, which proposers {p} does not list")
             if (not isinstance(self.spec_tree, (list, tuple)) or not self.spec_tree
                     or not all(type(b) is int and b >= 1 for b in self.spec_tree)):
                 raise ValueError("spec_tree must be a non-empty list of integers >= 1 (children "
@@ -163,6 +170,8 @@ class SpecBenchConfig:
             sc: dict[str, Any] = {"method": p}
             if p == "layer_skip":
                 sc["num_layers"] = self.spec_num_layers
+            elif p == "medusa":
+                sc["model"] = self.medusa_model
             else:
                 sc["model"] = draft_path or self.draft_model or (
                     f"<first {self.draft_num_layers} layers of the target>")
@@ -206,8 +215,10 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
         raise ValueError("bench spec sets speculative_config itself; leave it out of engine")
     say = progress(cfg.quiet)
     draft = cfg.draft_model
-    if draft is not None and not Path(draft).expanduser().exists():
-        raise FileNotFoundError(f"draft_model (--draft-model) {draft!r} does not exist")
+    for path, flag in ((draft, "draft_model (--draft-model)"),
+                       (cfg.medusa_model, "medusa_model (--medusa-model)")):
+        if path is not None and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if "draft_model" in cfg.proposers and draft is None:
         from servelm.bench.spec_drafts import write_pruned_draft
 
@@ -225,7 +236,7 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
         raise ValueError(f"max_tokens {cfg.max_tokens} leaves no room for a prompt in "
                          f"servelm's max_model_len {max_len}")
     datasets = [build_dataset(n, tok, cfg.num_prompts, max_len - cfg.max_tokens, cfg.seed,
-                              cfg.dataset_path) for n in cfg.datasets]
+                              cfg.dataset_path, held_out_only=cfg.held_out) for n in cfg.datasets]
     for d in datasets:
         if d.skipped:
             say(d.skipped)
@@ -258,7 +269,7 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
     del plain
     gc.collect()
     if "transformers" in cfg.systems:
-        _run_transformers(model, dtype, cfg.max_tokens, specs, record, say)
+        _run_transformers(model, dtype, cfg.max_tokens, specs, record, say, result["systems"])
     if "llama.cpp" in cfg.systems:
         longest = max(len(p) for d in live for p in d.prompts) + cfg.max_tokens
         _run_llamacpp(model, engine, cfg, specs, longest, record, say, result["systems"])
@@ -268,8 +279,9 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
 
 def _run_transformers(model: str | None, dtype: str, max_tokens: int,
                       specs: dict[str, dict[str, Any]], record: Callable[..., None],
-                      say: Callable[..., None]) -> None:
-    """One plain transformers runner against a speculative one per proposer."""
+                      say: Callable[..., None], systems: dict[str, Any]) -> None:
+    """One plain transformers runner against a speculative one per proposer (a recorded
+    skip for medusa: transformers has no Medusa heads)."""
     from servelm.bench.hf_peer import load_hf_model
     from servelm.bench.spec_runners import HF_NO_TREE, HFRunner, hf_spec_settings
 
@@ -277,6 +289,10 @@ def _run_transformers(model: str | None, dtype: str, max_tokens: int,
     hf = load_hf_model(model, dtype)
     base = HFRunner(hf, max_tokens)
     for proposer, sc in specs.items():
+        if proposer == "medusa":
+            systems[system_name("transformers", proposer)] = {
+                "skipped": "transformers generate has no Medusa heads"}
+            continue
         settings = hf_spec_settings(sc)
         info: dict[str, Any] = {"attn_implementation": hf.config._attn_implementation, **settings}
         assistant = None

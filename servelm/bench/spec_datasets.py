@@ -103,10 +103,11 @@ def held_out(ids: list[int]) -> bool:
 
 def build_dataset(name: str, tokenizer: Any, num_prompts: int, max_prompt_len: int,
                   seed: int = 0, dataset_path: str | None = None,
-                  min_chars: int = GROUNDED_MIN_CHARS) -> SpecDataset:
+                  min_chars: int = GROUNDED_MIN_CHARS, held_out_only: bool = False) -> SpecDataset:
     """`num_prompts` prompts of `name` (seeded order; rows repeat only when too few qualify),
-    dropping prompts longer than `max_prompt_len` tokens. An explicit --dataset-path that is
-    missing or malformed is an error; a missing default package or file is a skip."""
+    dropping prompts longer than `max_prompt_len` tokens (and, `held_out_only`, those
+    `train-draft` trains on). An explicit --dataset-path that is missing or malformed is an
+    error; a missing default package or file is a skip."""
     if name not in SPEC_DATASETS:
         raise ValueError(f"dataset must be one of {SPEC_DATASETS}, got {name!r}")
     try:
@@ -115,6 +116,8 @@ def build_dataset(name: str, tokenizer: Any, num_prompts: int, max_prompt_len: i
         if name == "grounded" and dataset_path:
             raise
         return SpecDataset(name, [], skipped=f"{name} skipped: {e}")
+    if held_out_only:
+        ids = [p for p in ids if held_out(p)]
     if not ids:
         why = (f"no input of at least {min_chars} characters" if name == "grounded" else "no rows")
         return SpecDataset(name, [], str(path),

@@ -13,7 +13,7 @@ from typing import Any
 from servelm.bench.harness import SYSTEMS, Table, describe, print_report, ratio
 from servelm.bench.spec_runners import Trace
 
-PROPOSERS = ("ngram", "layer_skip", "draft_model")
+PROPOSERS = ("ngram", "layer_skip", "draft_model", "medusa")
 
 
 def system_name(system: str, proposer: str) -> str:
@@ -88,7 +88,8 @@ def describe_proposer(proposer: str, sc: dict[str, Any]) -> str:
     k = sc["num_speculative_tokens"]
     if proposer == "ngram":
         return f"ngram k={k}, n-grams {sc['prompt_lookup_min']}-{sc['prompt_lookup_max']}"
-    what = f"L={sc['num_layers']}" if proposer == "layer_skip" else f"draft {sc['model']}"
+    what = {"layer_skip": f"L={sc.get('num_layers')}", "medusa": f"heads {sc.get('model')}"}.get(
+        proposer, f"draft {sc.get('model')}")
     tree = f", tree {sc['tree']}" if sc.get("tree") else ""
     return f"{proposer} {what}, k={k}{tree}"
 

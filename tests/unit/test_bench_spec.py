@@ -1,5 +1,5 @@
 """`servelm bench spec` on tiny random models: datasets, figures, lossless servelm, the peers,
-every proposer (ngram, layer_skip, draft_model) and the pruned drafts."""
+every proposer (ngram, layer_skip, draft_model, medusa) and the pruned drafts."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from servelm.bench.spec_drafts import write_pruned_draft
 from servelm.bench.spec_report import split_system, system_name, vs_servelm
 from servelm.bench.spec_runners import HF_NO_TREE, Trace, hf_spec_settings, until_stop
 from servelm.cli import main
+from servelm.model.loader import load_tokenizer
 
 # Inputs that repeat themselves, so prompt lookup finds n-grams to copy even on random weights.
 TEXT = "the cat sat on the mat and the dog sat on the log, " * 6
@@ -187,7 +188,12 @@ def test_proposer_config_validation():
     assert sc["layer_skip"] == {"method": "layer_skip", "num_layers": 1,
                                 "num_speculative_tokens": 2, "tree": [2, 1]}
     assert sc["draft_model"]["model"] == "/d" and sc["draft_model"]["tree"] == [2, 1]
-    bad = [({"proposers": ["medusa"]}, "proposers"),
+    medusa = SpecBenchConfig(proposers=["medusa"], medusa_model="/m", spec_tree=[3, 1])
+    assert medusa.speculative_configs()["medusa"] == {"method": "medusa", "model": "/m",
+                                                      "num_speculative_tokens": 2, "tree": [3, 1]}
+    bad = [({"proposers": ["eagle"]}, "proposers"),
+           ({"proposers": ["medusa"]}, "--medusa-model"),
+           ({"medusa_model": "/m"}, "medusa_model"),  # medusa not listed
            ({"proposers": ["ngram", "ngram"]}, "proposers"),
            ({"proposers": ["layer_skip"]}, "--spec-num-layers"),
            ({"proposers": ["layer_skip"], "spec_num_layers": 0}, "spec_num_layers"),
@@ -304,7 +310,7 @@ def test_spec_cli_proposer_errors(tmp_path, tiny_model_dir, capsys):
     rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip", "--quiet"])
     assert rc == 2 and "--spec-num-layers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "spec", "--model", model, "--proposers", "ngram,medusa"])
+        main(["bench", "spec", "--model", model, "--proposers", "ngram,eagle"])
     out = tmp_path / "x.json"
     rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip",
                "--spec-num-layers", "3", "--num-kv-blocks", "16", "--num-threads", "1",
@@ -314,3 +320,32 @@ def test_spec_cli_proposer_errors(tmp_path, tiny_model_dir, capsys):
     rc = main(["bench", "spec", "--model", model, "--proposers", "draft_model", "--draft-model",
                str(tmp_path / "none"), "--quiet", "--result-file", str(out)])
     assert rc == 2 and "--draft-model" in capsys.readouterr().err
+
+
+def test_spec_cli_medusa_on_held_out_prompts(tmp_path, tiny_model_dir):
+    """Medusa heads (random here) are measured like the other proposers; transformers has no
+    such drafting and is recorded as skipped; --held-out keeps only the prompts
+    train-draft leaves out."""
+    import torch
+
+    from servelm.bench.spec_datasets import held_out
+    from servelm.speculative.medusa import MedusaHeads, save_heads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(64, 2)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.125)
+    save_heads(heads, tmp_path / "heads", {"target": "test"})
+    res = _run(tmp_path, tiny_model_dir("llama"), "--proposers", "medusa", "--medusa-model",
+               str(tmp_path / "heads"), "--spec-tree", "2,1", "--systems", "servelm,transformers",
+               "--quiet")
+    row = res["results"]["grounded"]["servelm-medusa"]
+    assert row["identical_fraction"] == 1.0 and row["speculative"]["spec_proposed_tokens"] > 0
+    _check_rates(row)
+    assert "no Medusa" in res["systems"]["transformers-medusa"]["skipped"]
+    tok = load_tokenizer(str(tiny_model_dir("llama")))
+    rows = [{"instruction": "Fix it.", "input": TEXT + str(i)} for i in range(12)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = build_dataset("grounded", tok, 3, 1000, dataset_path=str(path), held_out_only=True)
+    assert kept.prompts and all(held_out(p) for p in kept.prompts)
