@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,14 +110,24 @@ def test_metrics_page_draws_live_charts(server, page):
     for chart in ("requests", "kv", "throughput", "latency"):
         page.wait_for_function(
             f"Number(document.getElementById('chart-{chart}').dataset.samples) >= 2")
-    # Load while the page watches: the charts must see requests running and tokens flowing.
+    # Load while the page watches, until the charts have seen requests running and tokens
+    # flowing (a tiny model's burst can fall between two polls, so the load goes on).
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            _complete(server.url, 200)
+
     with ThreadPoolExecutor(4) as pool:
-        done = [pool.submit(_complete, server.url, 300) for _ in range(4)]
-        page.wait_for_function(_shows("running", "requests"), timeout=60_000)
-        page.wait_for_function(_shows("generated", "throughput"), timeout=60_000)
-        page.wait_for_function(_shows("blocks used", "kv"), timeout=60_000)
-        for f in done:
-            f.result()
+        workers = [pool.submit(load) for _ in range(4)]
+        try:
+            page.wait_for_function(_shows("running", "requests"), timeout=60_000)
+            page.wait_for_function(_shows("generated", "throughput"), timeout=60_000)
+            page.wait_for_function(_shows("blocks used", "kv"), timeout=60_000)
+        finally:
+            stop.set()
+        for w in workers:
+            w.result()
     page.wait_for_function(_shows("end to end", "latency"), timeout=30_000)
     assert page.locator("#status").inner_text().startswith("updated")
     page.screenshot(path=str(ARTIFACTS / "playground-metrics.png"), full_page=True)
