@@ -143,8 +143,8 @@ class ModelRunner:
         of drafts after one real token goes as 1 + k single-token decodes of its request
         (same block table, each attending to the ones before it: every row's K/V is written
         before any row attends), so verification takes the decode path, on a CPU the fused
-        C decoder: a batch-1 verify step of 4 rows ran at 1.7x the rate of the prefill path
-        it took before (ngram on MT-Bench, default Q4_1 model)."""
+        C decoder: batch-1 ngram drafting (k=3) on MT-Bench with the default Q4_1 model went
+        from 59 to 92 tok/s this way (plain decoding: 108)."""
         if self.compression is not None:  # its scores are kept per chunk
             return chunks, list(range(len(chunks)))
         pieces: list[SeqChunk] = []
