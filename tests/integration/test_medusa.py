@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_spec_distribution import PROMPT, SAMPLES, TEMPERATURE, VOCAB, chi_square, reference
+from test_spec_distribution import PROMPT, SAMPLES, TEMPERATURE, VOCAB, assert_follows_target
 
 from servelm import SamplingParams
 from servelm.cli import main
@@ -64,16 +64,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, make_llm,
     outs = llm.generate([{"prompt_token_ids": PROMPT}] * SAMPLES, params, use_tqdm=False)
     m = llm.get_metrics()
     assert 0 < m["spec_accepted_tokens"] < m["spec_proposed_tokens"]  # both outcomes happen
-    joint12, third = torch.zeros(VOCAB, VOCAB), torch.zeros(VOCAB)
-    for o in outs:
-        t1, t2, t3 = o.outputs[0].token_ids
-        joint12[t1, t2] += 1
-        third[t3] += 1
-    ref12, ref3 = reference(target)
-    for counts, probs in ((joint12, ref12), (third, ref3)):
-        stat, dof = chi_square(counts, probs)
-        critical = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3
-        assert stat < critical, (stat, dof, critical)
+    assert_follows_target(outs, target)
 
 
 def test_trained_heads_learn_the_target_and_get_accepted(tiny_model_dir, make_llm, tmp_path):

@@ -65,6 +65,12 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, make_llm,
     # One level of drafts fits max_tokens; it is accepted about half the time, so both
     # verification outcomes are exercised.
     assert 0.3 < m["spec_mean_accepted_length"] < 0.8
+    assert_follows_target(outs, target)
+
+
+def assert_follows_target(outs, target) -> None:
+    """The first token pairs and third tokens of `outs` pass a chi-square test (p = 0.001)
+    against the target's exact distribution."""
     joint12 = torch.zeros(VOCAB, VOCAB)
     third = torch.zeros(VOCAB)
     for o in outs:
