@@ -23,7 +23,7 @@ from servelm.model.loader import LoadedModel, load_model, load_tokenizer
 from servelm.ops.attention import attention_context
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.proposer import Draft, DraftRequest
-from servelm.speculative.tree import DraftTree
+from servelm.speculative.tree import DraftTree, static_tree_for
 from servelm.speculative.verify import distribution
 
 
@@ -65,21 +65,8 @@ class ModelDrafter:
         self.branching = branching
         self.shares_target_cache = shares_target_cache
         self.split_decodes, self.paged_prefills, self.device = split_decodes, paged_prefills, device
-        self._trees: dict[int, DraftTree] = {}
         self._seen: dict[str, int] = {}  # tokens whose K/V the draft's own cache holds
         self._fed_levels: dict[str, int] = {}  # tree levels the last step wrote K/V for
-
-    def tree(self, depth: int) -> DraftTree:
-        if depth not in self._trees:
-            self._trees[depth] = DraftTree.static(self.branching, depth)
-        return self._trees[depth]
-
-    def depth_for(self, max_drafts: int) -> int:
-        """The shallowest tree with at least `max_drafts` nodes (cut to that many after)."""
-        depth = 1
-        while depth < len(self.branching) and self.tree(depth).size < max_drafts:
-            depth += 1
-        return depth
 
     def reset(self, req_id: str) -> None:
         self._seen.pop(req_id, None)
@@ -100,7 +87,7 @@ class ModelDrafter:
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         """A tree of up to `max_drafts` nodes for each request; its block table covers the
         slots of every node."""
-        trees = [self.tree(self.depth_for(r.max_drafts)) for r in requests]
+        trees = [static_tree_for(self.branching, r.max_drafts) for r in requests]
         chunks = []
         for req, tree in zip(requests, trees):
             root = len(req.token_ids) - 1

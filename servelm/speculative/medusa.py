@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from servelm.speculative.proposer import Draft, DraftRequest
-from servelm.speculative.tree import DraftTree
+from servelm.speculative.tree import DraftTree, static_tree_for
 from servelm.speculative.verify import distribution
 
 CONFIG_FILE, WEIGHTS_FILE = "medusa_config.json", "heads.safetensors"
@@ -95,7 +95,6 @@ class MedusaProposer:
                              f"Medusa model has {heads.num_heads} heads")
         self.heads, self.compute_logits, self.branching = heads, compute_logits, branching
         self._hidden: dict[str, torch.Tensor] = {}  # request -> its last sampled token's state
-        self._trees: dict[int, DraftTree] = {}
 
     def observe(self, req_id: str, hidden: torch.Tensor) -> None:
         self._hidden[req_id] = hidden.detach().clone()
@@ -105,14 +104,6 @@ class MedusaProposer:
 
     def accepted(self, req_id: str, path: list[int]) -> None:
         """Nothing to do: the next step's state comes with its sampled token (`observe`)."""
-
-    def _tree(self, max_drafts: int) -> DraftTree:
-        depth = 1
-        while depth < len(self.branching) and DraftTree.static(self.branching, depth).size < max_drafts:
-            depth += 1
-        if depth not in self._trees:
-            self._trees[depth] = DraftTree.static(self.branching, depth)
-        return self._trees[depth]
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -127,7 +118,7 @@ class MedusaProposer:
         logits = logits.view(depth, len(ready), -1)
         for j, i in enumerate(ready):
             req = requests[i]
-            tree = self._tree(req.max_drafts)
+            tree = static_tree_for(self.branching, req.max_drafts)
             tokens, probs = self._grow(req, tree, logits[:, j])
             n = req.max_drafts
             drafts[i] = Draft(tokens[:n], tree.truncated(n), torch.stack(probs[:n]) if probs else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -91,3 +91,14 @@ class DraftTree:
         mask = torch.ones(len(nodes), root + 1 + last, dtype=torch.bool)
         mask[:, root + 1:] = self._ancestors[nodes.start:last + 1, 1:last + 1]
         return mask
+
+
+@lru_cache(maxsize=256)
+def static_tree_for(branching: tuple[int, ...], max_drafts: int) -> DraftTree:
+    """The shallowest static tree of `branching` with at least `max_drafts` nodes (the whole
+    tree when none has): what a proposer drafts, then cuts to `max_drafts` nodes."""
+    depth = 1
+    while depth < len(branching) and DraftTree.static(branching, depth).size < max_drafts:
+        depth += 1
+    return DraftTree.static(branching, depth)
+

@@ -13,7 +13,7 @@ sampling; the ranks after it receive it in place of the embedding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -159,7 +159,7 @@ class ModelRunner:
                 owner.append(i)
         return pieces, owner
 
-    def _sample_and_verify(self, hidden: torch.Tensor, rows_of: list[list[int]],
+    def _sample_and_verify(self, hidden: torch.Tensor, rows_of: list[Sequence[int]],
                            states: list[CachedRequestState], num_real: list[int],
                            drafts: list[Draft | None], out: ModelRunnerOutput) -> None:
         """Logits only for the rows that need them: the last token of every request that
@@ -169,8 +169,8 @@ class ModelRunner:
         n = len(states)
         sample_rows: list[int] = []
         samplers: list[int] = []
-        spec_spans: list[tuple[int, list[int]]] = []  # (request index, rows: root's, drafts')
-        plp_spans: list[tuple[int, list[int], int]] = []  # (.., rows, first position)
+        spec_spans: list[tuple[int, Sequence[int]]] = []  # (request index, rows: root's, drafts')
+        plp_spans: list[tuple[int, Sequence[int], int]] = []  # (.., rows, first position)
         for i, st in enumerate(states):
             mine, real = rows_of[i], num_real[i]
             if st.num_computed_tokens + real == st.num_tokens:
@@ -275,11 +275,14 @@ class ModelRunner:
         return kv_len - comp.budget
 
 
-def _rows_per_request(batch: StepBatch, pieces: list[SeqChunk], owner: list[int], n: int) -> list[list[int]]:
-    """Each request's rows of the step's hidden states, in token order (a request split into
-    decodes has its pieces in order: decodes are sorted by start)."""
-    rows: list[list[int]] = [[] for _ in range(n)]
+def _rows_per_request(batch: StepBatch, pieces: list[SeqChunk], owner: list[int],
+                      n: int) -> list[Sequence[int]]:
+    """Each request's rows of the step's hidden states, in token order: a range for a request
+    in one piece, a list for one split into decodes (decodes are sorted by start, so its
+    pieces come in order)."""
+    rows: list[Sequence[int]] = [[] for _ in range(n)]
     for b, c in enumerate(batch.order):
-        start = batch.row_start[b]
-        rows[owner[c]].extend(range(start, start + len(pieces[c].token_ids)))
+        start, i = batch.row_start[b], owner[c]
+        mine = range(start, start + len(pieces[c].token_ids))
+        rows[i] = mine if not rows[i] else [*rows[i], *mine]
     return rows
