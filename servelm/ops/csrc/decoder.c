@@ -18,7 +18,6 @@
  */
 #include "bgemm.c"
 #include "qgemm.c"
-#include <omp.h>
 
 typedef struct {
     const void *q;
@@ -89,6 +88,7 @@ static inline __m256 sum_lanes8_ps(const __m256 v[8]) {
 #endif
 
 #define ATT_CHUNK 32
+#define ATT_SLICE (4 * ATT_CHUNK) /* tokens per thread task of decode attention */
 #define MAX_GROUP 64 /* query heads per KV head */
 #define MAX_HEAD_DIM 512
 
@@ -113,8 +113,11 @@ static inline __attribute__((always_inline)) const float *kv_row(const void *row
 }
 
 /* Row r's query heads against its ctx[r] cached tokens, split over (row, kv head, slice of
- * the context) so that even one row keeps every thread busy. Each slice keeps its own
- * running max, sum and weighted V (online softmax), merged at the end (flash-decoding). */
+ * ATT_SLICE tokens) so that even one row keeps every thread busy. Each slice keeps its own
+ * running max, sum and weighted V (online softmax), merged at the end (flash-decoding).
+ * The slices depend on the row's own length only, never on how many rows share the step,
+ * so a row's result is the same alone or beside others (speculative chains verified as
+ * decodes then match plain decoding bit for bit). */
 static inline __attribute__((always_inline)) int decode_attention(
     const float *q, const void *kc, const void *vc, float *out, const int64_t *tables, int64_t max_blocks,
     const int64_t *ctx, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t bs, float scale, const int kv16) {
@@ -122,9 +125,7 @@ static inline __attribute__((always_inline)) int decode_attention(
     const int64_t G = H / KV;
     int64_t longest = 1;
     for (int64_t r = 0; r < T; r++) longest = ctx[r] > longest ? ctx[r] : longest;
-    const int64_t want = (2 * (int64_t)omp_get_max_threads() + T * KV - 1) / (T * KV);
-    const int64_t most = (longest + ATT_CHUNK - 1) / ATT_CHUNK;
-    const int64_t splits = want < 1 ? 1 : want > most ? most : want;
+    const int64_t splits = (longest + ATT_SLICE - 1) / ATT_SLICE;
     float *pm = malloc(sizeof(float) * (size_t)(T * H * splits)), *pl = malloc(sizeof(float) * (size_t)(T * H * splits));
     float *pacc = malloc(sizeof(float) * (size_t)(T * H * splits * D));
     if (!pm || !pl || !pacc || G > MAX_GROUP || D > MAX_HEAD_DIM) {
@@ -135,8 +136,8 @@ static inline __attribute__((always_inline)) int decode_attention(
     for (int64_t r = 0; r < T; r++)
         for (int64_t kvh = 0; kvh < KV; kvh++)
             for (int64_t sp = 0; sp < splits; sp++) {
-                const int64_t n = ctx[r], per = (n + splits - 1) / splits;
-                const int64_t t0 = sp * per, t1 = t0 + per < n ? t0 + per : n;
+                const int64_t n = ctx[r], t0 = sp * ATT_SLICE < n ? sp * ATT_SLICE : n;
+                const int64_t t1 = t0 + ATT_SLICE < n ? t0 + ATT_SLICE : n; /* empty past the row's end */
                 const int64_t *table = tables + r * max_blocks;
                 float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][ATT_CHUNK];
                 float row_buf[MAX_HEAD_DIM];
