@@ -5,8 +5,8 @@ token x_{i+1}, and predicts x_{i+1+k}: k residual blocks h + SiLU(W h + b) of it
 then the target's LM head. A head costs one hidden x hidden matmul per block, a small part
 of one layer, and sees nothing but h_i: it cannot follow the path drafted before it.
 
-The proposer keeps each request's last hidden state, which the model runner hands it with
-every sampled token (`observe`), and drafts the static tree of `branching` under the root
+The proposer keeps each request's last hidden state, which the model runner hands it every
+step (`observe`), and drafts the static tree of `branching` under the root
 (the token h_i produced): every node of depth d gets the best b_d tokens of head d as its
 children (greedy), or b_d draws from head d's distribution q (sampled), which verification
 corrects for (speculative/verify.py), so the output stays the target's.
@@ -96,8 +96,10 @@ class MedusaProposer:
         self.heads, self.compute_logits, self.branching = heads, compute_logits, branching
         self._hidden: dict[str, torch.Tensor] = {}  # request -> its last sampled token's state
 
-    def observe(self, req_id: str, hidden: torch.Tensor) -> None:
-        self._hidden[req_id] = hidden.detach().clone()
+    def observe(self, req_id: str, first: int, hidden: torch.Tensor) -> None:
+        """Rows of a step's real tokens; the last one's is what the heads read next (when
+        the step ends a prompt chunk without sampling, a later step's replaces it)."""
+        self._hidden[req_id] = hidden[-1].detach().clone()
 
     def reset(self, req_id: str) -> None:
         self._hidden.pop(req_id, None)

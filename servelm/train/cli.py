@@ -91,7 +91,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     engine = engine_kwargs(args)
     if engine.get("speculative_config"):
         raise ValueError("--speculative-config: train-draft collects the target's plain outputs")
-    llm = LLM(args.model, **engine)
+    llm = LLM(args.model, **{**engine, "enable_prefix_caching": False})  # every position's state
     try:
         prompts = _prompts(args, llm.get_tokenizer())
         traces = collect(llm, prompts, args.max_tokens, args.ignore_eos, progress=not args.quiet)
@@ -104,7 +104,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
                                   args.batch_size, args.lr, args.seed, progress=not args.quiet)
     summary = {
         "target": source, "num_prompts": len(prompts), "num_traces": len(traces),
-        "output_tokens": sum(len(t.tokens) for t in traces), "max_tokens": args.max_tokens,
+        "output_tokens": sum(len(t.output) for t in traces), "max_tokens": args.max_tokens,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "data_seconds": round(t_data, 1), "train_seconds": round(time.monotonic() - t0 - t_data, 1),
         "untrained": medusa.baseline(traces, lm_head, args.num_heads, args.seed),

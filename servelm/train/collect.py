@@ -1,6 +1,7 @@
 """The target's own outputs as training data. servelm generates greedily from the prompts,
-and its model runner hands over the final hidden state of every token it samples
-(`ModelRunner.hidden_observers`), so collecting costs no second forward pass."""
+and its model runner hands over the final hidden state of every token it computes
+(`ModelRunner.hidden_observers`), prompt included, so collecting costs no second forward
+pass. The LLM must run without prefix caching: a cached prefix is never computed again."""
 
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from servelm.sampling_params import SamplingParams
 
 @dataclass
 class Trace:
-    """One generation: `hidden[j]` is the state the LM head turned into `tokens[j]`."""
+    """One generation: `hidden[p]` is the target's final state at position p, the one its LM
+    head turned into `tokens[p + 1]` (the last token was never fed back: len(tokens) - 1 rows)."""
 
-    hidden: torch.Tensor  # [n, hidden] float32
-    tokens: list[int]
+    tokens: list[int]  # prompt, then output
+    hidden: torch.Tensor  # [len(tokens) - 1, hidden] float32
+    num_prompt: int
+
+    @property
+    def output_hidden(self) -> torch.Tensor:
+        """Row j: the state that produced output token j."""
+        return self.hidden[self.num_prompt - 1 :]
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
 
 
 def runner_of(llm: LLM):
@@ -31,12 +43,19 @@ def runner_of(llm: LLM):
 
 def collect(llm: LLM, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = False,
             progress: bool = True) -> list[Trace]:
-    """Greedy outputs of `prompts` (token ids), with their hidden states."""
+    """Greedy outputs of `prompts` (token ids), with the hidden states of every position."""
+    if llm.engine.config.enable_prefix_caching:
+        raise ValueError("collect needs every position computed: build the LLM with "
+                         "enable_prefix_caching=False")
     runner = runner_of(llm)
     rows: dict[str, list[torch.Tensor]] = defaultdict(list)
 
-    def observe(req_id: str, hidden: torch.Tensor) -> None:
-        rows[req_id].append(hidden.float().cpu())
+    def observe(req_id: str, first: int, hidden: torch.Tensor) -> None:
+        mine = rows[req_id]
+        del mine[first:]  # a preempted request computes its positions again
+        if first != len(mine):
+            raise RuntimeError(f"request {req_id}: states from position {first}, {len(mine)} held")
+        mine.extend(hidden.float().cpu())
 
     runner.hidden_observers.append(observe)
     try:
@@ -46,12 +65,12 @@ def collect(llm: LLM, prompts: list[list[int]], max_tokens: int, ignore_eos: boo
     finally:
         runner.hidden_observers.remove(observe)
     traces = []
-    for out in outs:
-        tokens = list(out.outputs[0].token_ids)
+    for prompt, out in zip(prompts, outs):
+        tokens = list(prompt) + list(out.outputs[0].token_ids)
         states = rows[f"{out.request_id}#0"]
-        if len(states) != len(tokens):
+        if len(states) != len(tokens) - 1:
             raise RuntimeError(f"request {out.request_id}: {len(states)} hidden states for "
                                f"{len(tokens)} tokens")
-        if tokens:
-            traces.append(Trace(torch.stack(states), tokens))
+        if len(tokens) > len(prompt):
+            traces.append(Trace(tokens, torch.stack(states), len(prompt)))
     return traces

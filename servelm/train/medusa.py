@@ -41,13 +41,14 @@ class History:
 def examples(traces: list[Trace], num_heads: int) -> Examples:
     hidden, targets = [], []
     for t in traces:
-        n = len(t.tokens)
+        out = t.output
+        n = len(out)
         if n < 2:
             continue
-        ids = torch.tensor(t.tokens + [-100] * num_heads)
+        ids = torch.tensor(out + [-100] * num_heads)
         # row j: tokens j+1 .. j+num_heads (rows past the last token have nothing to learn)
         targets.append(torch.stack([ids[j + 1 : j + 1 + num_heads] for j in range(n - 1)]))
-        hidden.append(t.hidden[: n - 1])
+        hidden.append(t.output_hidden[: n - 1])
     if not hidden:
         raise ValueError("the target produced no output of two tokens or more to learn from")
     return Examples(torch.cat(hidden), torch.cat(targets))

@@ -62,9 +62,10 @@ class ModelRunner:
         self._grammar: dict[str, int] = {}  # this step's structured requests -> bitmask row
         self._bitmask: torch.Tensor | None = None
         self.draft_grammars = DraftGrammars()  # drafts of structured requests checked here
-        # Called with (request id, final hidden state) of every token sampled: a Medusa
-        # proposer drafts from it; `train-draft` records it.
-        self.hidden_observers: list[Callable[[str, torch.Tensor], None]] = []
+        # Called each step with (request id, first position, final hidden states [n, hidden])
+        # of the request's tokens computed for good (prompt chunks, decodes, accepted drafts),
+        # in position order: Medusa and EAGLE draft from them; `train-draft` records them.
+        self.hidden_observers: list[Callable[[str, int, torch.Tensor], None]] = []
         if hasattr(proposer, "observe"):
             self.hidden_observers.append(proposer.observe)
 
@@ -196,7 +197,6 @@ class ModelRunner:
         out.accepted_paths = [[] for _ in range(n)]
         if samplers:
             self._sample(logits[: len(samplers)], [states[i] for i in samplers], samplers, out)
-        sampled_rows = list(zip(samplers, sample_rows))  # (request, row of its sampled token)
         offset = len(samplers)
         for i, span in spec_spans:
             count = len(span)
@@ -207,7 +207,6 @@ class ModelRunner:
             out.sampled_token_ids[i] = tokens
             out.num_draft_tokens[i], out.num_accepted_tokens[i] = len(draft.token_ids), len(path)
             out.accepted_paths[i] = path
-            sampled_rows.append((i, span[path[-1] if path else 0]))
             self.proposer.accepted(st.req_id, path)
             if draft.tree is not None:
                 self.cache.compact_tree(st.block_table, st.num_computed_tokens, path)
@@ -215,9 +214,8 @@ class ModelRunner:
                 out.logprobs[i] = [logprobs_for(rows_i[r : r + 1], [t], st.params.logprobs)[0]
                                    for r, t in zip([0, *path], tokens)]
             offset += count
-        for observe in self.hidden_observers:
-            for i, row in sampled_rows:
-                observe(states[i].req_id, hidden[row])
+        if self.hidden_observers:
+            self._observe(hidden, rows_of, states, num_real, out.accepted_paths)
         for i, span, first in plp_spans:
             st, count = states[i], len(span)
             out.prompt_logprobs[i] = logprobs_for(logits[offset : offset + count],
@@ -225,6 +223,19 @@ class ModelRunner:
                                                   st.params.prompt_logprobs)
             st.num_prompt_logprobs = first + count - 1
             offset += count
+
+    def _observe(self, hidden: torch.Tensor, rows_of: list[Sequence[int]], states: list[CachedRequestState],
+                 num_real: list[int], paths: list[list[int]]) -> None:
+        """Hand each request's rows of real tokens to the observers: its chunk's, then the
+        accepted drafts' (node n's row is n after the root's; an accepted tree path lands on
+        the positions after the root, as its K/V does)."""
+        for i, st in enumerate(states):
+            mine, real = rows_of[i], num_real[i]
+            rows = [*mine[:real], *(mine[real - 1 + node] for node in paths[i])]
+            if rows:
+                feats = hidden[rows]
+                for observe in self.hidden_observers:
+                    observe(st.req_id, st.num_computed_tokens, feats)
 
     def _sample(self, logits: torch.Tensor, states: list[CachedRequestState], idx: list[int],
                 out: ModelRunnerOutput) -> None:
