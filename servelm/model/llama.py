@@ -158,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         runs only the first layers (early exit, for layer-skip drafting). A pipeline stage
         after the first starts from the previous stage's `residual`; one before the last
         returns its residual stream un-normalized."""
-        x = self._embed(input_ids) if residual is None else residual
+        x = self.embed_tokens(input_ids) if residual is None else residual
         meta = current_attention_metadata()
         fused = self._fused_decoder(meta.block_size) if _decodes_only(meta) else None
         if fused is not None:
@@ -173,7 +173,7 @@ class LlamaForCausalLM(nn.Module):
             return x
         return rms_norm(x, self.final_norm, self.arch.rms_norm_eps)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows (Gemma: times sqrt(hidden), rounded to the dtype as transformers
         does); with the vocabulary split, each rank fills the rows of its ids and leaves
         zeros, and the all-reduce sums them into whole rows."""

