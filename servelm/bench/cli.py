@@ -202,10 +202,15 @@ def _add_spec(bsub: Any, add_engine_args: AddEngineArgs) -> None:
     g.add_argument("--draft-num-layers", type=int, default=None,
                    help="draft_model without --draft-model: a draft of the target's first L "
                         "layers, saved once under the servelm cache")
+    g.add_argument("--distilled-model", default=None, metavar="DIR",
+                   help="distilled: a draft model from `servelm train-draft --method distill`")
     g.add_argument("--medusa-model", default=None, metavar="DIR",
                    help="medusa: heads trained by `servelm train-draft --method medusa`")
+    g.add_argument("--eagle-model", default=None, metavar="DIR",
+                   help="eagle: a draft trained by `servelm train-draft --method eagle`")
     g.add_argument("--spec-tree", type=positive_ints, default=None,
-                   help="layer_skip, draft_model, medusa: token tree, children per depth (e.g. 3,2,1)")
+                   help="layer_skip, draft_model, distilled, medusa: token tree, children per "
+                        "depth (e.g. 3,2,1); eagle drafts a chain of --num-speculative-tokens")
     g.add_argument("--held-out", action="store_true",
                    help="only the prompts train-draft never trains on (a quarter of each dataset)")
     g = p.add_argument_group("systems")

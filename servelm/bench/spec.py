@@ -14,6 +14,10 @@ is set against a peer drafting the same way:
 - draft_model (a separate draft, `--draft-model`, or the target's first `--draft-num-layers`
   layers saved as a model of their own, see spec_drafts.py): transformers assisted
   generation with that same draft folder as `assistant_model`.
+- distilled (`--distilled-model`, a draft model from `servelm train-draft --method
+  distill`, run as a draft_model): the same, with that folder.
+- medusa and eagle (heads or a draft layer from `train-draft`, `--medusa-model`,
+  `--eagle-model`): no peer drafts that way; recorded as skipped.
 
 Both model-drafting proposers may draft a token tree (`--spec-tree 3,2,1`, SpecInfer),
 which transformers cannot: it drafts a chain of len(tree) tokens (noted in the results).
@@ -74,6 +78,7 @@ __all__ = ["PROPOSERS", "SYSTEMS", "SpecBenchConfig", "compare", "run_spec"]
 
 WARMUP_TEXT = "Repeat after me, twice: the cache is warm before anything is timed."
 Runner = Callable[[list[int]], Trace]
+TREE_PROPOSERS = ("layer_skip", "draft_model", "distilled", "medusa")  # eagle drafts chains
 LLAMACPP_ONLY_NGRAM = ("llama.cpp peer skipped for {}: llama-cpp-python drafts only by prompt "
                        "lookup (LlamaPromptLookupDecoding)")
 
@@ -94,7 +99,9 @@ class SpecBenchConfig:
     spec_num_layers: int | None = None  # layer_skip: target layers that draft
     draft_model: str | None = None  # draft_model: the draft's path ...
     draft_num_layers: int | None = None  # ... or the target's first layers, saved as one
+    distilled_model: str | None = None  # distilled: `train-draft --method distill` output
     medusa_model: str | None = None  # medusa: heads from `servelm train-draft`
+    eagle_model: str | None = None  # eagle: a draft layer from `servelm train-draft`
     spec_tree: list[int] | None = None  # layer_skip, draft_model, medusa: children per depth
     held_out: bool = False  # only the prompts `train-draft` leaves out (spec_datasets.held_out)
     dataset_path: str | None = None  # self-instruct JSONL for `grounded`
@@ -121,7 +128,9 @@ class SpecBenchConfig:
         for name, flag, proposer in (("spec_num_layers", "--spec-num-layers", "layer_skip"),
                                      ("draft_num_layers", "--draft-num-layers", "draft_model"),
                                      ("draft_model", "--draft-model", "draft_model"),
-                                     ("medusa_model", "--medusa-model", "medusa")):
+                                     ("distilled_model", "--distilled-model", "distilled"),
+                                     ("medusa_model", "--medusa-model", "medusa"),
+                                     ("eagle_model", "--eagle-model", "eagle")):
             value = getattr(self, name)
             if value is not None and proposer not in p:
                 raise ValueError(f"{name} ({flag}) applies to proposer {proposer}, which "
@@ -135,16 +144,17 @@ class SpecBenchConfig:
             raise ValueError("proposer draft_model needs exactly one of draft_model "
                              "(--draft-model PATH) and draft_num_layers (--draft-num-layers L, "
                              "a draft cut from the target)")
-        if "medusa" in p and self.medusa_model is None:
-            raise ValueError("medusa_model (--medusa-model DIR, from servelm train-draft) is "
-                             "required with proposer medusa")
-        for name in ("draft_model", "medusa_model"):
+        for proposer in ("distilled", "medusa", "eagle"):
+            if proposer in p and getattr(self, f"{proposer}_model") is None:
+                raise ValueError(f"{proposer}_model (--{proposer}-model DIR, from servelm "
+                                 f"train-draft) is required with proposer {proposer}")
+        for name in ("draft_model", "distilled_model", "medusa_model", "eagle_model"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a path, got {getattr(self, name)!r}")
         if self.spec_tree is not None:
-            if not {"layer_skip", "draft_model", "medusa"} & set(p):
-                raise ValueError("spec_tree (--spec-tree) applies to proposers layer_skip, "
-                                 f"draft_model and medusa, which proposers {p} does not list")
+            if not set(TREE_PROPOSERS) & set(p):
+                raise ValueError("spec_tree (--spec-tree) applies to proposers "
+                                 f"{', '.join(TREE_PROPOSERS)}, which proposers {p} does not list")
             if (not isinstance(self.spec_tree, (list, tuple)) or not self.spec_tree
                     or not all(type(b) is int and b >= 1 for b in self.spec_tree)):
                 raise ValueError("spec_tree must be a non-empty list of integers >= 1 (children "
@@ -167,15 +177,15 @@ class SpecBenchConfig:
                           "prompt_lookup_max": self.prompt_lookup_max,
                           "prompt_lookup_min": self.prompt_lookup_min}
                 continue
-            sc: dict[str, Any] = {"method": p}
+            sc: dict[str, Any] = {"method": "draft_model" if p == "distilled" else p}
             if p == "layer_skip":
                 sc["num_layers"] = self.spec_num_layers
-            elif p == "medusa":
-                sc["model"] = self.medusa_model
+            elif p in ("distilled", "medusa", "eagle"):
+                sc["model"] = getattr(self, f"{p}_model")
             else:
                 sc["model"] = draft_path or self.draft_model or (
                     f"<first {self.draft_num_layers} layers of the target>")
-            tree = list(self.spec_tree) if self.spec_tree else None
+            tree = list(self.spec_tree) if self.spec_tree and p in TREE_PROPOSERS else None
             sc["num_speculative_tokens"] = len(tree) if tree else self.num_speculative_tokens
             if tree:
                 sc["tree"] = tree
@@ -216,7 +226,9 @@ def run_spec(cfg: SpecBenchConfig) -> dict[str, Any]:
     say = progress(cfg.quiet)
     draft = cfg.draft_model
     for path, flag in ((draft, "draft_model (--draft-model)"),
-                       (cfg.medusa_model, "medusa_model (--medusa-model)")):
+                       (cfg.distilled_model, "distilled_model (--distilled-model)"),
+                       (cfg.medusa_model, "medusa_model (--medusa-model)"),
+                       (cfg.eagle_model, "eagle_model (--eagle-model)")):
         if path is not None and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"{flag} {path!r} does not exist")
     if "draft_model" in cfg.proposers and draft is None:
@@ -281,7 +293,7 @@ def _run_transformers(model: str | None, dtype: str, max_tokens: int,
                       specs: dict[str, dict[str, Any]], record: Callable[..., None],
                       say: Callable[..., None], systems: dict[str, Any]) -> None:
     """One plain transformers runner against a speculative one per proposer (a recorded
-    skip for medusa: transformers has no Medusa heads)."""
+    skip for medusa and eagle: transformers has neither)."""
     from servelm.bench.hf_peer import load_hf_model
     from servelm.bench.spec_runners import HF_NO_TREE, HFRunner, hf_spec_settings
 
@@ -289,14 +301,14 @@ def _run_transformers(model: str | None, dtype: str, max_tokens: int,
     hf = load_hf_model(model, dtype)
     base = HFRunner(hf, max_tokens)
     for proposer, sc in specs.items():
-        if proposer == "medusa":
+        if proposer in ("medusa", "eagle"):
             systems[system_name("transformers", proposer)] = {
-                "skipped": "transformers generate has no Medusa heads"}
+                "skipped": f"transformers generate has no {proposer} drafting"}
             continue
         settings = hf_spec_settings(sc)
         info: dict[str, Any] = {"attn_implementation": hf.config._attn_implementation, **settings}
         assistant = None
-        if proposer == "draft_model":
+        if sc["method"] == "draft_model":
             say("loading the draft in transformers ...")
             assistant = load_hf_model(sc["model"], dtype)
             info["assistant_model"] = sc["model"]

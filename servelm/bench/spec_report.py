@@ -13,7 +13,7 @@ from typing import Any
 from servelm.bench.harness import SYSTEMS, Table, describe, print_report, ratio
 from servelm.bench.spec_runners import Trace
 
-PROPOSERS = ("ngram", "layer_skip", "draft_model", "medusa")
+PROPOSERS = ("ngram", "layer_skip", "draft_model", "distilled", "medusa", "eagle")
 
 
 def system_name(system: str, proposer: str) -> str:
@@ -88,8 +88,8 @@ def describe_proposer(proposer: str, sc: dict[str, Any]) -> str:
     k = sc["num_speculative_tokens"]
     if proposer == "ngram":
         return f"ngram k={k}, n-grams {sc['prompt_lookup_min']}-{sc['prompt_lookup_max']}"
-    what = {"layer_skip": f"L={sc.get('num_layers')}", "medusa": f"heads {sc.get('model')}"}.get(
-        proposer, f"draft {sc.get('model')}")
+    what = {"layer_skip": f"L={sc.get('num_layers')}", "medusa": f"heads {sc.get('model')}",
+            "eagle": f"draft layer {sc.get('model')}"}.get(proposer, f"draft {sc.get('model')}")
     tree = f", tree {sc['tree']}" if sc.get("tree") else ""
     return f"{proposer} {what}, k={k}{tree}"
 

@@ -28,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from servelm.model.layers.rope import RotaryEmbedding, apply_rope
+from servelm.ops.quant import QuantWeight, linear, quantize
 
 CONFIG_FILE, WEIGHTS_FILE = "eagle_config.json", "draft.safetensors"
+LINEARS = ("fc", "qkv", "o", "gate_up", "down")
 SHAPE_KEYS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
@@ -56,9 +58,10 @@ class EagleDraft(nn.Module):
         self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.register_buffer("vocab", vocab.to(torch.int64))
+        self.blocks: dict[str, QuantWeight] = {}  # inference copies (quantize_blocks)
         self.rope = RotaryEmbedding(head_dim, max_positions, rope_theta, None, torch.float32)
-        for linear in (self.qkv, self.o, self.gate_up, self.down):
-            nn.init.normal_(linear.weight, std=0.02)
+        for layer in (self.qkv, self.o, self.gate_up, self.down):
+            nn.init.normal_(layer.weight, std=0.02)
         with torch.no_grad():  # start as "the feature passes through": the guess is h_p itself
             self.fc.weight.zero_()
             self.fc.weight[:, hidden_size:].copy_(torch.eye(hidden_size))
@@ -71,9 +74,9 @@ class EagleDraft(nn.Module):
         call's keys and values [..., T, kv heads, head dim]). Queries see `past` keys and
         values (all of them) and their own causally, unless `mask` [T, past + T] says
         otherwise (True: attend)."""
-        x = self.fc(torch.cat([emb, feat], dim=-1))
+        x = self._linear("fc", torch.cat([emb, feat], dim=-1))
         lead = x.shape[:-1]
-        qkv = self.qkv(_rms(x, self.attn_norm, self.eps))
+        qkv = self._linear("qkv", _rms(x, self.attn_norm, self.eps))
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
         cos, sin = self.rope.lookup(positions.to(self.rope.cos.device))
@@ -86,9 +89,20 @@ class EagleDraft(nn.Module):
             mask = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(total - t)
         att = F.scaled_dot_product_attention(q.transpose(-3, -2), keys.transpose(-3, -2),
                                              values.transpose(-3, -2), attn_mask=mask, enable_gqa=True)
-        x = x + self.o(att.transpose(-3, -2).reshape(*lead, h * d))
-        gate, up = self.gate_up(_rms(x, self.mlp_norm, self.eps)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up), (k, v)
+        x = x + self._linear("o", att.transpose(-3, -2).reshape(*lead, h * d))
+        gate, up = self._linear("gate_up", _rms(x, self.mlp_norm, self.eps)).chunk(2, dim=-1)
+        return x + self._linear("down", F.silu(gate) * up), (k, v)
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        w = self.blocks.get(name)
+        return getattr(self, name)(x) if w is None else linear(x, w)
+
+    def quantize_blocks(self) -> None:
+        """Run the matmuls on 8-bit blocks (ops/quant.py) from now on: drafting one token
+        at a time reads every weight per token, and four bytes a weight would cost a large
+        part of a target step."""
+        self.blocks = {name: quantize(getattr(self, name).weight.detach(), "int8", 32, torch.float32)
+                       for name in LINEARS}
 
 
 def save_eagle(draft: EagleDraft, folder: str | Path, info: dict[str, Any]) -> None:

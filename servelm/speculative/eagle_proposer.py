@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from servelm.ops.quant import linear, quantize
 from servelm.speculative.eagle import EagleDraft
 from servelm.speculative.proposer import Draft, DraftRequest
 from servelm.speculative.verify import distribution
@@ -55,13 +56,15 @@ def _grown(t: torch.Tensor, need: int) -> torch.Tensor:
 class EagleProposer:
     """A `Proposer` from an EAGLE draft. `embed` is the target's token embedding, and
     `lm_head` [hidden, vocab] its LM head as floats (only the draft vocabulary's columns are
-    kept). The draft runs on the CPU, wherever the target runs (`device`)."""
+    kept). The draft runs on the CPU in 8-bit blocks, wherever the target runs (`device`)."""
 
     def __init__(self, draft: EagleDraft, embed: Callable[[torch.Tensor], torch.Tensor],
                  lm_head: torch.Tensor, device: torch.device) -> None:
         self.draft, self.embed, self.device = draft, embed, device
+        draft.quantize_blocks()
         self.vocab = draft.vocab
-        self.head = lm_head[:, self.vocab].float().contiguous()  # [hidden, draft vocab]
+        # the LM head's draft-vocabulary rows, [draft vocab, hidden], as 8-bit blocks
+        self.head = quantize(lm_head[:, self.vocab].T.contiguous(), "int8", 32, torch.float32)
         self.vocab_size = lm_head.shape[1]
         self._slots: dict[str, _Slots] = {}
 
@@ -99,7 +102,7 @@ class EagleProposer:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for j in range(req.max_drafts):
-            token, q = self._choose(g @ self.head, req)
+            token, q = self._choose(linear(g, self.head), req)
             tokens.append(token)
             if q is not None:
                 probs.append(q)

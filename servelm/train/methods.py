@@ -12,7 +12,7 @@ import torch
 
 from servelm.speculative.eagle import SHAPE_KEYS, save_eagle, target_lm_head
 from servelm.speculative.medusa import save_heads
-from servelm.train import eagle, medusa
+from servelm.train import distill, eagle, medusa
 from servelm.train.collect import Trace
 from servelm.train.loop import History
 
@@ -77,5 +77,16 @@ def train_eagle(args: argparse.Namespace, target: Target) -> Trained:
                    {"passes": args.num_heads, "draft_vocab_size": len(draft.vocab)})
 
 
+def train_distill(args: argparse.Namespace, target: Target) -> Trained:
+    draft, history, untrained, start = distill.train(target.traces, target.lm_head, target.source,
+                                                     args.num_layers, args.epochs, args.batch_size,
+                                                     args.lr, args.seed, Path(args.output) / ".start",
+                                                     progress=not args.quiet)
+    info = {"target": target.source, "num_layers": args.num_layers}
+    return Trained(f"a {args.num_layers}-layer draft model", "draft_model", history, untrained,
+                   lambda out: distill.save(draft, start, out, info), "token_accuracy",
+                   {"num_layers": args.num_layers})
+
+
 METHODS: dict[str, Callable[[argparse.Namespace, Target], Trained]] = {
-    "medusa": train_medusa, "eagle": train_eagle}
+    "medusa": train_medusa, "eagle": train_eagle, "distill": train_distill}

@@ -20,7 +20,7 @@ from servelm.config import EngineConfig
 from servelm.distributed.parallel import SINGLE, ParallelContext
 from servelm.model.arch import ModelArch
 from servelm.model.llama import LlamaForCausalLM
-from servelm.model.loader import LoadedModel, compute_dtype, kv_storage, load_model
+from servelm.model.loader import LoadedModel, block_weights, compute_dtype, kv_storage, load_model
 from servelm.model.registry import build_model
 from servelm.model.sharding import Shard
 from servelm.ops.attention import AttentionBackend, select_backend
@@ -177,6 +177,12 @@ class Worker:
         backend = self._attention(arch, dtype)
         # A draft model runs whole on every rank: small, and identical on each.
         model = self._build_model(draft, arch, backend, dtype, max_model_len)
+        if (self.device.type == "cpu" and self.config.quantization not in METHODS
+                and block_weights(self.config.model, self.config.quantization)
+                and not block_weights(draft.source, self.config.quantization)):
+            # A float draft beside a block-quantized target (a GGUF) would read 4 bytes a
+            # weight per drafted token, more than the target's whole step: 8-bit blocks.
+            model.quantize("int8", self.config.quantization_group_size)
         cache = KVTensors(arch, num_blocks * bs, dtype, self.kv_dtype, device=self.device)
         for i, layer in enumerate(model.layers):
             layer.attn.kv_cache = cache.layer(i)

@@ -1,5 +1,5 @@
 """`servelm bench spec` on tiny random models: datasets, figures, lossless servelm, the peers,
-every proposer (ngram, layer_skip, draft_model, medusa) and the pruned drafts."""
+every proposer (ngram, layer_skip, draft_model, distilled, medusa, eagle) and the pruned drafts."""
 
 from __future__ import annotations
 
@@ -191,7 +191,16 @@ def test_proposer_config_validation():
     medusa = SpecBenchConfig(proposers=["medusa"], medusa_model="/m", spec_tree=[3, 1])
     assert medusa.speculative_configs()["medusa"] == {"method": "medusa", "model": "/m",
                                                       "num_speculative_tokens": 2, "tree": [3, 1]}
-    bad = [({"proposers": ["eagle"]}, "proposers"),
+    eagle = SpecBenchConfig(proposers=["eagle", "distilled"], eagle_model="/e",
+                            distilled_model="/s", spec_tree=[3, 1])
+    assert eagle.speculative_configs() == {  # the tree is for the distilled draft only
+        "eagle": {"method": "eagle", "model": "/e", "num_speculative_tokens": 4},
+        "distilled": {"method": "draft_model", "model": "/s", "num_speculative_tokens": 2,
+                      "tree": [3, 1]}}
+    bad = [({"proposers": ["bogus"]}, "proposers"),
+           ({"proposers": ["eagle"]}, "--eagle-model"),
+           ({"proposers": ["distilled"]}, "--distilled-model"),
+           ({"eagle_model": "/e"}, "eagle_model"),  # eagle not listed
            ({"proposers": ["medusa"]}, "--medusa-model"),
            ({"medusa_model": "/m"}, "medusa_model"),  # medusa not listed
            ({"proposers": ["ngram", "ngram"]}, "proposers"),
@@ -310,7 +319,7 @@ def test_spec_cli_proposer_errors(tmp_path, tiny_model_dir, capsys):
     rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip", "--quiet"])
     assert rc == 2 and "--spec-num-layers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "spec", "--model", model, "--proposers", "ngram,eagle"])
+        main(["bench", "spec", "--model", model, "--proposers", "ngram,bogus"])
     out = tmp_path / "x.json"
     rc = main(["bench", "spec", "--model", model, "--proposers", "layer_skip",
                "--spec-num-layers", "3", "--num-kv-blocks", "16", "--num-threads", "1",
@@ -322,27 +331,38 @@ def test_spec_cli_proposer_errors(tmp_path, tiny_model_dir, capsys):
     assert rc == 2 and "--draft-model" in capsys.readouterr().err
 
 
-def test_spec_cli_medusa_on_held_out_prompts(tmp_path, tiny_model_dir):
-    """Medusa heads (random here) are measured like the other proposers; transformers has no
-    such drafting and is recorded as skipped; --held-out keeps only the prompts
-    train-draft leaves out."""
+def test_spec_cli_trained_drafts_on_held_out_prompts(tmp_path, tiny_model_dir):
+    """Medusa heads and an EAGLE draft (random here) and a distilled draft model (a cut of
+    the target here) are measured like the other proposers; transformers has no Medusa or
+    EAGLE drafting and is recorded as skipped there, and drafts with the distilled model;
+    --held-out keeps only the prompts train-draft leaves out."""
     import torch
 
     from servelm.bench.spec_datasets import held_out
+    from servelm.bench.spec_drafts import write_pruned_draft
+    from servelm.speculative.eagle import EagleDraft, save_eagle
     from servelm.speculative.medusa import MedusaHeads, save_heads
 
     torch.manual_seed(0)
     heads = MedusaHeads(64, 2)
-    for p in heads.parameters():
+    eagle = EagleDraft(64, 4, 2, 16, 128, torch.arange(0, 256, 3))
+    for p in (*heads.parameters(), *eagle.parameters()):
         torch.nn.init.normal_(p, std=0.125)
     save_heads(heads, tmp_path / "heads", {"target": "test"})
-    res = _run(tmp_path, tiny_model_dir("llama"), "--proposers", "medusa", "--medusa-model",
-               str(tmp_path / "heads"), "--spec-tree", "2,1", "--systems", "servelm,transformers",
-               "--quiet")
-    row = res["results"]["grounded"]["servelm-medusa"]
-    assert row["identical_fraction"] == 1.0 and row["speculative"]["spec_proposed_tokens"] > 0
-    _check_rates(row)
-    assert "no Medusa" in res["systems"]["transformers-medusa"]["skipped"]
+    save_eagle(eagle, tmp_path / "eagle", {"target": "test"})
+    model = tiny_model_dir("llama")
+    distilled = write_pruned_draft(str(model), 1, tmp_path / "drafts")
+    res = _run(tmp_path, model, "--proposers", "medusa,eagle,distilled", "--medusa-model",
+               str(tmp_path / "heads"), "--eagle-model", str(tmp_path / "eagle"),
+               "--distilled-model", str(distilled), "--spec-tree", "2,1",
+               "--systems", "servelm,transformers", "--quiet")
+    for proposer in ("medusa", "eagle", "distilled"):
+        row = res["results"]["grounded"][f"servelm-{proposer}"]
+        assert row["identical_fraction"] == 1.0 and row["speculative"]["spec_proposed_tokens"] > 0
+        _check_rates(row)
+    assert "no medusa" in res["systems"]["transformers-medusa"]["skipped"]
+    assert "no eagle" in res["systems"]["transformers-eagle"]["skipped"]
+    assert res["systems"]["transformers-distilled"]["assistant_model"] == str(distilled)
     tok = load_tokenizer(str(tiny_model_dir("llama")))
     rows = [{"instruction": "Fix it.", "input": TEXT + str(i)} for i in range(12)]
     path = tmp_path / "many.jsonl"
