@@ -1,5 +1,6 @@
-"""The training loop every draft shares: AdamW under a one-cycle schedule, a progress bar,
-the loss of every step and a held-out evaluation after every epoch."""
+"""The training loop every draft shares: AdamW under a one-cycle schedule with the gradient
+norm clipped, a progress bar, the loss of every step and a held-out evaluation after every
+epoch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ def fit(params: Iterable[torch.nn.Parameter], batches: Callable[[torch.Generator
             value = loss(batch)
             opt.zero_grad()
             value.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)  # a bad batch cannot blow it up
             opt.step()
             sched.step()
             history.steps.append(len(history.steps) + 1)

@@ -18,8 +18,8 @@ from servelm.train.loop import History
 
 DEFAULTS = {
     "medusa": {"epochs": 2, "batch_size": 256, "lr": 3e-3, "num_layers": 1},
-    "eagle": {"epochs": 3, "batch_size": 4, "lr": 1e-3, "num_layers": 1},
-    "distill": {"epochs": 2, "batch_size": 4, "lr": 3e-4, "num_layers": 2},
+    "eagle": {"epochs": 10, "batch_size": 4, "lr": 3e-3, "num_layers": 1},
+    "distill": {"epochs": 6, "batch_size": 4, "lr": 2e-3, "num_layers": 2},
 }
 
 
