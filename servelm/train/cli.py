@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from servelm.bench.datasets import encode_prompt
 from servelm.bench.spec_datasets import held_out, prompt_ids
@@ -26,6 +25,7 @@ from servelm.llm import LLM
 from servelm.train.collect import collect, runner_of
 from servelm.train.loop import History
 from servelm.train.methods import DEFAULTS, METHODS, Target
+from servelm.train.self_chat import self_chat_prompts
 
 DEFAULT_DATASETS = "mt-bench,humaneval"
 
@@ -39,7 +39,9 @@ def add_train_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--output", required=True, help="folder for the trained draft")
     p.add_argument("--datasets", default=DEFAULT_DATASETS,
                    help="comma-separated prompt sources: mt-bench, humaneval (their held-out "
-                        "quarter excluded)")
+                        "quarter excluded), self-chat (user messages the target writes itself)")
+    p.add_argument("--num-self-chat", type=int, default=400,
+                   help="self-chat: user messages to sample (repeated and very short ones dropped)")
     p.add_argument("--prompts-file", default=None,
                    help="instead of --datasets: one prompt per line, as text (chat template "
                         'applied) or JSON {"prompt_token_ids": [...]}')
@@ -68,15 +70,20 @@ def add_train_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     p.set_defaults(func=cmd_train_draft)
 
 
-def _prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
+def _prompts(args: argparse.Namespace, llm: LLM) -> list[list[int]]:
+    tokenizer = llm.get_tokenizer()
     if args.prompts_file:
         lines = [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         prompts = [json.loads(line)["prompt_token_ids"] if line.lstrip().startswith("{")
                    else encode_prompt(tokenizer, line) for line in lines]
     else:
         prompts = []
-        for name in args.datasets.split(","):
-            ids, _ = prompt_ids(name.strip(), tokenizer, args.max_prompt_len)
+        for name in (n.strip() for n in args.datasets.split(",")):
+            if name == "self-chat":
+                prompts += self_chat_prompts(llm, args.num_self_chat, args.seed,
+                                             progress=not args.quiet)
+                continue
+            ids, _ = prompt_ids(name, tokenizer, args.max_prompt_len)
             prompts += [p for p in ids if not held_out(p)]
     if not prompts:
         raise ValueError("no prompts to train on")
@@ -96,7 +103,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         raise ValueError("--speculative-config: train-draft collects the target's plain outputs")
     llm = LLM(args.model, **{**engine, "enable_prefix_caching": False})  # every position's state
     try:
-        prompts = _prompts(args, llm.get_tokenizer())
+        prompts = _prompts(args, llm)
         traces = collect(llm, prompts, args.max_tokens, args.ignore_eos, progress=not args.quiet)
         target = Target.of(runner_of(llm).model, llm.engine.model_source, traces)
     finally:
@@ -104,7 +111,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     t_data = time.monotonic() - t0
     trained = METHODS[args.method](args, target)
     summary = {
-        "method": args.method, "target": target.source, "num_prompts": len(prompts),
+        "method": args.method, "target": target.source,
+        "prompts": args.prompts_file or args.datasets, "num_prompts": len(prompts),
         "num_traces": len(traces), "output_tokens": sum(len(t.output) for t in traces),
         "max_tokens": args.max_tokens, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, **trained.settings,

@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from test_spec_distribution import PROMPT, SAMPLES, TEMPERATURE, VOCAB, assert_follows_target
+from trained_drafts import acceptance_on_rows, train_on_rows
 
 from servelm import SamplingParams
-from servelm.cli import main
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.eagle import EagleDraft, save_eagle
 
@@ -74,36 +74,15 @@ def test_trained_draft_learns_the_target_and_gets_accepted(tiny_model_dir, make_
     those prompts most of its drafts are accepted, far more than the untrained draft's
     (which guesses that the last token repeats). Output stays the target's."""
     path = tiny_model_dir("llama", vocab_size=VOCAB)
-    rows = [[1 + (i * 3 + j * (i % 5 + 1)) % 7 for j in range(3 + i % 4)] for i in range(40)]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt_token_ids": r}) + "\n"
-                                                    for r in rows))
-    out = tmp_path / "eagle"
-    rc = main(["train-draft", "--method", "eagle", "--model", str(path), "--output", str(out),
-               "--prompts-file", str(tmp_path / "prompts.jsonl"), "--max-tokens", "48",
-               "--ignore-eos", "--num-heads", "2", "--epochs", "30", "--batch-size", "4",
-               "--lr", "3e-3", "--quiet"])
-    assert rc == 0
-    summary = json.loads((out / "train_summary.json").read_text())
-    first, last = summary["per_epoch"][0], summary["per_epoch"][-1]
-    assert last["train_loss"] < 0.5 * first["train_loss"]
-    assert summary["output_tokens"] == 40 * 48 and len(last["pass_accuracy"]) == 2
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    out, summary = train_on_rows(tmp_path, path, "eagle", "--num-heads", "2", "--epochs", "30",
+                                 "--batch-size", "4", "--lr", "3e-3")
+    assert len(summary["per_epoch"][-1]["pass_accuracy"]) == 2
     config = json.loads((out / "eagle_config.json").read_text())
     assert config["method"] == "eagle" and config["draft_vocab_size"] <= VOCAB
     save_eagle(EagleDraft(64, 4, 2, 16, 128, torch.arange(VOCAB)), tmp_path / "untrained", {})
-
-    prompts_ = [{"prompt_token_ids": r} for r in rows]
-    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    want = make_llm(path).generate(prompts_, params, use_tqdm=False)
-    rates = {}
-    for name in ("eagle", "untrained"):
-        llm = make_llm(path, speculative_config={"method": "eagle", "num_speculative_tokens": 2,
-                                                 "model": str(tmp_path / name),
-                                                 "disable_by_batch_size": 64})
-        got = llm.generate(prompts_, params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-        m = llm.get_metrics()
-        rates[name] = m["spec_accepted_tokens"] / m["spec_proposed_tokens"]
+    rates = acceptance_on_rows(make_llm, path, {
+        name: {"method": "eagle", "num_speculative_tokens": 2, "model": str(tmp_path / name)}
+        for name in ("eagle", "untrained")})
     assert rates["eagle"] > 0.8 and rates["eagle"] > rates["untrained"] + 0.1, rates
 
 
