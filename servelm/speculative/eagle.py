@@ -116,8 +116,8 @@ def save_eagle(draft: EagleDraft, folder: str | Path, info: dict[str, Any]) -> N
 
 
 def load_eagle(folder: str | Path, target_shape: dict[str, int], vocab_size: int,
-               max_positions: int, device: torch.device | str = "cpu") -> EagleDraft:
-    """The draft in `folder`, checked against the target's shapes (`SHAPE_KEYS`)."""
+               max_positions: int) -> EagleDraft:
+    """The draft in `folder` (on the CPU), checked against the target's shapes (`SHAPE_KEYS`)."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"speculative_config.model {str(folder)!r} has no {CONFIG_FILE}: train "
@@ -134,9 +134,7 @@ def load_eagle(folder: str | Path, target_shape: dict[str, int], vocab_size: int
     draft = EagleDraft(*(config[k] for k in SHAPE_KEYS), weights["vocab"], config["rope_theta"],
                        config["rms_norm_eps"], max_positions)
     draft.load_state_dict(weights)
-    draft = draft.to(device).eval().requires_grad_(False)
-    draft.rope = RotaryEmbedding(draft.head_dim, max_positions, draft.rope_theta, None, torch.float32, device)
-    return draft
+    return draft.eval().requires_grad_(False)
 
 
 def target_lm_head(model: Any) -> torch.Tensor:
