@@ -65,8 +65,12 @@ def test_replayed_decodes_match_eager_and_pad_into_the_scratch_block(tiny_model_
     before = cache.kv.values.clone()
     replayed = graphs.run(batch)
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
-    changed = (cache.kv.values != before).flatten(3).any(-1).any(1).any(0)  # per slot
-    assert changed.nonzero().flatten().tolist() == [SCRATCH * BS]  # the padding row's one slot
+    # The replay rewrites the real rows' K/V (equal up to rounding: torch's float32 matmul may
+    # round a row differently in a batch of 4 than of 3) and writes nothing else but the
+    # padding row's one slot.
+    moved = ~torch.isclose(cache.kv.values, before, rtol=1e-5, atol=1e-5)
+    changed = moved.flatten(3).any(-1).any(1).any(0)  # per slot
+    assert changed.nonzero().flatten().tolist() == [SCRATCH * BS]
 
     # Two rows after three: the size-2 graph, over buffers the larger step wrote to.
     batch, eager = _eager(model, [SeqChunk([23], 15), SeqChunk([24], 6)], [tables[2], tables[0]])
