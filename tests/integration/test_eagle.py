@@ -10,10 +10,14 @@ import json
 
 import pytest
 import torch
-from test_spec_distribution import PROMPT, SAMPLES, TEMPERATURE, VOCAB, assert_follows_target
-from trained_drafts import acceptance_on_rows, train_on_rows
+from test_spec_distribution import VOCAB, assert_follows_target, sample_with
+from trained_drafts import (
+    ENGINE_OPTIONS,
+    acceptance_on_rows,
+    assert_greedy_is_the_target_s,
+    train_on_rows,
+)
 
-from servelm import SamplingParams
 from servelm.speculative.config import SpecConfig
 from servelm.speculative.eagle import EagleDraft, save_eagle
 
@@ -28,42 +32,18 @@ def random_draft(folder, vocab: list[int], seed: int = 0, hidden: int = 64):
     return str(folder)
 
 
-def prompts(n: int) -> list[dict]:
-    return [{"prompt_token_ids": [1 + (7 * i + j) % 50 for j in range(5 + i % 4)]} for i in range(n)]
-
-
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(max_num_batched_tokens=24, num_kv_blocks=16, block_size=4),  # chunked, preempted
-], ids=["batch", "recompute"])
+@pytest.mark.parametrize("options", ENGINE_OPTIONS.values(), ids=ENGINE_OPTIONS.keys())
 def test_greedy_output_is_the_target_s(tiny_model_dir, make_llm, tmp_path, options):
     path = tiny_model_dir("llama")
     draft = random_draft(tmp_path / "eagle", list(range(0, 256, 2)))
-    spec = make_llm(path, speculative_config={"method": "eagle", "model": draft,
-                                              "num_speculative_tokens": 3}, **options)
-    plain = make_llm(path, **options)
-    params = [SamplingParams(max_tokens=20 + 3 * i, temperature=0, ignore_eos=True)
-              for i in range(6)]
-    for _ in range(2):  # the second time, prompts hit the prefix cache
-        got = spec.generate(prompts(6), params, use_tqdm=False)
-        want = plain.generate(prompts(6), params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    m = spec.get_metrics()
-    assert m["spec_proposed_tokens"] > 0
-    if options:
-        assert m["num_preemptions"] > 0
+    assert_greedy_is_the_target_s(make_llm, path, {"method": "eagle", "model": draft,
+                                                   "num_speculative_tokens": 3}, options, rounds=2)
 
 
 def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, make_llm, tmp_path):
     target = tiny_model_dir("llama", vocab_size=VOCAB)
     draft = random_draft(tmp_path / "eagle", list(range(VOCAB)), seed=3)
-    llm = make_llm(target, speculative_config={"method": "eagle", "model": draft,
-                                               "num_speculative_tokens": 2,
-                                               "disable_by_batch_size": 10_000})
-    params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=s, ignore_eos=True)
-              for s in range(SAMPLES)]
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * SAMPLES, params, use_tqdm=False)
-    m = llm.get_metrics()
+    outs, m = sample_with(make_llm, target, {"method": "eagle", "model": draft, "num_speculative_tokens": 2})
     assert 0 < m["spec_accepted_tokens"] < m["spec_proposed_tokens"]  # both outcomes happen
     assert_follows_target(outs, target)
 

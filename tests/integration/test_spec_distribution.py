@@ -56,16 +56,21 @@ def test_sampled_tokens_follow_the_target_distribution(tiny_model_dir, make_llm,
     target = tiny_model_dir("llama", vocab_size=VOCAB)
     draft = tiny_model_dir("llama", vocab_size=VOCAB, hidden_size=32, head_dim=8,
                            num_hidden_layers=1)
-    llm = make_llm(target, speculative_config={**spec, "model": str(draft),
-                                               "disable_by_batch_size": 10_000})
-    params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=s, ignore_eos=True)
-              for s in range(SAMPLES)]
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * SAMPLES, params, use_tqdm=False)
-    m = llm.get_metrics()
+    outs, m = sample_with(make_llm, target, {**spec, "model": str(draft)})
     # One level of drafts fits max_tokens; it is accepted about half the time, so both
     # verification outcomes are exercised.
     assert 0.3 < m["spec_mean_accepted_length"] < 0.8
     assert_follows_target(outs, target)
+
+
+def sample_with(make_llm, target, speculative_config: dict) -> tuple[list, dict]:
+    """SAMPLES seeded samples of 3 tokens after PROMPT from `target` speculating with
+    `speculative_config` (whatever the batch size), and the engine's metrics after."""
+    llm = make_llm(target, speculative_config={**speculative_config, "disable_by_batch_size": 10_000})
+    params = [SamplingParams(max_tokens=3, temperature=TEMPERATURE, seed=s, ignore_eos=True)
+              for s in range(SAMPLES)]
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * SAMPLES, params, use_tqdm=False)
+    return outs, llm.get_metrics()
 
 
 def assert_follows_target(outs, target) -> None:

@@ -9,6 +9,35 @@ from typing import Any
 from servelm import SamplingParams
 from servelm.cli import main
 
+# Engine options of the losslessness tests: one batch, and chunked prefill with preemption
+ENGINE_OPTIONS = {"batch": {}, "recompute": dict(max_num_batched_tokens=24, num_kv_blocks=16,
+                                                 block_size=4)}
+
+
+def prompts(n: int) -> list[dict]:
+    """n short prompts of 5-8 different tokens each."""
+    return [{"prompt_token_ids": [1 + (7 * i + j) % 50 for j in range(5 + i % 4)]} for i in range(n)]
+
+
+def assert_greedy_is_the_target_s(make_llm, target, speculative_config: dict, options: dict,
+                                  rounds: int = 1) -> None:
+    """Six prompts' greedy outputs with `speculative_config` equal the target's alone, under
+    engine `options` (preemption happens under the recompute options), `rounds` times over
+    (again: the prompts hit the prefix cache)."""
+    spec = make_llm(target, speculative_config=speculative_config, **options)
+    plain = make_llm(target, **options)
+    params = [SamplingParams(max_tokens=20 + 3 * i, temperature=0, ignore_eos=True, logprobs=2)
+              for i in range(6)]
+    for _ in range(rounds):
+        got = spec.generate(prompts(6), params, use_tqdm=False)
+        want = plain.generate(prompts(6), params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    m = spec.get_metrics()
+    assert m["spec_proposed_tokens"] > 0
+    if options:
+        assert m["num_preemptions"] > 0
+
+
 # 40 prompts over the tokens 1..7 of a target with an 8-token vocabulary
 ROWS = [[1 + (i * 3 + j * (i % 5 + 1)) % 7 for j in range(3 + i % 4)] for i in range(40)]
 MAX_TOKENS = 48
