@@ -39,12 +39,18 @@ class _Slots:
         self.count = end
         self.cached = min(self.cached, first - self.base)  # a recompute rewrites what follows
 
-    def cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        end = self.cached + len(keys)
+    def write(self, at: int, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Keys and values of slots from index `at` on (growing the buffers); returns the end.
+        Past `cached` they are scratch: the next write there replaces them."""
+        end = at + len(keys)
         if end > len(self.keys):
             self.keys, self.values = _grown(self.keys, end), _grown(self.values, end)
-        self.keys[self.cached : end], self.values[self.cached : end] = keys, values
-        self.cached = end
+        self.keys[at:end], self.values[at:end] = keys, values
+        return end
+
+    def cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the keys and values of the slots after the cached ones."""
+        self.cached = self.write(self.cached, keys, values)
 
 
 def _grown(t: torch.Tensor, need: int) -> torch.Tensor:
@@ -97,7 +103,7 @@ class EagleProposer:
                                    torch.arange(first, last + 1),
                                    (slots.keys[: slots.cached], slots.values[: slots.cached]))
         slots.cache(k, v)
-        keys, values = slots.keys[: slots.cached], slots.values[: slots.cached]
+        end = slots.cached  # the drafts' own slots follow, as scratch
         g = guess[-1:]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
@@ -109,8 +115,8 @@ class EagleProposer:
             if j + 1 == req.max_drafts:
                 break
             g, (k, v) = self.draft(self._embed(torch.tensor([token])), g,
-                                   torch.tensor([last + 1 + j]), (keys, values))
-            keys, values = torch.cat([keys, k]), torch.cat([values, v])
+                                   torch.tensor([last + 1 + j]), (slots.keys[:end], slots.values[:end]))
+            end = slots.write(end, k, v)
         return Draft(tokens, None, torch.stack(probs) if probs else None)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
