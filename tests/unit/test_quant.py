@@ -92,6 +92,18 @@ def test_matmul_paths_agree_within_the_activation_rounding_bound(monkeypatch, pa
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("n", [48, 56])  # groups of 8 rows: 6 (in pairs) and 7 (one left over)
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(fmt, n):
+    """Speculative chains are verified as a batch of rows; greedy output matches plain
+    decoding only if the kernels give each row the same bits whatever runs beside it."""
+    w = quantize(weights(n=n, k=256), fmt, 32, torch.float32)
+    x = activations(9, 256)
+    alone = torch.cat([linear(x[i : i + 1], w) for i in range(9)])
+    for rows in (2, 3, 4, 5, 9):
+        assert torch.equal(linear(x[:rows], w), alone[:rows])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_many_rows_take_the_exact_float_gemm(monkeypatch, fmt):
     """A long prefill chunk multiplies the dequantized weight in float32 (no activation
     rounding), into the residual too; fewer rows keep the block kernel."""

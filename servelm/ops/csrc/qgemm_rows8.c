@@ -83,14 +83,120 @@ static inline __attribute__((always_inline)) void gemm8(const weights_t *w, cons
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define GEMM16 1
+/* Two groups (g, g + 1) at once in 512-bit registers: lanes 0-7 are group g's rows, 8-15
+ * group g + 1's, so each activation broadcast and each instruction serves sixteen rows, twice
+ * gemm8's work per instruction where several activation rows make the step compute-bound.
+ * Every lane does gemm8's operations in gemm8's order, so a row's result has the same bits
+ * either way (a row alone and the same row in a batch must agree: speculative verification). */
+static inline __m512i pair_load(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+static inline __m512 pair_halves(const uint16_t *a, const uint16_t *b) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)), _mm_loadu_si128((const __m128i *)b), 1));
+}
+
+static inline __attribute__((always_inline)) void gemm16(const weights_t *w, const int q4, int64_t g,
+                                                         const acts_t *x, int64_t m0, const int RM,
+                                                         float *out, int64_t ldo, int accumulate,
+                                                         const uint8_t *ahead) {
+    const int64_t K = w->K, nb = w->nb, gb = nb * QI_BYTES(q4);
+    const uint8_t *blocks = w->qi + g * gb;
+    const uint16_t *d8 = w->d8 + g * w->ns * 8, *m8 = q4 ? w->m8 + g * w->ns * 8 : NULL;
+    const float *s8 = q4 ? NULL : w->s8 + g * nb * 8;
+    const uint8_t *xs8 = q4 ? (const uint8_t *)x->q : x->u;
+    __m512 acc[RM], macc[RM];
+    for (int i = 0; i < RM; i++) acc[i] = macc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = blocks + b * QI_BYTES(q4);
+        if (ahead) /* the next pair's blocks, from DRAM meanwhile (few rows: bound by the bytes) */
+            for (int i = 0; i < QI_BYTES(q4); i += 64) {
+                _mm_prefetch((const char *)ahead + b * QI_BYTES(q4) + i, _MM_HINT_T0);
+                _mm_prefetch((const char *)ahead + gb + b * QI_BYTES(q4) + i, _MM_HINT_T0);
+            }
+        __m512i wv[8];
+        if (q4) {
+            for (int j = 0; j < 4; j++) {
+                const __m512i raw = pair_load(blk + 32 * j, blk + gb + 32 * j);
+                wv[j] = _mm512_and_si512(raw, _mm512_set1_epi8(0x0f));
+                wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), _mm512_set1_epi8(0x0f));
+            }
+        } else {
+            for (int c = 0; c < 8; c++) wv[c] = pair_load(blk + 32 * c, blk + gb + 32 * c);
+        }
+        const int64_t si = (b / w->per_scale) * 8;
+        const __m512 d = pair_halves(d8 + si, d8 + w->ns * 8 + si);
+        const __m512 mins = q4 ? pair_halves(m8 + si, m8 + w->ns * 8 + si) : d;
+        for (int i = 0; i < RM; i++) {
+            const uint8_t *xb = xs8 + (m0 + i) * K + b * BLOCK;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int c = 0; c < 8; c += 2) {
+                int32_t p0, p1;
+                memcpy(&p0, xb + 4 * c, 4);
+                memcpy(&p1, xb + 4 * c + 4, 4);
+                s0 = q4 ? _mm512_dpbusd_epi32(s0, wv[c], _mm512_set1_epi32(p0))
+                        : _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(p0), wv[c]);
+                s1 = q4 ? _mm512_dpbusd_epi32(s1, wv[c + 1], _mm512_set1_epi32(p1))
+                        : _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(p1), wv[c + 1]);
+            }
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            if (!q4) {
+                const __m512 sums = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(s8 + b * 8)),
+                                                       _mm256_loadu_ps(s8 + nb * 8 + b * 8), 1);
+                dot = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), sums, dot);
+            }
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x->d[(m0 + i) * nb + b])), dot, acc[i]);
+            if (q4) macc[i] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x->s[(m0 + i) * nb + b]), macc[i]);
+        }
+    }
+    for (int i = 0; i < RM; i++) {
+        float *o = out + (m0 + i) * ldo + 8 * g;
+        const __m512 res = _mm512_add_ps(acc[i], macc[i]);
+        _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), res) : res);
+    }
+}
+#endif
+
 #define GEMM8_ROWS 4 /* activation rows per tile */
+#define GEMM16_MIN_ROWS 2 /* from here on activation rows run sixteen weight rows at a time */
 
 /* Every activation row against groups of eight interleaved rows, GEMM8_ROWS rows a tile. */
 static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t groups, float *out,
                       int64_t ldo, int accumulate) {
     const int64_t group_bytes = w->nb * QI_BYTES(w->q4);
+    int64_t first = 0;
+#ifdef GEMM16
+    if (M >= GEMM16_MIN_ROWS) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t p = 0; p < groups / 2; p++)
+            for (int64_t m0 = 0; m0 < M; m0 += GEMM8_ROWS) {
+                const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
+                const uint8_t *ahead = M <= GEMM8_ROWS && 2 * p + 3 < groups ? w->qi + (2 * p + 2) * group_bytes : NULL;
+#define G16(q4, rm) gemm16(w, q4, 2 * p, x, m0, rm, out, ldo, accumulate, ahead)
+#define ROWS16(q4)                                                   \
+                switch (RM) {                                        \
+                case 4: G16(q4, 4); break;                           \
+                case 3: G16(q4, 3); break;                           \
+                case 2: G16(q4, 2); break;                           \
+                default: G16(q4, 1); break;                          \
+                }
+                if (w->q4) {
+                    ROWS16(1)
+                } else {
+                    ROWS16(0)
+                }
+#undef ROWS16
+#undef G16
+            }
+        first = groups - groups % 2; /* an odd last group runs as gemm8 */
+    }
+#endif
     #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; g++)
+    for (int64_t g = first; g < groups; g++)
         for (int64_t m0 = 0; m0 < M; m0 += GEMM8_ROWS) {
             const uint8_t *ahead = M <= GEMM8_ROWS && g + 2 < groups ? w->qi + (g + 2) * group_bytes : NULL;
             const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
