@@ -169,6 +169,19 @@ static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t gr
                       int64_t ldo, int accumulate) {
     const int64_t group_bytes = w->nb * QI_BYTES(w->q4);
     int64_t first = 0;
+/* CALL(q4, rm) with the format and the tile's row count as constants, so each shape
+ * compiles to its own branch-free loop. */
+#define BY_SHAPE(CALL, q4, RM)                                                       \
+    switch ((q4) * 8 + (RM)) {                                                       \
+    case 8 + 4: CALL(1, 4); break;                                                   \
+    case 8 + 3: CALL(1, 3); break;                                                   \
+    case 8 + 2: CALL(1, 2); break;                                                   \
+    case 8 + 1: CALL(1, 1); break;                                                   \
+    case 4: CALL(0, 4); break;                                                       \
+    case 3: CALL(0, 3); break;                                                       \
+    case 2: CALL(0, 2); break;                                                       \
+    default: CALL(0, 1); break;                                                      \
+    }
 #ifdef GEMM16
     if (M >= GEMM16_MIN_ROWS) {
         #pragma omp parallel for schedule(static)
@@ -177,19 +190,7 @@ static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t gr
                 const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
                 const uint8_t *ahead = M <= GEMM8_ROWS && 2 * p + 3 < groups ? w->qi + (2 * p + 2) * group_bytes : NULL;
 #define G16(q4, rm) gemm16(w, q4, 2 * p, x, m0, rm, out, ldo, accumulate, ahead)
-#define ROWS16(q4)                                                   \
-                switch (RM) {                                        \
-                case 4: G16(q4, 4); break;                           \
-                case 3: G16(q4, 3); break;                           \
-                case 2: G16(q4, 2); break;                           \
-                default: G16(q4, 1); break;                          \
-                }
-                if (w->q4) {
-                    ROWS16(1)
-                } else {
-                    ROWS16(0)
-                }
-#undef ROWS16
+                BY_SHAPE(G16, w->q4 != 0, RM)
 #undef G16
             }
         first = groups - groups % 2; /* an odd last group runs as gemm8 */
@@ -201,19 +202,8 @@ static void gemm8_all(const weights_t *w, const acts_t *x, int64_t M, int64_t gr
             const uint8_t *ahead = M <= GEMM8_ROWS && g + 2 < groups ? w->qi + (g + 2) * group_bytes : NULL;
             const int RM = M - m0 < GEMM8_ROWS ? (int)(M - m0) : GEMM8_ROWS;
 #define G8(q4, rm) gemm8(w, q4, g, x, m0, rm, out, ldo, accumulate, ahead)
-#define ROWS(q4)                                                     \
-            switch (RM) {                                            \
-            case 4: G8(q4, 4); break;                                \
-            case 3: G8(q4, 3); break;                                \
-            case 2: G8(q4, 2); break;                                \
-            default: G8(q4, 1); break;                               \
-            }
-            if (w->q4) {
-                ROWS(1)
-            } else {
-                ROWS(0)
-            }
-#undef ROWS
+            BY_SHAPE(G8, w->q4 != 0, RM)
 #undef G8
         }
+#undef BY_SHAPE
 }
