@@ -154,10 +154,8 @@ static inline void row_scales(const weights_t *w, int64_t n, const acts_t *x, in
         float msum = 0.0f;
         #pragma omp simd
         for (int64_t b = 0; b < nb; b++) sc[i][b] = d[b] * xd[b];
-        if (w->q4) {
-            #pragma omp simd reduction(+:msum)
+        if (w->q4) /* in order, not a vectorized reduction: the same bits in every tile shape */
             for (int64_t b = 0; b < nb; b++) msum += m[b] * xs[b];
-        }
         mins[i] = msum;
     }
 }
