@@ -12,7 +12,8 @@
  *
  * Rows of the output are split over OpenMP threads. With AVX2 and the weights copied into
  * a layout that interleaves eight rows (qi, with the d8/m8/s8 scales regrouped to match), a
- * thread runs eight weight rows against up to four activation rows at a time (gemm8);
+ * thread runs eight weight rows against up to four activation rows at a time (gemm8; with
+ * AVX-512 VNNI and several activation rows, two groups of eight per instruction, gemm16);
  * otherwise, and for the last N % 8 rows, a tile of up to four rows by four activation rows
  * of the row-major blocks. Built on first use by servelm/ops/c_build.py and called through
  * ctypes (ops/qgemm.py), or included by decoder.c.

@@ -1,4 +1,5 @@
-/* gemm8: block matmuls eight weight rows at a time from an interleaved copy of the values.
+/* gemm8 (and gemm16): block matmuls eight (sixteen) weight rows at a time from an
+ * interleaved copy of the values.
  * Included by qgemm.c inside its AVX2 section (weights_t, acts_t, dot_u8s8_add come from
  * there); not built on its own. */
 
