@@ -21,12 +21,17 @@ def test_chain_rows_match_plain_decoding_bit_for_bit(tiny_model_dir, make_llm, t
     plain = make_llm(path, **options)
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1)
-    for length in (20, 200, 440):
-        prompt = {"prompt_token_ids": torch.randint(1, 200, (length,), generator=gen).tolist()}
-        got = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-        want = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-        assert got.token_ids == want.token_ids
-        assert got.logprobs == want.logprobs  # exactly: same arithmetic, not just close
+    prompts = [{"prompt_token_ids": torch.randint(1, 200, (n,), generator=gen).tolist()}
+               for n in (20, 200, 440)]
+    alone = [plain.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+    # each request alone, then all three in one batch: a row's arithmetic must not depend
+    # on the rows beside it (other requests' rows, or its own chain's)
+    together = spec.generate(prompts, params, use_tqdm=False)
+    for p, want, batched in zip(prompts, alone, together):
+        got = spec.generate([p], params, use_tqdm=False)[0].outputs[0]
+        for out in (got, batched.outputs[0]):
+            assert out.token_ids == want.token_ids
+            assert out.logprobs == want.logprobs  # exactly: same arithmetic, not just close
     assert plain.engine.executor.worker.runner.model._fused, "decodes ran the fused decoder"
     m = spec.get_metrics()
     assert m["spec_proposed_tokens"] > 0

@@ -41,6 +41,37 @@ static inline __attribute__((always_inline)) const float *kv_row(const void *row
     return buf;
 }
 
+/* a[0, D) += sum_j p[j] v[j] over the first n tokens (none if n <= 0), in token order, a
+ * kept in registers through the tokens rather than loaded and stored once per token. */
+static inline void weigh_values(float *a, const float *p, const float *const *v, int64_t n, int64_t D) {
+    int64_t e = 0;
+#ifdef QGEMM_AVX2
+    for (; e + 32 <= D; e += 32) {
+        __m256 a0 = _mm256_loadu_ps(a + e), a1 = _mm256_loadu_ps(a + e + 8);
+        __m256 a2 = _mm256_loadu_ps(a + e + 16), a3 = _mm256_loadu_ps(a + e + 24);
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + e), a0);
+            a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + e + 8), a1);
+            a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + e + 16), a2);
+            a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + e + 24), a3);
+        }
+        _mm256_storeu_ps(a + e, a0), _mm256_storeu_ps(a + e + 8, a1);
+        _mm256_storeu_ps(a + e + 16, a2), _mm256_storeu_ps(a + e + 24, a3);
+    }
+    for (; e + 8 <= D; e += 8) {
+        __m256 a0 = _mm256_loadu_ps(a + e);
+        for (int64_t j = 0; j < n; j++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v[j] + e), a0);
+        _mm256_storeu_ps(a + e, a0);
+    }
+#endif
+    for (; e < D; e++) {
+        float acc = a[e];
+        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], v[j][e], acc);
+        a[e] = acc;
+    }
+}
+
 /* Rows r .. r + n - 1 of a run: each has one more cached token than the one before, and
  * their block tables agree on every block the longest reads. Returns n (at least 1). */
 static int64_t run_length(const int64_t *tables, int64_t max_blocks, const int64_t *ctx, int64_t T,
@@ -61,7 +92,7 @@ static inline __attribute__((always_inline)) void attend_slice(
     float scale, const int kv16, float *pm, float *pl, float *pacc) {
     const int64_t elem = kv16 ? 2 : 4, G = H / KV, lo = sp * ATT_SLICE;
     float m[MAX_RUN][MAX_GROUP], l[MAX_RUN][MAX_GROUP], s[MAX_RUN][MAX_GROUP][ATT_CHUNK];
-    float row_buf[MAX_HEAD_DIM];
+    float row_buf[MAX_HEAD_DIM], vbuf[ATT_CHUNK][MAX_HEAD_DIM];
 #ifdef QGEMM_AVX2
     float rows8[8][MAX_HEAD_DIM];
 #endif
@@ -152,16 +183,11 @@ static inline __attribute__((always_inline)) void attend_slice(
                 }
                 m[i][g] = mx;
             }
-        for (int64_t j = 0; j < cmax; j++) { /* each V row widened once for every row and head */
-            const float *v = kv_row((const char *)vc + slot[j] * D * elem, D, kv16, row_buf);
-            for (int64_t i = 0; i < R; i++)
-                for (int64_t g = 0; g < G && j < cn[i]; g++) {
-                    float *a = pacc + (((r0 + i) * H + kvh * G + g) * splits + sp) * D;
-                    const float p = s[i][g][j];
-                    #pragma omp simd
-                    for (int64_t e = 0; e < D; e++) a[e] += p * v[e];
-                }
-        }
+        const float *v[ATT_CHUNK]; /* the chunk's V rows, widened once for every row and head */
+        for (int64_t j = 0; j < cmax; j++) v[j] = kv_row((const char *)vc + slot[j] * D * elem, D, kv16, vbuf[j]);
+        for (int64_t i = 0; i < R; i++)
+            for (int64_t g = 0; g < G; g++)
+                weigh_values(pacc + (((r0 + i) * H + kvh * G + g) * splits + sp) * D, s[i][g], v, cn[i], D);
     }
     for (int64_t i = 0; i < R; i++)
         for (int64_t g = 0; g < G; g++) {
