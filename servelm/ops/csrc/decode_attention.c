@@ -67,7 +67,7 @@ static inline void weigh_values(float *a, const float *p, const float *const *v,
 #endif
     for (; e < D; e++) {
         float acc = a[e];
-        for (int64_t j = 0; j < n; j++) acc = fmaf(p[j], v[j][e], acc);
+        for (int64_t j = 0; j < n; j++) acc += p[j] * v[j][e];
         a[e] = acc;
     }
 }
