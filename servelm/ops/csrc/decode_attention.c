@@ -72,16 +72,25 @@ static inline void weigh_values(float *a, const float *p, const float *const *v,
     }
 }
 
-/* Rows r .. r + n - 1 of a run: each has one more cached token than the one before, and
- * their block tables agree on every block the longest reads. Returns n (at least 1). */
-static int64_t run_length(const int64_t *tables, int64_t max_blocks, const int64_t *ctx, int64_t T,
-                          int64_t r, int64_t bs) {
-    int64_t n = 1;
-    while (r + n < T && n < MAX_RUN && ctx[r + n] == ctx[r + n - 1] + 1 &&
-           !memcmp(tables + r * max_blocks, tables + (r + n) * max_blocks,
-                   sizeof(int64_t) * (size_t)((ctx[r + n] + bs - 1) / bs)))
-        n++;
-    return n;
+typedef struct {
+    int64_t count, *start, *len; /* run u is rows start[u] .. start[u] + len[u] - 1 */
+} runs_t;
+
+/* The step's rows as runs: in a run each row has one more cached token than the one before,
+ * and their block tables agree on every block the longest reads. The same for every layer,
+ * so found once a step; `start` holds 2T values (len is its second half). */
+static void find_runs(const int64_t *tables, int64_t max_blocks, const int64_t *ctx, int64_t T, int64_t bs,
+                      int64_t *start, runs_t *runs) {
+    *runs = (runs_t){0, start, start + T};
+    for (int64_t r = 0; r < T; r += runs->len[runs->count++]) {
+        int64_t n = 1;
+        while (r + n < T && n < MAX_RUN && ctx[r + n] == ctx[r + n - 1] + 1 &&
+               !memcmp(tables + r * max_blocks, tables + (r + n) * max_blocks,
+                       sizeof(int64_t) * (size_t)((ctx[r + n] + bs - 1) / bs)))
+            n++;
+        runs->start[runs->count] = r;
+        runs->len[runs->count] = n;
+    }
 }
 
 /* Slice sp of the rows r0 .. r0 + R - 1 of a run against kv head kvh: each row's running
@@ -91,6 +100,8 @@ static inline __attribute__((always_inline)) void attend_slice(
     int64_t R, int64_t kvh, int64_t sp, int64_t splits, int64_t H, int64_t KV, int64_t D, int64_t bs,
     float scale, const int kv16, float *pm, float *pl, float *pacc) {
     const int64_t elem = kv16 ? 2 : 4, G = H / KV, lo = sp * ATT_SLICE;
+#define HEAD(i, g) ((r0 + (i)) * H + kvh * G + (g)) /* row i's query head g, across all rows */
+#define PART(i, g) (HEAD(i, g) * splits + sp)     /* its slice's entry in pm, pl, pacc / D */
     float m[MAX_RUN][MAX_GROUP], l[MAX_RUN][MAX_GROUP], s[MAX_RUN][MAX_GROUP][ATT_CHUNK];
     float row_buf[MAX_HEAD_DIM], vbuf[ATT_CHUNK][MAX_HEAD_DIM];
 #ifdef QGEMM_AVX2
@@ -104,16 +115,21 @@ static inline __attribute__((always_inline)) void attend_slice(
         for (int64_t g = 0; g < G; g++) {
             m[i][g] = -INFINITY;
             l[i][g] = 0.0f;
-            memset(pacc + (((r0 + i) * H + kvh * G + g) * splits + sp) * D, 0, sizeof(float) * (size_t)D);
+            memset(pacc + PART(i, g) * D, 0, sizeof(float) * (size_t)D);
         }
     }
     for (int64_t c0 = lo; c0 < hi; c0 += ATT_CHUNK) {
         const int64_t cmax = hi - c0 < ATT_CHUNK ? hi - c0 : ATT_CHUNK;
-        int64_t cn[MAX_RUN], slot[ATT_CHUNK], first_scalar = cmax;
+        /* row i's tokens here: [0, cn[i]) (none if <= 0), eight at a time up to vec[i] */
+        int64_t cn[MAX_RUN], vec[MAX_RUN], slot[ATT_CHUNK], first_scalar = cmax;
         for (int64_t i = 0; i < R; i++) {
-            cn[i] = end[i] - c0 < ATT_CHUNK ? end[i] - c0 : ATT_CHUNK; /* <= 0: done */
-            const int64_t vec_end = D % 8 == 0 && cn[i] > 0 ? cn[i] - cn[i] % 8 : 0;
-            if (cn[i] > vec_end && vec_end < first_scalar) first_scalar = vec_end;
+            cn[i] = end[i] - c0 < ATT_CHUNK ? end[i] - c0 : ATT_CHUNK;
+#ifdef QGEMM_AVX2
+            vec[i] = D % 8 == 0 && cn[i] > 0 ? cn[i] - cn[i] % 8 : 0;
+#else
+            vec[i] = 0;
+#endif
+            if (cn[i] > vec[i] && vec[i] < first_scalar) first_scalar = vec[i];
         }
         for (int64_t j = 0; j < cmax; j++) {
             const int64_t pos = c0 + j;
@@ -136,9 +152,9 @@ static inline __attribute__((always_inline)) void attend_slice(
             const float *k8[8];
             for (int t = 0; t < 8; t++) k8[t] = kv_row((const char *)kc + slot[j + t] * D * elem, D, kv16, rows8[t]);
             for (int64_t i = 0; i < R; i++) {
-                if (j + 8 > cn[i]) continue;
+                if (j + 8 > vec[i]) continue;
                 for (int64_t g = 0; g < G; g++) {
-                    const float *qh = q + ((r0 + i) * H + kvh * G + g) * D;
+                    const float *qh = q + HEAD(i, g) * D;
                     __m256 part[8];
                     for (int t = 0; t < 8; t++) part[t] = _mm256_setzero_ps();
                     for (int64_t e = 0; e < D; e += 8) {
@@ -149,18 +165,13 @@ static inline __attribute__((always_inline)) void attend_slice(
                 }
             }
         }
-#else
-        first_scalar = 0;
 #endif
         for (int64_t j = first_scalar; j < cmax; j++) { /* the tokens past each row's last eight */
             const float *k = kv_row((const char *)kc + slot[j] * D * elem, D, kv16, row_buf);
             for (int64_t i = 0; i < R; i++) {
-#ifdef QGEMM_AVX2
-                if (D % 8 == 0 && j < cn[i] - cn[i] % 8) continue;
-#endif
-                if (j >= cn[i]) continue;
+                if (j < vec[i] || j >= cn[i]) continue;
                 for (int64_t g = 0; g < G; g++) {
-                    const float *qh = q + ((r0 + i) * H + kvh * G + g) * D;
+                    const float *qh = q + HEAD(i, g) * D;
                     float dot = 0.0f;
                     #pragma omp simd reduction(+:dot)
                     for (int64_t e = 0; e < D; e++) dot += qh[e] * k[e];
@@ -173,7 +184,7 @@ static inline __attribute__((always_inline)) void attend_slice(
                 float mx = m[i][g];
                 for (int64_t j = 0; j < cn[i]; j++) mx = s[i][g][j] > mx ? s[i][g][j] : mx;
                 const float corr = expf(m[i][g] - mx);
-                float *a = pacc + (((r0 + i) * H + kvh * G + g) * splits + sp) * D;
+                float *a = pacc + PART(i, g) * D;
                 l[i][g] *= corr;
                 #pragma omp simd
                 for (int64_t e = 0; e < D; e++) a[e] *= corr;
@@ -187,40 +198,38 @@ static inline __attribute__((always_inline)) void attend_slice(
         for (int64_t j = 0; j < cmax; j++) v[j] = kv_row((const char *)vc + slot[j] * D * elem, D, kv16, vbuf[j]);
         for (int64_t i = 0; i < R; i++)
             for (int64_t g = 0; g < G; g++)
-                weigh_values(pacc + (((r0 + i) * H + kvh * G + g) * splits + sp) * D, s[i][g], v, cn[i], D);
+                weigh_values(pacc + PART(i, g) * D, s[i][g], v, cn[i], D);
     }
     for (int64_t i = 0; i < R; i++)
         for (int64_t g = 0; g < G; g++) {
-            pm[((r0 + i) * H + kvh * G + g) * splits + sp] = m[i][g];
-            pl[((r0 + i) * H + kvh * G + g) * splits + sp] = l[i][g];
+            pm[PART(i, g)] = m[i][g];
+            pl[PART(i, g)] = l[i][g];
         }
+#undef PART
+#undef HEAD
 }
 
 /* out [T, H * D]: every row's heads attended over its cache, then the slices merged. */
 static inline __attribute__((always_inline)) int decode_attention(
     const float *q, const void *kc, const void *vc, float *out, const int64_t *tables, int64_t max_blocks,
-    const int64_t *ctx, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t bs, float scale, const int kv16) {
+    const int64_t *ctx, const runs_t *runs, int64_t T, int64_t H, int64_t KV, int64_t D, int64_t bs, float scale,
+    const int kv16) {
     const int64_t G = H / KV;
-    int64_t longest = 1, runs = 0;
+    int64_t longest = 1;
     for (int64_t r = 0; r < T; r++) longest = ctx[r] > longest ? ctx[r] : longest;
     const int64_t splits = (longest + ATT_SLICE - 1) / ATT_SLICE;
     float *pm = malloc(sizeof(float) * (size_t)(T * H * splits)), *pl = malloc(sizeof(float) * (size_t)(T * H * splits));
     float *pacc = malloc(sizeof(float) * (size_t)(T * H * splits * D));
-    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * T)), *lens = starts ? starts + T : NULL;
-    if (!pm || !pl || !pacc || !starts || G > MAX_GROUP || D > MAX_HEAD_DIM) {
-        free(pm), free(pl), free(pacc), free(starts);
+    if (!pm || !pl || !pacc || G > MAX_GROUP || D > MAX_HEAD_DIM) {
+        free(pm), free(pl), free(pacc);
         return -2;
     }
-    for (int64_t r = 0; r < T; r += lens[runs++]) {
-        starts[runs] = r;
-        lens[runs] = run_length(tables, max_blocks, ctx, T, r, bs);
-    }
     #pragma omp parallel for collapse(3) schedule(static)
-    for (int64_t u = 0; u < runs; u++)
+    for (int64_t u = 0; u < runs->count; u++)
         for (int64_t kvh = 0; kvh < KV; kvh++)
             for (int64_t sp = 0; sp < splits; sp++)
-                attend_slice(q, kc, vc, tables + starts[u] * max_blocks, ctx, starts[u], lens[u], kvh, sp, splits,
-                             H, KV, D, bs, scale, kv16, pm, pl, pacc);
+                attend_slice(q, kc, vc, tables + runs->start[u] * max_blocks, ctx, runs->start[u], runs->len[u], kvh,
+                             sp, splits, H, KV, D, bs, scale, kv16, pm, pl, pacc);
     for (int64_t rh = 0; rh < T * H; rh++) {
         float top = -INFINITY, total = 0.0f;
         for (int64_t sp = 0; sp < splits; sp++) top = pm[rh * splits + sp] > top ? pm[rh * splits + sp] : top;
@@ -235,6 +244,6 @@ static inline __attribute__((always_inline)) int decode_attention(
         const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         for (int64_t i = 0; i < D; i++) o[i] *= inv;
     }
-    free(pm), free(pl), free(pacc), free(starts);
+    free(pm), free(pl), free(pacc);
     return 0;
 }

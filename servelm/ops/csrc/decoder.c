@@ -108,7 +108,10 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
     float *q = malloc(sizeof(float) * (size_t)(T * qs)), *attn = malloc(sizeof(float) * (size_t)(T * qs));
     float *gu = malloc(sizeof(float) * (size_t)(T * 2 * I)), *act = malloc(sizeof(float) * (size_t)(T * I));
     float *part = dm->allreduce ? malloc(sizeof(float) * (size_t)(T * H)) : NULL;
-    int rc = (!h || !qkv || !q || !attn || !gu || !act || (dm->allreduce && !part)) ? -2 : 0;
+    int64_t *run_rows = malloc(sizeof(int64_t) * (size_t)(2 * T));
+    int rc = (!h || !qkv || !q || !attn || !gu || !act || !run_rows || (dm->allreduce && !part)) ? -2 : 0;
+    runs_t runs = {0, NULL, NULL};
+    if (!rc) find_runs(block_tables, max_blocks, ctx, T, dm->block_size, run_rows, &runs);
     for (int64_t l = 0; l < num_layers && !rc; l++) {
         const layer_t *L = layers + l;
         rms_norm_rows(x, T, H, L->input_norm, dm->eps, h);
@@ -136,10 +139,10 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
                 memcpy((float *)L->v_cache + slots[r] * kvs, v, sizeof(float) * (size_t)kvs);
             }
         }
-        rc = dm->kv16 ? decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
-                                         dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 1)
-                      : decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, T,
-                                         dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 0);
+        rc = dm->kv16 ? decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, &runs,
+                                         T, dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 1)
+                      : decode_attention(q, L->k_cache, L->v_cache, attn, block_tables, max_blocks, ctx, &runs,
+                                         T, dm->num_heads, dm->num_kv, D, dm->block_size, dm->scale, 0);
         if (rc) break;
         if ((rc = project_into_residual(attn, T, qs, &L->o, H, x, part, dm))) break;
         rms_norm_rows(x, T, H, L->post_norm, dm->eps, h);
@@ -151,6 +154,6 @@ int decoder_layers(const layer_t *layers, int64_t num_layers, const dims_t *dm, 
         }
         if ((rc = project_into_residual(act, T, I, &L->down, H, x, part, dm))) break;
     }
-    free(h), free(qkv), free(q), free(attn), free(gu), free(act), free(part);
+    free(h), free(qkv), free(q), free(attn), free(gu), free(act), free(part), free(run_rows);
     return rc;
 }
